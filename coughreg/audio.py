@@ -1,0 +1,152 @@
+"""Audio decoding with PyAV (FFmpeg inside the wheel): WebM/Opus, Ogg/Opus/Vorbis, MP3, WAV, FLAC, M4A.
+
+Decoding mixes to mono and resamples with FFmpeg's swresample (a windowed-sinc, band-limited
+resampler) in the same pass, so a recording becomes one float32 array at the config's rate.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coughreg.errors import AudioDecodeError
+
+AUDIO_SUFFIXES = (".webm", ".ogg", ".oga", ".opus", ".mp3", ".wav", ".flac", ".m4a", ".mp4", ".aac", ".weba")
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a recording's container says about it, read without decoding the whole file."""
+
+    duration_s: float
+    sample_rate: int
+    channels: int
+    codec: str
+    container: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_audio_name(name: str) -> bool:
+    return Path(name).suffix.lower() in AUDIO_SUFFIXES
+
+
+def _open(source: str | Path | bytes):
+    import av
+
+    data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
+    return av.open(data, mode="r", metadata_errors="ignore")
+
+
+def _name(source) -> str:
+    return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def probe_audio(source: str | Path | bytes) -> AudioInfo:
+    """Container, codec, rate, channels and duration of a recording.
+
+    The duration comes from the header when the container has one; browser WebM files from
+    MediaRecorder often do not, and then the packets are demuxed (not decoded) to find the end.
+    One packet is decoded to prove the codec really reads the data.
+
+    Raises:
+        AudioDecodeError: naming the file when it is not readable audio.
+    """
+    import av
+
+    name = _name(source)
+    try:
+        with _open(source) as container:
+            if not container.streams.audio:
+                raise AudioDecodeError(f"{name}: no audio stream in the file")
+            stream = container.streams.audio[0]
+            codec = stream.codec_context.codec.canonical_name  # "mp3", not the decoder "mp3float"
+            rate = int(stream.codec_context.sample_rate or stream.rate or 0)
+            channels = int(stream.codec_context.channels or 0)
+            duration = None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            decoded_one = False
+            end = 0.0
+            needs_scan = duration is None or duration <= 0
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                if not decoded_one:
+                    for frame in packet.decode():
+                        decoded_one = True
+                        rate = rate or frame.sample_rate
+                        channels = channels or len(frame.layout.channels)
+                    if not needs_scan and decoded_one:
+                        break
+                if needs_scan and packet.pts is not None and packet.time_base is not None:
+                    packet_end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+                    end = max(end, packet_end)
+            if needs_scan:
+                duration = end
+            if not decoded_one:
+                raise AudioDecodeError(f"{name}: no decodable audio frames ({codec})")
+            format_name = container.format.name.split(",")[0]
+    except AudioDecodeError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        raise AudioDecodeError(f"{name}: not readable audio: {exc}") from None
+    return AudioInfo(float(duration or 0.0), rate, channels, codec, format_name)
+
+
+def decode_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """Decode a recording to mono float32 at ``sample_rate``.
+
+    Args:
+        source: a file path or the file's bytes.
+        sample_rate: the output rate; FFmpeg's band-limited resampler converts on the fly.
+        max_seconds: stop decoding after this much audio (None: the whole file).
+
+    Raises:
+        AudioDecodeError: naming the file when it cannot be decoded or holds no samples.
+    """
+    import av
+
+    name = _name(source)
+    limit = None if max_seconds is None else int(max_seconds * sample_rate)
+    chunks: list[np.ndarray] = []
+    total = 0
+    try:
+        with _open(source) as container:
+            if not container.streams.audio:
+                raise AudioDecodeError(f"{name}: no audio stream in the file")
+            stream = container.streams.audio[0]
+            stream.thread_type = "AUTO"
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for frame in container.decode(stream):
+                frame.pts = None  # timestamps from browsers are often broken; samples are what count
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += chunks[-1].size
+                if limit is not None and total >= limit:
+                    break
+            else:
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().reshape(-1))
+    except AudioDecodeError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        if not chunks:
+            raise AudioDecodeError(f"{name}: cannot decode audio: {exc}") from None
+        # A truncated tail (common in crowdsourced uploads) keeps the samples decoded so far.
+    if not chunks:
+        raise AudioDecodeError(f"{name}: no audio samples")
+    samples = np.concatenate(chunks).astype(np.float32, copy=False)
+    if limit is not None:
+        samples = samples[:limit]
+    if samples.size == 0:
+        raise AudioDecodeError(f"{name}: no audio samples")
+    if not np.all(np.isfinite(samples)):
+        raise AudioDecodeError(f"{name}: decoded samples are not finite")
+    return samples

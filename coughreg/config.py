@@ -1,0 +1,443 @@
+"""The experiment config: the user's Hydrogen Torch YAML, read unchanged, validated once, resolved.
+
+Every key of a Hydrogen Torch experiment file is a field here, with the use case's value as its
+default, so a short project YAML (``configs/demo.yaml``) and the full HT file load the same way.
+Two sections are the project's own (``ingest``, ``features``); HT files simply do not have them.
+
+Resolution fills every default, replaces ``seed: -1`` by a drawn seed, lists the keys that have
+no effect with the values given (``inert``), and records where the config came from. The resolved
+config is saved as ``config.yaml`` beside every artifact and loads back through the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from coughreg.errors import ConfigError
+from coughreg.storage import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE_NAME = "config.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "coughvid_ht.yaml"
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ArchitectureConfig(_Section):
+    backbone: str = Field("resnet50", description="timm model name; the network takes one input channel.")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the regression head.")
+    pool: Literal["Average", "Max", "GeM"] = Field("Average", description="Global pooling over mels and frames.")
+    pretrained: bool = Field(True, description="Start from pretrained backbone weights (from a file, cache or s3://).")
+    pretrained_weights: str | None = Field(
+        None, description="Where pretrained weights are: a file, a Hugging Face cache folder or an s3:// URI."
+    )
+
+
+class AudioConfig(_Section):
+    audio_parameters: Literal["Auto", "Manual"] = Field(
+        "Auto", description="'Auto': the values below are used exactly as given (nothing is inferred from data)."
+    )
+    hop_size: int = Field(512, gt=0, description="STFT hop in samples at sample_rate.")
+    maximum_frequency: float = Field(24000, gt=0, description="Highest mel filter edge, Hz (at most sample_rate/2).")
+    mel_frequency_bins: int = Field(128, gt=0, le=1024, description="Number of mel bands.")
+    minimum_frequency: float = Field(50, ge=0, description="Lowest mel filter edge, Hz.")
+    sample_rate: int = Field(48000, ge=1000, le=384000, description="Audio is resampled to this rate, Hz.")
+    spectrogram_normalization: Literal["No", "Clip", "Dataset"] = Field(
+        "No",
+        description="'No': log-mel as is; 'Clip': each clip to zero mean, unit variance; "
+        "'Dataset': mean/std of the training rows, stored with the model.",
+    )
+    stft_window_size: int = Field(2048, gt=0, description="STFT window (and FFT) length in samples.")
+    training_chunk_seconds: float = Field(60, gt=0, description="Training crops longer clips to this length.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AudioConfig:
+        nyquist = self.sample_rate / 2
+        if self.maximum_frequency > nyquist:
+            raise ValueError(
+                f"maximum_frequency {self.maximum_frequency:g} Hz is above the Nyquist frequency "
+                f"{nyquist:g} Hz of sample_rate {self.sample_rate}"
+            )
+        if self.minimum_frequency >= self.maximum_frequency:
+            raise ValueError(
+                f"minimum_frequency {self.minimum_frequency:g} must be below maximum_frequency {self.maximum_frequency:g}"
+            )
+        if self.hop_size > self.stft_window_size:
+            raise ValueError(f"hop_size {self.hop_size} is larger than stft_window_size {self.stft_window_size}")
+        return self
+
+
+class AugmentationConfig(_Section):
+    mix_audio: Literal["Disabled", "Mixup", "Cutmix"] = Field("Disabled", description="Mix two clips of a batch.")
+    mix_concentration: float = Field(1.0, gt=0, description="Beta(c, c) concentration of the mixing ratio.")
+    mix_iterations: int = Field(1, ge=1, description="How many clips are mixed into each one.")
+    mix_probability: float = Field(1.0, ge=0, le=1, description="Probability that a batch is mixed.")
+    mix_target: Literal["Ratio", "Max"] = Field(
+        "Ratio", description="'Ratio': labels mixed like the audio; 'Max': the larger label."
+    )
+
+
+class DatasetConfig(_Section):
+    audio_column: str = Field("filename", description="Column with the audio file name, relative to data_folder.")
+    data_folder: str | None = Field(None, description="Folder of the audio files, relative to the data root.")
+    data_folder_test: str | None = Field(None, description="Folder of the test table's audio files.")
+    data_sample: float = Field(1.0, gt=0, le=1, description="Fraction of the data used (subsampling).")
+    data_sample_choice: list[Literal["Train", "Validation"]] = Field(
+        default_factory=lambda: ["Train", "Validation"], description="Which splits data_sample applies to."
+    )
+    group_fold_column: str | None = Field(None, description="Rows sharing this value stay in one fold.")
+    label_columns: list[str] = Field(
+        default_factory=lambda: ["cough_detected"], min_length=1, description="Regression targets."
+    )
+    selected_folds: list[str] = Field(default_factory=lambda: ["0"], min_length=1, description="Folds trained; -1 = all.")
+    test_dataframe: str | None = Field(None, description="A table scored by the exported model.")
+    train_dataframe: str | None = Field(None, description="The training table (CSV), relative to the data root.")
+    unlabeled_dataframe: str | None = Field(None, description="Unlabeled table: not used by this product.")
+    validation_dataframe: str | None = Field(None, description="A custom holdout table.")
+    validation_size: float = Field(0.2, gt=0, lt=1, description="Validation share; 1/validation_size folds.")
+    validation_strategy: Literal["kfold", "custom", "automatic"] = Field("kfold", description="How validation rows are chosen.")
+
+    @field_validator("selected_folds", mode="before")
+    @classmethod
+    def _folds_as_text(cls, value: Any) -> Any:
+        if isinstance(value, (int, str)):
+            value = [value]
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _folds_exist(self) -> DatasetConfig:
+        n_folds = self.number_of_folds
+        for fold in self.selected_folds:
+            if fold == "-1":
+                continue
+            if not fold.lstrip("-").isdigit() or not 0 <= int(fold) < n_folds:
+                raise ValueError(
+                    f"selected_folds: '{fold}' is not a fold of {n_folds} (validation_size {self.validation_size}); "
+                    f"use 0..{n_folds - 1} or -1 for all"
+                )
+        return self
+
+    @property
+    def number_of_folds(self) -> int:
+        return max(2, round(1 / self.validation_size))
+
+
+class EnvironmentConfig(_Section):
+    gpus: list[str] = Field(default_factory=lambda: ["0"], description="GPU ids; the cluster requests this many GPUs.")
+    mixed_precision_inference: bool = Field(False, description="Autocast at inference on CUDA.")
+    mixed_precision_training: bool = Field(True, description="Autocast (bf16/fp16) in training on CUDA.")
+    number_of_seeds_per_run: int = Field(1, ge=1, description="Models trained with different seeds and averaged.")
+    number_of_workers: int = Field(4, ge=0, description="Data loader workers.")
+    seed: int = Field(-1, ge=-1, description="Random seed; -1 draws one and records it.")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus_as_text(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, (int, str)):
+            value = [value]
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+
+class LoggingConfig(_Section):
+    log_grad_norm: bool = Field(False, description="Log the gradient norm every step.")
+    logger: Literal["Neptune"] | None = Field(None, description="External experiment logger; None = KFP metrics only.")
+    neptune_project: str = Field("", description="Neptune project (used only with logger: Neptune).")
+    number_of_audios: int = Field(8, ge=0, description="How many recordings the report shows.")
+
+
+class PredictionConfig(_Section):
+    inference_chunk_method: Literal["Fix"] = Field("Fix", description="Long audio is split into fixed chunks.")
+    inference_chunk_seconds: float = Field(60, gt=0, description="Chunk length at inference; chunk scores are averaged.")
+    max_inference_chunk_seconds: float = Field(600, gt=0, description="Audio beyond this length is not scored.")
+    metric: Literal["MAE", "MSE", "RMSE", "R2"] = Field("MAE", description="The metric that ranks models.")
+
+    @model_validator(mode="after")
+    def _chunk_fits(self) -> PredictionConfig:
+        if self.inference_chunk_seconds > self.max_inference_chunk_seconds:
+            raise ValueError(
+                f"inference_chunk_seconds {self.inference_chunk_seconds:g} exceeds "
+                f"max_inference_chunk_seconds {self.max_inference_chunk_seconds:g}"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    automatically_adjust_batch_size: bool = Field(False, description="Halve the batch on out-of-memory and retry.")
+    batch_size: int = Field(13, ge=1, description="Clips per optimizer micro-batch.")
+    build_scoring_pipelines: bool = Field(True, description="Export the scoring pipeline.")
+    calculate_train_metric: bool = Field(False, description="Also compute the metric on the training rows.")
+    differential_learning_rate: float = Field(0.001, gt=0, description="Learning rate of the listed layers.")
+    differential_learning_rate_layers: list[str] = Field(default_factory=list, description="Layers with their own rate.")
+    drop_last_batch: bool = Field(True, description="Drop the last, incomplete training batch.")
+    epochs: int = Field(2, ge=0, description="Training epochs.")
+    evaluate_before_training: bool = Field(False, description="Validate once before the first step.")
+    evaluation_epochs: float = Field(1, gt=0, description="Validate every this many epochs.")
+    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_clip: float = Field(0.0, ge=0, description="Clip the gradient norm; 0 = off.")
+    learning_rate: float = Field(0.01, gt=0, description="Peak learning rate.")
+    loss_function: Literal["MAE", "MSE", "RMSE", "Huber"] = Field("MAE", description="Regression loss.")
+    optimizer: Literal["AdamW", "Adam", "SGD"] = Field("AdamW", description="Optimizer.")
+    run_interpretations: bool = Field(True, description="Explain predictions in the report.")
+    save_best_checkpoint: bool = Field(False, description="Keep the best validation epoch instead of the last.")
+    schedule: Literal["Cosine", "Linear", "Constant"] = Field("Cosine", description="Learning-rate schedule.")
+    train_validation_data: bool = Field(False, description="Train the final model on train and validation rows.")
+    warmup_epochs: float = Field(0, ge=0, description="Linear warm-up length in epochs.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+
+
+class IngestConfig(_Section):
+    """Project section (not in Hydrogen Torch files): what ingestion accepts."""
+
+    min_duration_seconds: float = Field(0.1, ge=0, description="Shorter recordings are rejected.")
+    max_invalid_fraction: float = Field(
+        0.5, ge=0, le=1, description="Fail when more than this share of present recordings is unusable."
+    )
+    label_min: float = Field(0.0, description="Labels below this are rejected.")
+    label_max: float = Field(1.0, description="Labels above this are rejected.")
+    max_archive_bytes: int = Field(200 * 2**30, gt=0, description="Refuse archives that unpack to more than this.")
+    max_archive_files: int = Field(2_000_000, gt=0, description="Refuse archives with more members than this.")
+    max_compression_ratio: float = Field(200.0, gt=1, description="Refuse members compressed more than this (zip bombs).")
+
+
+class FeaturesConfig(_Section):
+    """Project section (not in Hydrogen Torch files): how spectrogram shards are written."""
+
+    shard_rows: int = Field(512, ge=1, description="Recordings per Parquet shard.")
+    row_group_rows: int = Field(32, ge=1, description="Recordings per Parquet row group (the unit of a streaming read).")
+    workers: int = Field(0, ge=0, description="Worker processes; 0 = one per CPU core.")
+
+
+class ResolvedInfo(_Section):
+    """Written by resolution, never by the user."""
+
+    source: str = ""
+    seed_drawn: bool = False
+    overrides: list[str] = Field(default_factory=list)
+    inert: dict[str, str] = Field(default_factory=dict)
+
+
+class ExperimentConfig(_Section):
+    architecture: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
+    experiment_name: str = Field("experiment", min_length=1)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    prediction: PredictionConfig = Field(default_factory=PredictionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    resolved: ResolvedInfo | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_strings(cls, data: Any) -> Any:
+        return _none_strings_to_null(data)
+
+    @property
+    def seed(self) -> int:
+        if self.environment.seed < 0:
+            raise ConfigError("environment.seed is -1: resolve the config (resolve_config) before using the seed")
+        return self.environment.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+def _none_strings_to_null(data: Any) -> Any:
+    """Hydrogen Torch writes null as the string 'None'."""
+    if isinstance(data, dict):
+        return {k: _none_strings_to_null(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_none_strings_to_null(v) for v in data]
+    if isinstance(data, str) and data.strip() == "None":
+        return None
+    return data
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, prefix + name + "."))
+    return keys
+
+
+def _describe_errors(error: ValidationError, source: str) -> str:
+    known = _known_keys(ExperimentConfig)
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
+        if item["type"] == "extra_forbidden":
+            section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            close = difflib.get_close_matches(key, [k for k in known if k.startswith(section)], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"unknown key '{key}'{hint}")
+        else:
+            value = item.get("input")
+            shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+            where = f"'{key}'" if key else "the config"
+            lines.append(f"key {where}: {item['msg']}{shown}")
+    return f"{source}: invalid experiment config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(raw)
+    known = set(_known_keys(ExperimentConfig))
+    for text in overrides:
+        path, value = parse_override(text)
+        dotted = ".".join(path)
+        if dotted not in known or dotted.startswith("resolved"):
+            close = difflib.get_close_matches(dotted, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"--set {text!r}: unknown key '{dotted}'{hint}")
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load and validate an experiment YAML (Hydrogen Torch's or the project's), with overrides.
+
+    Args:
+        path: the YAML file; the use case's Hydrogen Torch file when None.
+        overrides: ``section.key=value`` strings applied before validation.
+
+    Raises:
+        ConfigError: naming the file and the key when anything is wrong.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return config_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def config_from_dict(
+    raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None
+) -> ExperimentConfig:
+    overrides = list(overrides or [])
+    try:
+        data = apply_overrides(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        config = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, source)) from None
+    if overrides:
+        info = config.resolved or ResolvedInfo()
+        config.resolved = info.model_copy(update={"overrides": [*info.overrides, *overrides]})
+    return config
+
+
+def inert_keys(config: ExperimentConfig) -> dict[str, str]:
+    """Keys whose value has no effect given the rest of the config, with the reason."""
+    inert: dict[str, str] = {}
+    if config.logging.logger is None:
+        inert["logging.neptune_project"] = "logger is None"
+    else:
+        inert["logging.logger"] = "external loggers are not part of this product: metrics go to KFP Metrics and the report"
+        inert["logging.neptune_project"] = "external loggers are not part of this product"
+    if config.augmentation.mix_audio == "Disabled":
+        for key in ("mix_concentration", "mix_iterations", "mix_probability", "mix_target"):
+            inert[f"augmentation.{key}"] = "mix_audio is Disabled"
+    if not config.training.differential_learning_rate_layers:
+        inert["training.differential_learning_rate"] = "differential_learning_rate_layers is empty"
+    if config.dataset.unlabeled_dataframe is not None:
+        inert["dataset.unlabeled_dataframe"] = "unlabeled data is not used by this product"
+    if config.dataset.test_dataframe is None and config.dataset.data_folder_test is not None:
+        inert["dataset.data_folder_test"] = "test_dataframe is None"
+    if config.dataset.validation_strategy != "kfold":
+        inert["dataset.group_fold_column"] = "validation_strategy is not kfold"
+    if config.dataset.data_sample == 1.0:
+        inert["dataset.data_sample_choice"] = "data_sample is 1.0"
+    return inert
+
+
+def resolve_config(config: ExperimentConfig) -> ExperimentConfig:
+    """Fill the run-time decisions in: the seed, the inert keys. Idempotent on a resolved config."""
+    resolved = config.model_copy(deep=True)
+    info = resolved.resolved or ResolvedInfo()
+    updates: dict[str, Any] = {"inert": inert_keys(resolved)}
+    if resolved.environment.seed < 0:
+        resolved.environment.seed = secrets.randbelow(2**31 - 1)
+        updates["seed_drawn"] = True
+    if not info.source:
+        updates["source"] = "defaults"
+    resolved.resolved = info.model_copy(update=updates)
+    if updates["inert"] and not info.inert:
+        log.warning(
+            "config keys with no effect here (kept, marked inert): %s",
+            "; ".join(f"{k} ({why})" for k, why in updates["inert"].items()),
+        )
+    return resolved
+
+
+def load_resolved_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, validate and resolve in one call: what every command does first."""
+    config = load_config(path, overrides)
+    source = str(Path(path).resolve()) if path is not None else str(DEFAULT_CONFIG)
+    config.resolved = (config.resolved or ResolvedInfo()).model_copy(update={"source": source})
+    return resolve_config(config)
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def save_config(config: ExperimentConfig, folder: str | Path) -> Path:
+    """Write the resolved config as ``config.yaml`` into an artifact folder, atomically."""
+    target = Path(folder) / CONFIG_FILE_NAME
+    atomic_write_text(target, config_to_yaml(config))
+    return target

@@ -1,0 +1,229 @@
+"""Step 2, features: accepted recordings -> log-mel Parquet shards that training streams from.
+
+Shards depend only on the audio parameters and the manifest, never on folds or seeds, so they are
+cached and reused: a rerun with the same inputs skips complete shards, and changed parameters go
+to a new shard set (its folder is named by the parameters' and the manifest's hashes), never a mix.
+A recording that fails to decode is reported and skipped; the others in its shard are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coughreg.config import ExperimentConfig, save_config
+from coughreg.errors import AudioDecodeError, CoughPipelineError
+from coughreg.frontend import feature_hash, feature_parameters
+from coughreg.ingest import MANIFEST_NAME, read_manifest
+from coughreg.shards import SpectrogramShardWriter, read_shard_metadata
+from coughreg.storage import atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "shards.json"
+REPORT_NAME = "features_report.json"
+
+
+@dataclass
+class FeaturesResult:
+    index_path: Path
+    shards: list[Path]
+    rows: int
+    failures: list[dict]
+    skipped_shards: int
+
+
+_WORKER_FRONTEND = None
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: threads inside would fight each other
+
+
+def _frontend(params: dict):
+    global _WORKER_FRONTEND
+    key = json.dumps(params, sort_keys=True)
+    if _WORKER_FRONTEND is None or _WORKER_FRONTEND[0] != key:
+        from coughreg.frontend import LogMel
+
+        module = LogMel(
+            params["sample_rate"], params["stft_window_size"], params["hop_size"], params["mel_frequency_bins"],
+            params["minimum_frequency"], params["maximum_frequency"],
+        ).eval()
+        _WORKER_FRONTEND = (key, module)
+    return _WORKER_FRONTEND[1]
+
+
+def log_mel_of_file(path: Path, params: dict) -> np.ndarray:
+    """Decode one recording and return its (mels, frames) log-mel as float32."""
+    import torch
+
+    from coughreg.audio import decode_audio
+
+    samples = decode_audio(path, params["sample_rate"], max_seconds=params["max_seconds"])
+    with torch.inference_mode():
+        log_mel = _frontend(params)(torch.from_numpy(samples)[None])[0]  # (1, samples) -> (mels, frames)
+    return log_mel.numpy()
+
+
+def _write_shard(task: dict) -> dict:
+    writer = SpectrogramShardWriter(
+        Path(task["path"]), task["label_columns"], task["group_column"], task["metadata"], task["row_group_rows"]
+    )
+    failures = []
+    seconds = 0.0
+    for record in task["records"]:
+        try:
+            log_mel = log_mel_of_file(Path(task["root"]) / record["audio_path"], task["params"])
+        except AudioDecodeError as exc:
+            failures.append({"id": record["id"], "audio_path": record["audio_path"], "reason": str(exc)})
+            continue
+        seconds += log_mel.shape[1] * task["params"]["hop_size"] / task["params"]["sample_rate"]
+        writer.add(record, log_mel)
+    info = writer.close()
+    return {"path": str(info.path), "rows": info.rows, "failures": failures, "audio_seconds": seconds}
+
+
+def _complete(path: Path, expected: dict) -> bool:
+    if not path.exists():
+        return False
+    try:
+        metadata = read_shard_metadata(path)
+    except CoughPipelineError:
+        return False
+    return all(metadata.get(k) == v for k, v in expected.items())
+
+
+def extract_features(
+    ingest_dir: str | Path, out_dir: str | Path, config: ExperimentConfig, workers: int | None = None
+) -> FeaturesResult:
+    """Turn the accepted recordings of an ingest folder into spectrogram shards in ``out_dir``.
+
+    Args:
+        ingest_dir: the ingest step's output (``manifest.parquet`` and ``audio/``).
+        out_dir: the features output folder; the shard index ``shards.json`` is written last.
+        config: the resolved experiment config (``audio.*`` and ``features.*`` are used).
+        workers: processes (None: ``features.workers``, 0 there meaning one per core).
+    """
+    started = time.perf_counter()
+    ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
+    manifest, manifest_meta = read_manifest(ingest_dir)
+    manifest_hash = sha256_file(ingest_dir / MANIFEST_NAME)[:16]
+    label_columns = config.dataset.label_columns
+    missing = [label for label in label_columns if label not in manifest.columns]
+    if missing:
+        raise CoughPipelineError(f"{ingest_dir / MANIFEST_NAME}: label column(s) {missing} are not in the manifest")
+    group_column = config.dataset.group_fold_column
+    ok = manifest[manifest["status"] == "ok"].sort_values("id", kind="stable")
+    if ok.empty:
+        raise CoughPipelineError(f"{ingest_dir / MANIFEST_NAME}: no accepted recordings to featurize")
+
+    params = {**feature_parameters(config.audio), "max_seconds": float(config.prediction.max_inference_chunk_seconds)}
+    fhash = feature_hash(config.audio) + ("" if params["max_seconds"] == 600 else f"-{params['max_seconds']:g}s")
+    shard_set = f"{fhash}-{manifest_hash}"
+    shard_dir = out_dir / "shards" / shard_set
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+
+    records = []
+    for row in ok.to_dict("records"):
+        record = {
+            "id": row["id"], "split": row["split"], "audio_path": row["audio_path"], "duration_s": row["duration_s"],
+            "group": str(row.get(group_column, "")) if group_column else "",
+        }
+        record.update({label: row[label] for label in label_columns})
+        records.append(record)
+    size = config.features.shard_rows
+    tasks = []
+    for number, start in enumerate(range(0, len(records), size)):
+        chunk = records[start : start + size]
+        ids_hash = hashlib.sha256("\n".join(r["id"] for r in chunk).encode()).hexdigest()[:16]
+        metadata = {
+            "feature_parameters": params, "feature_hash": fhash, "manifest_hash": manifest_hash,
+            "ids_hash": ids_hash, "source": manifest_meta.get("source", ""),
+        }
+        tasks.append({
+            "path": str(shard_dir / f"part-{number:05d}.parquet"), "records": chunk, "params": params,
+            "label_columns": label_columns, "group_column": group_column, "metadata": metadata,
+            "row_group_rows": config.features.row_group_rows, "root": str(ingest_dir),
+        })
+
+    expected_keys = ("feature_hash", "manifest_hash", "ids_hash")
+    todo = [t for t in tasks if not _complete(Path(t["path"]), {k: t["metadata"][k] for k in expected_keys})]
+    skipped = len(tasks) - len(todo)
+    if skipped:
+        log.info("features: %d of %d shards already complete, skipped", skipped, len(tasks))
+    workers = workers or config.features.workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(todo) or 1))
+    results = []
+    clips_total = sum(len(t["records"]) for t in todo)
+    clips_done = 0
+    audio_seconds = 0.0
+    if todo:
+        log.info("features: %d recordings in %d shards on %d processes -> %s", clips_total, len(todo), workers, shard_dir)
+        with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
+            futures = {pool.submit(_write_shard, task): task for task in todo}
+            for future in as_completed(futures):
+                result = future.result()
+                results.append(result)
+                clips_done += len(futures[future]["records"])
+                audio_seconds += result["audio_seconds"]
+                elapsed = time.perf_counter() - started
+                rate = clips_done / max(elapsed, 1e-9)
+                log.info(
+                    "features: %d/%d clips (%.0f clips/s, %.0fx real time, ETA %.0f s)",
+                    clips_done, clips_total, rate, audio_seconds / max(elapsed, 1e-9), (clips_total - clips_done) / rate,
+                )
+
+    failures = [failure for result in results for failure in result["failures"]]
+    for failure in failures:
+        log.warning("features: skipped %s: %s", failure["id"], failure["reason"])
+    shards = [Path(t["path"]) for t in tasks]
+    rows = sum(read_shard_metadata_rows(p) for p in shards)
+    if rows == 0:
+        raise CoughPipelineError(f"{ingest_dir}: no recording could be featurized ({len(failures)} failed)")
+    index = {
+        "shard_set": shard_set,
+        "shards": [str(p.relative_to(out_dir)) for p in shards],
+        "rows": rows,
+        "feature_parameters": params,
+        "feature_hash": fhash,
+        "manifest_hash": manifest_hash,
+        "label_columns": label_columns,
+        "group_column": group_column,
+    }
+    report = {
+        "rows": rows, "shards": len(shards), "skipped_shards": skipped, "failures": failures,
+        "seconds": round(time.perf_counter() - started, 2), "audio_seconds": round(audio_seconds, 1),
+    }
+    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=2))
+    save_config(config, out_dir)
+    atomic_write_text(out_dir / INDEX_NAME, json.dumps(index, indent=2))
+    log.info("features: %d rows in %d shards (%d failed) in %.1f s", rows, len(shards), len(failures), report["seconds"])
+    return FeaturesResult(out_dir / INDEX_NAME, shards, rows, failures, skipped)
+
+
+def read_shard_metadata_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def shard_paths(features_dir: str | Path) -> list[Path]:
+    """The shards of a features output folder, from its index."""
+    features_dir = Path(features_dir)
+    index_path = features_dir / INDEX_NAME
+    if not index_path.exists():
+        raise CoughPipelineError(f"{index_path}: no shard index; run the features step into {features_dir} first")
+    index = json.loads(index_path.read_text())
+    return [features_dir / name for name in index["shards"]]

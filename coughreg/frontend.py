@@ -1,0 +1,124 @@
+"""The mel front end: one implementation, used by the features step and inside the exported scorer.
+
+The log-mel follows librosa's defaults for mel filters (Slaney scale and area normalization) so
+numbers can be checked against an independent implementation, and is expressed in decibels
+(power, floor 1e-10). Shards store this raw log-mel; normalization (per clip or with data-set
+statistics) is applied by the model, so shards never depend on training choices.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from coughreg.config import AudioConfig
+
+FRONTEND_VERSION = 1
+AMIN = 1e-10
+
+
+class LogMel(nn.Module):
+    """Raw mono waveform -> log-mel spectrogram in dB."""
+
+    def __init__(
+        self,
+        sample_rate: int,
+        stft_window_size: int,
+        hop_size: int,
+        mel_frequency_bins: int,
+        minimum_frequency: float,
+        maximum_frequency: float,
+    ) -> None:
+        super().__init__()
+        import torchaudio
+
+        self.sample_rate = sample_rate
+        self.hop_size = hop_size
+        self.mel_frequency_bins = mel_frequency_bins
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate,
+            n_fft=stft_window_size,
+            win_length=stft_window_size,
+            hop_length=hop_size,
+            f_min=float(minimum_frequency),
+            f_max=float(maximum_frequency),
+            n_mels=mel_frequency_bins,
+            power=2.0,
+            center=True,
+            pad_mode="constant",  # reflect padding fails on clips shorter than half a window
+            norm="slaney",
+            mel_scale="slaney",
+        )
+
+    @classmethod
+    def from_config(cls, audio: AudioConfig) -> LogMel:
+        return cls(
+            sample_rate=audio.sample_rate,
+            stft_window_size=audio.stft_window_size,
+            hop_size=audio.hop_size,
+            mel_frequency_bins=audio.mel_frequency_bins,
+            minimum_frequency=audio.minimum_frequency,
+            maximum_frequency=audio.maximum_frequency,
+        )
+
+    def number_of_frames(self, number_of_samples: int) -> int:
+        return number_of_samples // self.hop_size + 1
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        # (batch, samples) -> (batch, mels, frames)
+        power = self.mel(waveform.float())
+        return 10.0 * torch.log10(torch.clamp(power, min=AMIN))
+
+
+class SpectrogramNormalizer(nn.Module):
+    """'No', 'Clip' (each clip to zero mean, unit variance) or 'Dataset' (stored training statistics)."""
+
+    def __init__(self, mode: str = "No", mean: float = 0.0, std: float = 1.0) -> None:
+        super().__init__()
+        if mode not in ("No", "Clip", "Dataset"):
+            raise ValueError(f"unknown spectrogram_normalization {mode!r}")
+        self.mode = mode
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
+        # (batch, ..., mels, frames) -> same shape
+        if self.mode == "Clip":
+            dims = tuple(range(1, log_mel.dim()))
+            mean = log_mel.mean(dim=dims, keepdim=True)
+            std = log_mel.std(dim=dims, keepdim=True).clamp(min=1e-3)
+            return (log_mel - mean) / std
+        if self.mode == "Dataset":
+            return (log_mel - self.mean) / self.std.clamp(min=1e-3)
+        return log_mel
+
+
+def feature_parameters(audio: AudioConfig) -> dict[str, Any]:
+    """Everything a shard's numbers depend on; stored in every shard's metadata."""
+    return {
+        "frontend_version": FRONTEND_VERSION,
+        "sample_rate": audio.sample_rate,
+        "stft_window_size": audio.stft_window_size,
+        "hop_size": audio.hop_size,
+        "mel_frequency_bins": audio.mel_frequency_bins,
+        "minimum_frequency": float(audio.minimum_frequency),
+        "maximum_frequency": float(audio.maximum_frequency),
+        "mel_scale": "slaney",
+        "mel_norm": "slaney",
+        "power": 2.0,
+        "log": "10*log10(max(power, 1e-10))",
+        "center": True,
+        "pad_mode": "constant",
+        "resampler": "ffmpeg swresample",
+        "dtype": "float16",
+    }
+
+
+def feature_hash(audio: AudioConfig) -> str:
+    import hashlib
+
+    payload = json.dumps(feature_parameters(audio), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,222 @@
+"""Data sources: a zip or a folder, local or in S3, seen as a flat list of safe relative names.
+
+Archives are read member by member (never unpacked whole). Unsafe members (absolute paths,
+``..``, symlinks, device files, members compressed beyond a sane ratio) are listed in ``refused``
+with the reason and never read; an archive over the size or file-count bounds is refused whole.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import posixpath
+import stat
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coughreg.errors import StorageError
+from coughreg.storage import (
+    DEFAULT_CACHE,
+    S3Options,
+    download_s3_object,
+    is_s3_uri,
+    list_s3_prefix,
+    local_path,
+    parse_s3_uri,
+    s3_client,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceLimits:
+    max_total_bytes: int = 200 * 2**30
+    max_files: int = 2_000_000
+    max_compression_ratio: float = 200.0
+
+
+@dataclass
+class DataSource(abc.ABC):
+    """A read-only view of a data set: ``names`` are safe posix paths relative to its root."""
+
+    uri: str
+    names: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @abc.abstractmethod
+    def read(self, name: str) -> bytes:
+        """The member's bytes."""
+
+    def describe(self, name: str) -> str:
+        return f"{self.uri}!{name}"
+
+    def close(self) -> None:
+        pass
+
+
+def safe_relative_name(name: str) -> str | None:
+    """The normalized posix path, or None when it is absolute or climbs out of the root."""
+    text = name.replace("\\", "/")
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        return None
+    normalized = posixpath.normpath(text)
+    if normalized.startswith("../") or normalized == ".." or normalized == ".":
+        return None
+    return normalized
+
+
+class ZipSource(DataSource):
+    def __init__(self, path: Path, uri: str, limits: SourceLimits) -> None:
+        super().__init__(uri=uri)
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise StorageError(f"{uri}: not a readable zip archive: {exc}") from None
+        members = self._zip.infolist()
+        if len(members) > limits.max_files:
+            raise StorageError(f"{uri}: archive has {len(members)} members, more than the limit {limits.max_files}")
+        total = sum(member.file_size for member in members)
+        if total > limits.max_total_bytes:
+            raise StorageError(
+                f"{uri}: archive unpacks to {total / 2**30:.1f} GiB, more than the limit "
+                f"{limits.max_total_bytes / 2**30:.1f} GiB (ingest.max_archive_bytes)"
+            )
+        self._members: dict[str, zipfile.ZipInfo] = {}
+        for member in members:
+            if member.is_dir():
+                continue
+            name = safe_relative_name(member.filename)
+            mode = member.external_attr >> 16
+            if name is None:
+                self.refused[member.filename] = "unsafe path in archive (absolute or '..')"
+            elif stat.S_ISLNK(mode):
+                self.refused[name] = "symbolic link in archive"
+            elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # no type bits: a plain file
+                self.refused[name] = "special file in archive (device, fifo or socket)"
+            elif member.compress_size and member.file_size / member.compress_size > limits.max_compression_ratio:
+                self.refused[name] = (
+                    f"compression ratio {member.file_size / member.compress_size:.0f} above the limit "
+                    f"{limits.max_compression_ratio:.0f} (possible zip bomb)"
+                )
+            elif name in self._members:
+                self.refused[name] = "duplicate name in archive"
+            else:
+                self._members[name] = member
+                self.sizes[name] = member.file_size
+        self.names = sorted(self._members)
+
+    def read(self, name: str) -> bytes:
+        member = self._members[name]
+        try:
+            with self._zip.open(member) as handle:
+                return handle.read(member.file_size + 1)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a CRC error or a truncated member
+            raise StorageError(f"{self.describe(name)}: cannot read archive member: {exc}") from None
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+class FolderSource(DataSource):
+    def __init__(self, root: Path, uri: str, limits: SourceLimits) -> None:
+        super().__init__(uri=uri)
+        self.root = root
+        count = 0
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                self.refused[relative] = "symbolic link in data folder"
+                continue
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                self.refused[relative] = "special file in data folder (device, fifo or socket)"
+                continue
+            count += 1
+            if count > limits.max_files:
+                raise StorageError(f"{uri}: more than {limits.max_files} files (ingest.max_archive_files)")
+            self.names.append(relative)
+            self.sizes[relative] = path.stat().st_size
+
+    def read(self, name: str) -> bytes:
+        try:
+            return (self.root / name).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"{self.describe(name)}: cannot read: {exc}") from None
+
+    def describe(self, name: str) -> str:
+        return str(self.root / name)
+
+
+def _download_prefix(uri: str, options: S3Options, cache_dir: Path) -> Path:
+    """Mirror an ``s3://bucket/prefix/`` into the cache (each object cached by its ETag)."""
+    location = parse_s3_uri(uri if uri.endswith("/") else uri + "/")
+    client = s3_client(options)
+    objects = [obj for obj in list_s3_prefix(location.uri, options, client) if not obj["Key"].endswith("/")]
+    if not objects:
+        raise StorageError(f"{uri}: no objects under this prefix")
+    mirror = cache_dir / "prefix" / location.bucket / location.key
+    mirror.mkdir(parents=True, exist_ok=True)
+
+    def fetch(obj: dict) -> None:
+        relative = safe_relative_name(obj["Key"][len(location.key) :])
+        if relative is None:
+            log.warning("s3://%s/%s: unsafe key name, skipped", location.bucket, obj["Key"])
+            return
+        cached = download_s3_object(f"s3://{location.bucket}/{obj['Key']}", cache_dir, options, client)
+        target = mirror / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        target.symlink_to(cached)
+
+    log.info("%s: %d objects", uri, len(objects))
+    with ThreadPoolExecutor(options.max_concurrency) as pool:
+        list(pool.map(fetch, objects))
+    return mirror
+
+
+class _MirrorSource(FolderSource):
+    """A folder of symlinks into the download cache (an S3 prefix): links are expected here."""
+
+    def __init__(self, root: Path, uri: str, limits: SourceLimits) -> None:
+        DataSource.__init__(self, uri=uri)
+        self.root = root
+        for path in sorted(root.rglob("*")):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            relative = path.relative_to(root).as_posix()
+            self.names.append(relative)
+            self.sizes[relative] = path.stat().st_size
+        if len(self.names) > limits.max_files:
+            raise StorageError(f"{uri}: more than {limits.max_files} objects (ingest.max_archive_files)")
+
+    def describe(self, name: str) -> str:
+        return f"{self.uri.rstrip('/')}/{name}"
+
+
+def open_source(
+    uri: str, options: S3Options | None = None, cache_dir: Path | None = None, limits: SourceLimits | None = None
+) -> DataSource:
+    """Open ``s3://bucket/key.zip``, ``s3://bucket/prefix/``, a local zip or folder, or a ``file://`` URI."""
+    options = options or S3Options()
+    limits = limits or SourceLimits()
+    cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    if is_s3_uri(uri):
+        location = parse_s3_uri(uri)
+        if location.key.lower().endswith(".zip"):
+            return ZipSource(download_s3_object(uri, cache_dir, options), uri, limits)
+        return _MirrorSource(_download_prefix(uri, options, cache_dir), uri, limits)
+    path = local_path(uri)
+    if not path.exists():
+        raise StorageError(f"{uri}: no such file or folder")
+    if path.is_dir():
+        return FolderSource(path, uri, limits)
+    if zipfile.is_zipfile(path):
+        return ZipSource(path, uri, limits)
+    raise StorageError(f"{uri}: not a zip archive or a folder")

@@ -1,0 +1,253 @@
+"""Storage URIs (``s3://``, ``file://``, plain paths), the S3 client, and atomic local writes.
+
+The S3 client follows boto3's standard credential chain and ``AWS_*`` variables, including
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for S3-compatible stores (MinIO, SeaweedFS, Ceph).
+Credentials are never logged: messages name buckets and keys only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from coughreg.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+DEFAULT_CACHE = Path(os.environ.get("COUGHREG_CACHE", Path.home() / ".cache" / "coughreg"))
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3. Everything left None comes from the standard AWS chain and ``AWS_*`` variables."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+    max_attempts: int = 8
+    max_concurrency: int = 8
+
+
+def is_s3_uri(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def parse_s3_uri(uri: str) -> S3Location:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"{uri}: not an s3://bucket/key URI")
+    return S3Location(parsed.netloc, parsed.path.lstrip("/"))
+
+
+def local_path(uri: str | Path) -> Path:
+    """A plain path or a ``file://`` URI as a local path."""
+    text = str(uri)
+    if text.startswith("file://"):
+        return Path(unquote(urlparse(text).path))
+    if "://" in text:
+        raise StorageError(f"{text}: unsupported URI scheme (use s3://, file:// or a local path)")
+    return Path(text).expanduser()
+
+
+def s3_client(options: S3Options | None = None):
+    """A boto3 S3 client with adaptive retries; endpoint and region from options or the environment."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    options = options or S3Options()
+    config = Config(
+        retries={"mode": "adaptive", "max_attempts": options.max_attempts},
+        signature_version=UNSIGNED if options.anonymous else None,
+        max_pool_connections=max(10, options.max_concurrency * 2),
+    )
+    kwargs = {"config": config}
+    if options.endpoint_url:
+        kwargs["endpoint_url"] = options.endpoint_url
+    if options.region:
+        kwargs["region_name"] = options.region
+    # A fresh session reads the environment now (boto3's default session keeps what it saw first).
+    return boto3.session.Session().client("s3", **kwargs)
+
+
+def describe_client_error(exc: Exception, uri: str) -> StorageError:
+    """Turn a botocore error into a message that names the URI and says what to check."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(
+            f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, "
+            "or use anonymous access for a public bucket"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint ({exc.kwargs.get('endpoint_url', 'unknown')})")
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket",):
+            return StorageError(f"{uri}: bucket does not exist")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{uri}: no such object")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
+            return StorageError(f"{uri}: access denied ({code}); check the credentials and the bucket policy")
+        return StorageError(f"{uri}: S3 error {code or status}: {error.get('Message', '')}".rstrip(": "))
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+
+
+def download_s3_object(
+    uri: str, cache_dir: Path | None = None, options: S3Options | None = None, client=None
+) -> Path:
+    """Download one object into a local cache keyed by its ETag; a rerun reuses the cached file.
+
+    Downloads are multipart and parallel (boto3's transfer manager) and land under a temporary
+    name first, so an interrupted download never looks complete.
+    """
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = parse_s3_uri(uri)
+    options = options or S3Options()
+    client = client or s3_client(options)
+    try:
+        head = client.head_object(Bucket=location.bucket, Key=location.key)
+    except (ClientError, BotoCoreError) as exc:
+        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            try:
+                client.head_bucket(Bucket=location.bucket)
+            except ClientError as bucket_exc:
+                if bucket_exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                    raise StorageError(f"s3://{location.bucket}: bucket does not exist") from None
+                raise describe_client_error(bucket_exc, f"s3://{location.bucket}") from None
+            except BotoCoreError as bucket_exc:
+                raise describe_client_error(bucket_exc, f"s3://{location.bucket}") from None
+        raise describe_client_error(exc, uri) from None
+    etag = str(head.get("ETag", "")).strip('"') or "no-etag"
+    cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    key_digest = hashlib.sha256(f"{location.bucket}/{location.key}".encode()).hexdigest()[:16]
+    name = Path(location.key).name or "object"
+    target = cache_dir / "s3" / key_digest / etag.replace("/", "_") / name
+    if target.exists() and target.stat().st_size == head.get("ContentLength", -1):
+        log.info("%s: cached (ETag %s) at %s", uri, etag, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    transfer = TransferConfig(
+        multipart_threshold=16 * 2**20,
+        multipart_chunksize=16 * 2**20,
+        max_concurrency=options.max_concurrency,
+    )
+    size_mb = head.get("ContentLength", 0) / 2**20
+    log.info("%s: downloading %.1f MB", uri, size_mb)
+    with atomic_path(target) as tmp:
+        try:
+            client.download_file(location.bucket, location.key, str(tmp), Config=transfer)
+        except (ClientError, BotoCoreError) as exc:
+            raise describe_client_error(exc, uri) from None
+        except OSError as exc:
+            raise StorageError(f"{uri}: download failed: {exc}") from exc
+        if tmp.stat().st_size != head.get("ContentLength", tmp.stat().st_size):
+            raise StorageError(f"{uri}: download incomplete ({tmp.stat().st_size} of {head['ContentLength']} bytes)")
+    return target
+
+
+def list_s3_prefix(uri: str, options: S3Options | None = None, client=None) -> Iterator[dict]:
+    """Every object under an ``s3://bucket/prefix/``, streamed page by page."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = parse_s3_uri(uri)
+    client = client or s3_client(options)
+    paginator = client.get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key):
+            yield from page.get("Contents", [])
+    except (ClientError, BotoCoreError) as exc:
+        raise describe_client_error(exc, uri) from None
+
+
+def upload_file(path: Path, uri: str, options: S3Options | None = None, client=None) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = parse_s3_uri(uri)
+    client = client or s3_client(options)
+    try:
+        client.upload_file(str(path), location.bucket, location.key)
+    except (ClientError, BotoCoreError) as exc:
+        raise describe_client_error(exc, uri) from None
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are read by other users and pods
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_write_text(target: Path, text: str) -> None:
+    atomic_write_bytes(Path(target), text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Build a folder under a temporary name and swap it in whole when the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path, chunk: int = 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real S3 endpoint on loopback (auth enforced), a fault proxy, generated data."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+from coughreg.config import load_resolved_config
+from coughreg.local_s3 import LocalS3
+from coughreg.synth import generate_coughvid_zip
+from tests.tcp_proxy import FaultProxy
+
+PROJECT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+REAL_COUGHS = DATA / "real_coughs"
+REAL_METADATA = DATA / "coughvid" / "metadata_compiled.csv"
+HT_YAML = DATA / "ht_experiment.yaml"
+
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_aws(monkeypatch, tmp_path):
+    """No test reads the machine's AWS config or writes the user's cache."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("COUGHREG_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = LocalS3(enforce_auth=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS variables point at the loopback server with valid keys."""
+    for key, value in s3_server.credentials.env(s3_server.endpoint_url).items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    name = f"coughs-{next(_bucket_numbers):03d}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    host, port = s3_server.endpoint_url.rsplit("//", 1)[1].split(":")
+    proxy = FaultProxy(host, int(port))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="session")
+def coughvid_zip(tmp_path_factory) -> Path:
+    """A small generated COUGHVID-format zip (nested in public_dataset/ as the release is)."""
+    path = tmp_path_factory.mktemp("generated") / "coughvid_small.zip"
+    generate_coughvid_zip(path, 24, seed=7, workers=2)
+    return path
+
+
+@pytest.fixture
+def config():
+    """The user's Hydrogen Torch config, resolved, with a fixed seed and small shards."""
+    return load_resolved_config(HT_YAML, ["environment.seed=1234", "features.shard_rows=8", "features.row_group_rows=4"])

@@ -1,0 +1,75 @@
+"""Object storage against a real S3 endpoint on loopback (auth enforced), over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+
+from coughreg.local_s3 import Credentials
+from coughreg.storage import S3Options, atomic_path, download_s3_object, local_path
+from coughreg.errors import StorageError
+
+
+def test_download_uses_the_standard_aws_variables_and_caches_by_etag(s3_env, bucket, coughvid_zip, tmp_path, fault_proxy, monkeypatch):
+    s3_env.client().upload_file(str(coughvid_zip), bucket, "datasets/coughvid.zip")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.endpoint_url)  # through the counting proxy
+    first = download_s3_object(f"s3://{bucket}/datasets/coughvid.zip", tmp_path / "cache")
+    assert first.read_bytes() == coughvid_zip.read_bytes()
+    downloaded = fault_proxy.bytes_down
+    assert downloaded > coughvid_zip.stat().st_size
+    second = download_s3_object(f"s3://{bucket}/datasets/coughvid.zip", tmp_path / "cache")
+    assert second == first
+    assert fault_proxy.bytes_down - downloaded < 5_000  # a HEAD request, not the object again
+
+
+def test_a_changed_object_is_downloaded_again(s3_env, bucket, tmp_path):
+    client = s3_env.client()
+    client.put_object(Bucket=bucket, Key="a.zip", Body=b"one")
+    first = download_s3_object(f"s3://{bucket}/a.zip", tmp_path / "cache")
+    client.put_object(Bucket=bucket, Key="a.zip", Body=b"two!")
+    second = download_s3_object(f"s3://{bucket}/a.zip", tmp_path / "cache")
+    assert first != second and second.read_bytes() == b"two!"
+
+
+def test_wrong_keys_are_refused_without_leaking_the_secret(s3_server, bucket, tmp_path, monkeypatch):
+    s3_server.client().put_object(Bucket=bucket, Key="a.zip", Body=b"x")
+    wrong = Credentials(s3_server.credentials.access_key_id, "not-the-secret-1234")
+    for key, value in wrong.env(s3_server.endpoint_url).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(StorageError) as error:
+        download_s3_object(f"s3://{bucket}/a.zip", tmp_path / "cache")
+    assert f"s3://{bucket}/a.zip" in str(error.value)
+    assert "access denied" in str(error.value) or "403" in str(error.value)
+    assert "not-the-secret-1234" not in str(error.value)
+
+
+def test_missing_bucket_and_missing_key_are_named(s3_env, bucket, tmp_path):
+    with pytest.raises(StorageError, match="s3://no-such-bucket: bucket does not exist"):
+        download_s3_object("s3://no-such-bucket/a.zip", tmp_path / "cache")
+    with pytest.raises(StorageError, match=f"s3://{bucket}/missing.zip: no such object"):
+        download_s3_object(f"s3://{bucket}/missing.zip", tmp_path / "cache")
+
+
+def test_a_connection_cut_mid_download_is_retried_to_completion(s3_env, bucket, coughvid_zip, tmp_path, fault_proxy):
+    s3_env.client().upload_file(str(coughvid_zip), bucket, "cut.zip")
+    fault_proxy.cut_next(after_bytes=200_000, connections=2)
+    path = download_s3_object(
+        f"s3://{bucket}/cut.zip", tmp_path / "cache", S3Options(endpoint_url=fault_proxy.endpoint_url)
+    )
+    assert fault_proxy.cuts_done >= 1
+    assert path.read_bytes() == coughvid_zip.read_bytes()
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
+    target = tmp_path / "artifact.bin"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_local_paths_and_file_uris(tmp_path):
+    assert local_path(f"file://{tmp_path}/a b.zip") == tmp_path / "a b.zip"
+    assert local_path(str(tmp_path)) == tmp_path
+    with pytest.raises(StorageError, match="unsupported URI scheme"):
+        local_path("gs://bucket/x.zip")
