@@ -100,6 +100,11 @@ def probe_audio(source: str | Path | bytes) -> AudioInfo:
     return AudioInfo(float(duration or 0.0), rate, channels, codec, format_name)
 
 
+def _mono(planar: np.ndarray) -> np.ndarray:
+    # (channels, samples) -> (samples,)
+    return planar[0] if planar.shape[0] == 1 else planar.mean(axis=0, dtype=np.float32)
+
+
 def decode_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Decode a recording to mono float32 at ``sample_rate``.
 
@@ -123,17 +128,19 @@ def decode_audio(source: str | Path | bytes, sample_rate: int, max_seconds: floa
                 raise AudioDecodeError(f"{name}: no audio stream in the file")
             stream = container.streams.audio[0]
             stream.thread_type = "AUTO"
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            # Planar float at the target rate, channels kept: the mono mix is their plain average
+            # (FFmpeg's own downmix scales each side by 1/sqrt(2), which changes levels).
+            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
             for frame in container.decode(stream):
                 frame.pts = None  # timestamps from browsers are often broken; samples are what count
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    chunks.append(_mono(out.to_ndarray()))
                     total += chunks[-1].size
                 if limit is not None and total >= limit:
                     break
             else:
                 for out in resampler.resample(None):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    chunks.append(_mono(out.to_ndarray()))
     except AudioDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:

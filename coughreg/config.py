@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE_NAME = "config.yaml"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "coughvid_ht.yaml"
+# The checkout's configs/, or the working directory's (the image installs the package elsewhere).
+DEFAULT_CONFIG = next(
+    (p for p in (PROJECT_ROOT / "configs" / "coughvid_ht.yaml", Path("configs/coughvid_ht.yaml").resolve()) if p.exists()),
+    PROJECT_ROOT / "configs" / "coughvid_ht.yaml",
+)
 
 
 class _Section(BaseModel):

@@ -1,0 +1,1 @@
+"""One thin KFP component per step; the work is done by plain Python in ``coughreg``."""

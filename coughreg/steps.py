@@ -1,0 +1,54 @@
+"""The glue between KFP components and the plain step functions: config text in, artifacts out.
+
+Components pass the resolved config as YAML text (a pipeline parameter), so a run carries the
+exact config it was compiled with; each step saves it again beside its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from coughreg.config import ExperimentConfig, config_from_dict, resolve_config
+
+log = logging.getLogger(__name__)
+
+
+def config_from_text(config_yaml: str) -> ExperimentConfig:
+    raw = yaml.safe_load(config_yaml) or {}
+    return resolve_config(config_from_dict(raw, source="pipeline parameter config_yaml"))
+
+
+def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
+    """Numbers of a flat dict into a KFP ``Metrics`` artifact (None: skipped)."""
+    if metrics is None:
+        return
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, float(value))
+
+
+def run_ingest_step(source_uri: str, config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
+    from coughreg.ingest import REPORT_NAME, ingest
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ingest(source_uri, Path(out_dir), config_from_text(config_yaml))
+    report = json.loads((Path(out_dir) / REPORT_NAME).read_text())
+    log_metrics(metrics, {"recordings_ok": report["ok"], "recordings_rejected": report["rejected"],
+                          "metadata_rows_without_recording": report["metadata_rows_without_recording"]})
+    return report
+
+
+def run_features_step(ingest_dir: str, config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
+    from coughreg.features import REPORT_NAME, extract_features
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    extract_features(Path(ingest_dir), Path(out_dir), config_from_text(config_yaml))
+    report = json.loads((Path(out_dir) / REPORT_NAME).read_text())
+    log_metrics(metrics, {"spectrograms": report["rows"], "failed_recordings": len(report["failures"]),
+                          "audio_hours": report["audio_seconds"] / 3600})
+    return report

@@ -1,0 +1,49 @@
+"""The command line runs each step alone, as a user would, against the loopback S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from coughreg.ingest import read_manifest
+from coughreg.features import shard_paths
+from tests.conftest import PROJECT
+
+
+def _run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "pipeline.py", *args], cwd=PROJECT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_generate_then_ingest_from_s3_then_features(s3_env, bucket, tmp_path):
+    archive = tmp_path / "demo.zip"
+    done = _run("generate", "--out", str(archive), "-n", "12", "--seed", "3")
+    assert done.returncode == 0, done.stderr
+    assert "noise floor" in done.stdout
+    assert json.loads(archive.with_suffix(".generator.json").read_text())["recordings"] == 12
+    s3_env.client().upload_file(str(archive), bucket, "in/demo.zip")
+
+    done = _run("step", "ingest", "--input", f"s3://{bucket}/in/demo.zip", "--out", str(tmp_path / "ingest"),
+                "--set", "environment.seed=5", "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "12 ok, 0 rejected" in done.stdout
+    assert s3_env.credentials.secret_access_key not in done.stdout + done.stderr
+    manifest, _ = read_manifest(tmp_path / "ingest")
+    assert len(manifest) == 12
+
+    done = _run("step", "features", "--input", str(tmp_path / "ingest"), "--out", str(tmp_path / "features"),
+                "--set", "environment.seed=5", "--set", "features.shard_rows=5")
+    assert done.returncode == 0, done.stderr
+    assert "12 recordings in 3 shards" in done.stdout
+    assert "clips/s" in done.stderr and "ETA" in done.stderr  # progress is shown
+    assert len(shard_paths(tmp_path / "features")) == 3
+
+
+def test_a_step_error_is_one_clear_line(tmp_path):
+    done = _run("step", "ingest", "--input", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.zip'}: no such file or folder"

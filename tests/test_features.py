@@ -1,0 +1,181 @@
+"""Features: the mel front end's numbers, Parquet shards that read back exactly, reruns, real recordings."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from coughreg.audio import decode_audio
+from coughreg.config import load_resolved_config
+from coughreg.errors import CoughPipelineError
+from coughreg.features import INDEX_NAME, extract_features, log_mel_of_file, shard_paths
+from coughreg.frontend import LogMel, feature_parameters
+from coughreg.ingest import ingest, read_manifest
+from coughreg.shards import SpectrogramShardReader, SpectrogramShardWriter, read_shard_metadata
+from coughreg.synth import encode_audio
+from tests.conftest import HT_YAML, REAL_COUGHS
+
+
+def _mel_centers(audio) -> np.ndarray:
+    """Slaney mel band centre frequencies, computed independently of torchaudio."""
+    import librosa
+
+    edges = librosa.mel_frequencies(audio.mel_frequency_bins + 2, fmin=audio.minimum_frequency, fmax=audio.maximum_frequency)
+    return edges[1:-1]
+
+
+def _tone(freq: float, seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("freq", [300.0, 1000.0, 4000.0, 12000.0])
+def test_a_test_tone_lands_in_its_mel_band(config, tmp_path, freq):
+    path = tmp_path / "tone.webm"
+    path.write_bytes(encode_audio(_tone(freq, 2.0, 48000), "webm", "opus"))
+    log_mel = log_mel_of_file(path, {**feature_parameters(config.audio), "max_seconds": 600.0})
+    assert log_mel.shape[0] == 128
+    peak = int(np.argmax(np.median(log_mel, axis=1)))
+    centers = _mel_centers(config.audio)
+    assert abs(np.log2(centers[peak] / freq)) < 0.08  # within a mel band's width
+
+
+def test_resampling_keeps_a_tone_at_its_frequency(tmp_path):
+    """A 16 kHz recording decoded to 48 kHz keeps its 1 kHz tone (band-limited resampling, no images)."""
+    import soundfile
+
+    path = tmp_path / "tone16k.flac"
+    soundfile.write(path, _tone(1000.0, 1.0, 16000), 16000)
+    samples = decode_audio(path, 48000)
+    assert abs(samples.size - 48000) < 200
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(samples.size)))
+    freqs = np.fft.rfftfreq(samples.size, 1 / 48000)
+    assert abs(freqs[np.argmax(spectrum)] - 1000.0) < 2.0
+    assert spectrum[freqs > 8500].max() < spectrum.max() * 1e-3  # nothing above the source's Nyquist
+
+
+def test_stereo_is_mixed_to_mono(tmp_path):
+    import soundfile
+
+    left, right = _tone(500.0, 1.0, 48000), _tone(2000.0, 1.0, 48000)
+    path = tmp_path / "stereo.wav"
+    soundfile.write(path, np.stack([left, right], axis=1), 48000)
+    samples = decode_audio(path, 48000)
+    np.testing.assert_allclose(samples, (left + right) / 2, atol=2e-3)
+
+
+def test_log_mel_matches_librosa(config):
+    import librosa
+
+    rng = np.random.default_rng(0)
+    samples = (rng.standard_normal(48000 * 2) * 0.1).astype(np.float32)
+    ours = LogMel.from_config(config.audio)(torch.from_numpy(samples)[None])[0].numpy()
+    audio = config.audio
+    power = librosa.feature.melspectrogram(
+        y=samples, sr=audio.sample_rate, n_fft=audio.stft_window_size, hop_length=audio.hop_size,
+        n_mels=audio.mel_frequency_bins, fmin=audio.minimum_frequency, fmax=audio.maximum_frequency,
+        center=True, pad_mode="constant", power=2.0, htk=False, norm="slaney",
+    )
+    reference = 10 * np.log10(np.maximum(power, 1e-10))
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, atol=0.02)  # dB
+
+
+def test_shards_read_back_exactly_what_was_written(tmp_path):
+    rng = np.random.default_rng(1)
+    spectrograms = [rng.normal(-40, 20, (16, n)).astype(np.float32) for n in (5, 40, 1, 17, 33)]
+    writer = SpectrogramShardWriter(tmp_path / "part.parquet", ["y"], "day", {"feature_hash": "abc"}, row_group_rows=2)
+    for i, spectrogram in enumerate(spectrograms):
+        writer.add({"id": f"r{i}", "y": i / 10, "group": f"g{i % 2}", "duration_s": 1.0}, spectrogram)
+    info = writer.close()
+    assert info.rows == 5
+    file = pq.ParquetFile(info.path)
+    assert file.metadata.num_row_groups == 3
+    assert file.metadata.row_group(0).column(file.schema_arrow.get_field_index("spectrogram")).compression == "UNCOMPRESSED"
+    meta = read_shard_metadata(info.path)
+    assert meta["feature_hash"] == "abc" and meta["schema_version"] == 1 and meta["label_columns"] == ["y"]
+    reader = SpectrogramShardReader([info.path])
+    for i in (3, 0, 4, 1, 2):  # random access
+        spectrogram, row = reader[i]
+        np.testing.assert_array_equal(spectrogram, spectrograms[i].astype(np.float16))
+        assert row["id"] == f"r{i}" and row["y"] == pytest.approx(i / 10) and row["group"] == f"g{i % 2}"
+    streamed = list(reader.stream())
+    assert [row["id"] for _, row in streamed] == [f"r{i}" for i in range(5)]
+    for (spectrogram, _), original in zip(streamed, spectrograms):
+        np.testing.assert_array_equal(spectrogram, original.astype(np.float16))
+
+
+def test_features_of_an_ingested_data_set(coughvid_zip, config, tmp_path):
+    ingest(str(coughvid_zip), tmp_path / "ingest", config)
+    result = extract_features(tmp_path / "ingest", tmp_path / "features", config, workers=2)
+    manifest, _ = read_manifest(tmp_path / "ingest")
+    assert result.rows == 24 and not result.failures
+    assert len(result.shards) == 3  # features.shard_rows = 8
+    reader = SpectrogramShardReader(shard_paths(tmp_path / "features"))
+    assert sorted(reader.index["id"]) == sorted(manifest["id"])
+    params = {**feature_parameters(config.audio), "max_seconds": 600.0}
+    by_id = manifest.set_index("id")
+    for row in (0, 11, 23):
+        spectrogram, meta = reader[row]
+        expected = log_mel_of_file(tmp_path / "ingest" / by_id.loc[meta["id"], "audio_path"], params)
+        np.testing.assert_allclose(spectrogram.astype(np.float32), expected, atol=0.06)  # float16 rounding
+        assert meta["cough_detected"] == by_id.loc[meta["id"], "cough_detected"]
+        assert meta["group"] == by_id.loc[meta["id"], "datetime"]
+        assert spectrogram.shape == (128, meta["n_frames"])
+    index = json.loads((tmp_path / "features" / INDEX_NAME).read_text())
+    assert index["feature_parameters"]["mel_frequency_bins"] == 128 and index["rows"] == 24
+    assert (tmp_path / "features" / "config.yaml").exists()
+
+
+def test_a_rerun_skips_complete_shards_and_new_parameters_make_new_shards(coughvid_zip, config, tmp_path):
+    ingest(str(coughvid_zip), tmp_path / "ingest", config)
+    first = extract_features(tmp_path / "ingest", tmp_path / "features", config, workers=1)
+    stamps = {p: os.stat(p).st_mtime_ns for p in first.shards}
+    first.shards[1].unlink()  # as if killed before this shard was renamed into place
+    again = extract_features(tmp_path / "ingest", tmp_path / "features", config, workers=1)
+    assert again.skipped_shards == 2 and again.shards == first.shards
+    assert all(os.stat(p).st_mtime_ns == stamps[p] for p in (first.shards[0], first.shards[2]))
+    changed = load_resolved_config(HT_YAML, ["environment.seed=1", "features.shard_rows=8", "audio.mel_frequency_bins=64"])
+    other = extract_features(tmp_path / "ingest", tmp_path / "features", changed, workers=1)
+    assert other.skipped_shards == 0
+    assert other.shards[0].parent != first.shards[0].parent  # never a mix of parameters
+    assert SpectrogramShardReader(shard_paths(tmp_path / "features"))[0][0].shape[0] == 64
+    assert not list((tmp_path / "features").rglob("*.partial"))
+
+
+def test_a_corrupt_recording_is_reported_and_skipped(coughvid_zip, config, tmp_path):
+    ingest(str(coughvid_zip), tmp_path / "ingest", config)
+    manifest, _ = read_manifest(tmp_path / "ingest")
+    victim = manifest.iloc[3]
+    path = tmp_path / "ingest" / victim["audio_path"]
+    path.write_bytes(path.read_bytes()[:60])  # the header survives, the audio does not
+    result = extract_features(tmp_path / "ingest", tmp_path / "features", config, workers=1)
+    assert [f["id"] for f in result.failures] == [victim["id"]]
+    assert victim["audio_path"] in result.failures[0]["reason"]
+    assert result.rows == 23
+    report = json.loads((tmp_path / "features" / "features_report.json").read_text())
+    assert report["failures"][0]["id"] == victim["id"]
+
+
+def test_the_real_recordings_decode_and_featurize(config):
+    params = {**feature_parameters(config.audio), "max_seconds": 600.0}
+    paths = sorted(REAL_COUGHS.glob("*.mp3"))
+    assert len(paths) == 10
+    for path in paths:
+        samples = decode_audio(path, 48000)
+        log_mel = log_mel_of_file(path, params)
+        assert log_mel.shape == (128, samples.size // 512 + 1)
+        assert np.isfinite(log_mel).all()
+        assert log_mel.max() - np.median(log_mel) > 20  # a cough stands out of its background
+    real = log_mel_of_file(REAL_COUGHS / "coughvid_00039425-7f3a-42aa-ac13-834aaa2b6b92.mp3", params)
+    assert 900 <= real.shape[1] <= 925  # 9.8 s at hop 512
+
+
+def test_features_without_an_ingest_fail_clearly(config, tmp_path):
+    with pytest.raises(CoughPipelineError, match="no manifest; run the ingest step"):
+        extract_features(tmp_path / "nothing", tmp_path / "features", config)

@@ -1,0 +1,110 @@
+"""The generated COUGHVID-format data: real files, the real schema, the real label distribution."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import ks_2samp, spearmanr
+
+from coughreg.audio import decode_audio, probe_audio
+from coughreg.features import log_mel_of_file
+from coughreg.frontend import feature_parameters
+from coughreg.synth import COUGHVID_COLUMNS, LABEL_NOISE_SD, generate_coughvid_zip, noise_floor, posterior_median, sample_labels
+from tests.conftest import REAL_METADATA
+
+
+def _members(archive):
+    with zipfile.ZipFile(archive) as handle:
+        return {info.filename: handle.read(info) for info in handle.infolist()}
+
+
+def test_every_generated_recording_is_real_48k_mono_audio(coughvid_zip):
+    members = _members(coughvid_zip)
+    audio = {name: data for name, data in members.items() if name.endswith((".webm", ".ogg"))}
+    assert len(audio) == 24
+    assert all(name.startswith("public_dataset/") for name in members)  # nested as in the release
+    kinds = set()
+    for name, data in audio.items():
+        info = probe_audio(data)
+        samples = decode_audio(data, 48000)
+        assert info.sample_rate == 48000 and info.channels == 1
+        assert 1.0 - 0.05 <= info.duration_s <= 10.05
+        assert abs(samples.size / 48000 - info.duration_s) < 0.05
+        assert np.isfinite(samples).all() and 0.01 < np.abs(samples).max() <= 1.0
+        kinds.add((info.container, info.codec))
+        uid = name.split("/")[-1].rsplit(".", 1)[0]
+        sidecar = json.loads(members[f"public_dataset/{uid}.json"])
+        assert "cough_detected" in sidecar and "datetime" in sidecar
+    assert ("matroska", "opus") in kinds and (("ogg", "opus") in kinds or ("ogg", "vorbis") in kinds)
+
+
+def test_metadata_has_the_real_schema_and_many_days(coughvid_zip):
+    table = _members(coughvid_zip)["public_dataset/metadata_compiled.csv"].decode()
+    with open(REAL_METADATA, newline="") as handle:
+        real_columns = next(csv.reader(handle))
+    generated = pd.read_csv(io.StringIO(table), dtype=str, keep_default_na=False)
+    assert list(generated.columns) == real_columns == COUGHVID_COLUMNS
+    assert generated["uuid"].is_unique and len(generated) == 24
+    days = pd.to_datetime(generated["datetime"], format="ISO8601").dt.date
+    assert days.nunique() >= 8
+    assert generated["cough_detected"].astype(float).between(0, 1).all()
+
+
+def test_labels_follow_the_real_distribution():
+    real = pd.read_csv(REAL_METADATA)["cough_detected"].to_numpy()
+    generated = sample_labels(np.random.default_rng(3), 20_000)
+    assert ks_2samp(generated, real).statistic < 0.02
+    assert np.median(generated) == pytest.approx(np.median(real), abs=0.01)
+    assert np.quantile(generated, 0.25) == pytest.approx(np.quantile(real, 0.25), abs=0.02)
+
+
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(coughvid_zip, tmp_path):
+    again = generate_coughvid_zip(tmp_path / "again.zip", 24, seed=7, workers=1)
+    assert hashlib.sha256((tmp_path / "again.zip").read_bytes()).digest() == hashlib.sha256(coughvid_zip.read_bytes()).digest()
+    generate_coughvid_zip(tmp_path / "other.zip", 24, seed=8, workers=1)
+    assert (tmp_path / "other.zip").read_bytes() != coughvid_zip.read_bytes()
+    assert again["recordings"] == 24
+
+
+def test_cough_events_grow_with_the_label(coughvid_zip, tmp_path, config):
+    """High labels carry explosive broadband onsets: the sharpest one-frame rise in energy tracks the label."""
+    truth = pd.read_csv(coughvid_zip.with_suffix(".truth.csv"))
+    params = {**feature_parameters(config.audio), "max_seconds": 600.0}
+    members = _members(coughvid_zip)
+    onsets, labels = [], []
+    for row in truth.itertuples():
+        path = tmp_path / f"{row.uuid}.{row.container}"
+        path.write_bytes(members[f"public_dataset/{row.uuid}.{row.container}"])
+        log_mel = log_mel_of_file(path, params)
+        energy = 10 * np.log10(np.mean(10 ** (log_mel / 10), axis=0) + 1e-10)
+        onsets.append(np.max(np.diff(energy)))
+        labels.append(row.cough_detected)
+    assert spearmanr(onsets, labels).statistic > 0.6
+
+
+def test_the_noise_floor_is_the_bayes_error_of_the_label_noise():
+    floor = noise_floor()
+    assert 0.03 < floor < 0.08
+    rng = np.random.default_rng(11)
+    labels = sample_labels(rng, 50_000)
+    evidence = np.clip(labels + rng.normal(0, LABEL_NOISE_SD, labels.size), 0, 1)
+    best = np.mean(np.abs(labels - posterior_median(evidence)))
+    assert best == pytest.approx(floor, abs=0.003)
+    # No other simple predictor from the same evidence does better than the posterior median.
+    assert np.mean(np.abs(labels - evidence)) > best
+    assert np.mean(np.abs(labels - np.median(labels))) > 4 * best
+    assert np.all(np.diff(posterior_median(np.linspace(0, 1, 101))) >= 0)
+
+
+def test_the_generator_reports_its_floor(coughvid_zip):
+    report = json.loads(coughvid_zip.with_suffix(".generator.json").read_text())
+    assert report["noise_floor_mae_expected"] == pytest.approx(noise_floor(), abs=1e-4)
+    assert report["noise_floor_mae_realized"] < report["median_baseline_mae_realized"]
+    assert report["mapping_version"] == 1 and report["recordings"] == 24
