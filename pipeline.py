@@ -1,20 +1,81 @@
-"""Cough-audio regression on Kubeflow Pipelines: the command line (and, with the DAG, the pipeline).
+"""Cough-audio regression on Kubeflow Pipelines: the DAG (and, below it, the command line).
 
-Steps:
+Steps, each a container, artifacts passed through the pipeline root (S3 on a cluster):
     1. ingest    - a COUGHVID or Hydrogen Torch data set from S3 (zip or prefix) or disk
-                   -> manifest.parquet + the accepted recordings
+                   -> manifest.parquet + the accepted recordings + a data-quality report
     2. features  - recordings -> log-mel Parquet spectrogram shards
+    3. train     - group k-fold, timm backbone on one GPU -> weights, folds, validation predictions
+    4. evaluate  - metrics beside the mean/median baselines, HTML report
+    5. export    - the scoring pipeline (raw audio in) and this pipeline, compiled
 
 Usage:
-    python pipeline.py config [--config FILE] [--set section.key=value]...
-    python pipeline.py generate --out data.zip -n 200
-    python pipeline.py step ingest --input s3://bucket/coughvid.zip --out out/ingest
-    python pipeline.py step features --input out/ingest --out out/features
+    python pipeline.py compile -o pipeline.yaml [--config FILE] [--set section.key=value]...
+    python pipeline.py run-local [--data URI] [--config FILE] [--set section.key=value]...
+    python pipeline.py step {ingest,features,train,evaluate,export} ...
+    python pipeline.py demo | config | generate | score
 """
 
 import sys
+from pathlib import Path
+from typing import NamedTuple
 
-from coughreg.cli import main
+from kfp import compiler, dsl
+from kfp.dsl import HTML, Metrics, Model
+
+from components.evaluate import evaluate
+from components.export import export
+from components.features import features
+from components.ingest import ingest
+from components.train import train
+from coughreg.config import ExperimentConfig, config_to_yaml
+
+PIPELINE_NAME = "cough-regression"
+
+
+def build_pipeline(config: ExperimentConfig, source_uri: str = ""):
+    """The DAG for one config: the config travels as a parameter (its default is this config)."""
+    gpus = len(config.environment.gpus)
+
+    class Outputs(NamedTuple):
+        report: HTML
+        metrics: Metrics
+        scorer: Model
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Cough recordings in S3 -> log-mel shards -> timm regressor -> scorer")
+    def cough_regression(source_uri: str = source_uri, config_yaml: str = config_to_yaml(config)) -> Outputs:
+        ingest_task = ingest(source_uri=source_uri, config_yaml=config_yaml)
+        ingest_task.set_display_name("1. Ingest recordings")
+
+        features_task = features(dataset=ingest_task.outputs["dataset"], config_yaml=config_yaml)
+        features_task.set_display_name("2. Log-mel spectrogram shards")
+
+        train_task = train(spectrograms=features_task.outputs["spectrograms"], config_yaml=config_yaml)
+        train_task.set_display_name("3. Train (GPU)")
+        if gpus:
+            train_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+
+        evaluate_task = evaluate(
+            model=train_task.outputs["model"], spectrograms=features_task.outputs["spectrograms"], config_yaml=config_yaml
+        )
+        evaluate_task.set_display_name("4. Evaluate")
+
+        export_task = export(model=train_task.outputs["model"], config_yaml=config_yaml)
+        export_task.set_display_name("5. Export scorer and pipeline")
+
+        return Outputs(
+            report=evaluate_task.outputs["report"], metrics=evaluate_task.outputs["metrics"], scorer=export_task.outputs["scorer"]
+        )
+
+    return cough_regression
+
+
+def compile_pipeline(path: str | Path, config: ExperimentConfig, source_uri: str = "") -> Path:
+    """Compile the DAG for this config to KFP IR YAML."""
+    compiler.Compiler().compile(build_pipeline(config, source_uri), str(path))
+    return Path(path)
+
 
 if __name__ == "__main__":
+    from coughreg.cli import main
+
     sys.exit(main())

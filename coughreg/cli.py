@@ -74,6 +74,77 @@ def cmd_step_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_step_train(args: argparse.Namespace) -> int:
+    from coughreg.train import train
+
+    result = train(args.input, args.out, _config(args))
+    print(f"model: {args.out} ({len(result.members)} model(s)); validation predictions: {result.predictions_path}")
+    return 0
+
+
+def cmd_step_evaluate(args: argparse.Namespace) -> int:
+    from coughreg.evaluate import evaluate
+
+    result = evaluate(args.model, args.features, args.out, _config(args))
+    _print_summary(result.metrics, result.report_path, result.metrics_path, None)
+    return 0
+
+
+def cmd_step_export(args: argparse.Namespace) -> int:
+    from coughreg.export import export
+
+    result = export(args.model, args.out, _config(args))
+    print(f"scorer: {result.scorer_dir}\npipeline: {result.pipeline_path}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from coughreg.export import load_pipeline_module
+
+    path = load_pipeline_module().compile_pipeline(args.output, _config(args), args.data or "")
+    print(f"compiled pipeline: {path}")
+    return 0
+
+
+def _print_summary(metrics: dict, report, metrics_path, scorer) -> None:
+    print()
+    print(f"validation {metrics['metric']}: {metrics['metric_value']:.4f}")
+    print(f"validation MAE:          {metrics['validation_mae']:.4f}")
+    print(f"median-baseline MAE:     {metrics['baseline_median_mae']:.4f}")
+    print(f"mean-baseline MAE:       {metrics['baseline_mean_mae']:.4f}")
+    print(f"report:  {Path(report).resolve()}")
+    print(f"metrics: {Path(metrics_path).resolve()}")
+    if scorer is not None:
+        print(f"scorer:  {Path(scorer).resolve()}")
+
+
+def cmd_run_local(args: argparse.Namespace) -> int:
+    from coughreg.local_run import run_local
+
+    if not args.data:
+        raise CoughPipelineError("run-local needs --data (s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder); `make demo` runs it on generated data")
+    result = run_local(args.data, _config(args), args.out)
+    print(f"\nwhole pipeline through kfp.local in {result.seconds:.0f} s")
+    _print_summary(result.values, result.report, result.metrics, result.scorer)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from coughreg.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from coughreg.score import load_scorer
+
+    table = load_scorer(args.scorer).score_files(args.files)
+    if args.out:
+        table.to_csv(args.out, index=False)
+    print(table.to_csv(index=False), end="")
+    return 0 if (table["status"] == "ok").all() else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline.py", description="Cough-audio regression pipeline (KFP v2).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -108,6 +179,51 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--workers", type=int, default=None)
     _add_config_options(features)
     features.set_defaults(func=cmd_step_features)
+
+    train = steps.add_parser("train", help="spectrogram shards -> trained model(s) and validation predictions")
+    train.add_argument("--input", type=Path, required=True, help="the features step's output folder")
+    train.add_argument("--out", type=Path, required=True)
+    _add_config_options(train)
+    train.set_defaults(func=cmd_step_train)
+
+    evaluate = steps.add_parser("evaluate", help="validation predictions -> metrics and the HTML report")
+    evaluate.add_argument("--model", type=Path, required=True, help="the train step's output folder")
+    evaluate.add_argument("--features", type=Path, required=True, help="the features step's output folder")
+    evaluate.add_argument("--out", type=Path, required=True)
+    _add_config_options(evaluate)
+    evaluate.set_defaults(func=cmd_step_evaluate)
+
+    export = steps.add_parser("export", help="trained model -> scorer folder and compiled pipeline")
+    export.add_argument("--model", type=Path, required=True, help="the train step's output folder")
+    export.add_argument("--out", type=Path, required=True)
+    _add_config_options(export)
+    export.set_defaults(func=cmd_step_export)
+
+    compile_ = commands.add_parser("compile", help="compile the DAG to KFP IR YAML")
+    compile_.add_argument("-o", "--output", type=Path, required=True)
+    compile_.add_argument("--data", default=None, help="default value of the source_uri parameter")
+    _add_config_options(compile_)
+    compile_.set_defaults(func=cmd_compile)
+
+    run_local = commands.add_parser("run-local", help="run the whole DAG through kfp.local")
+    run_local.add_argument("--data", default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
+    run_local.add_argument("--out", type=Path, default=Path("out"), help="where the run's artifacts go (default: out/)")
+    _add_config_options(run_local)
+    run_local.set_defaults(func=cmd_run_local)
+
+    demo = commands.add_parser("demo", help="generate data, serve it from a local S3 endpoint, run the whole DAG")
+    demo.add_argument("-n", type=int, default=800, help="recordings to generate")
+    demo.add_argument("--seed", type=int, default=2021)
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument("--config", type=Path, default=None, help="default: configs/demo.yaml")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    demo.set_defaults(func=cmd_demo)
+
+    score = commands.add_parser("score", help="score recordings with an exported scorer")
+    score.add_argument("--scorer", type=Path, required=True, help="the export step's scorer folder")
+    score.add_argument("--out", type=Path, default=None, help="also write the scores as CSV")
+    score.add_argument("files", nargs="+", type=Path)
+    score.set_defaults(func=cmd_score)
     return parser
 
 

@@ -84,13 +84,16 @@ class SpectrogramNormalizer(nn.Module):
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
-    def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
-        # (batch, ..., mels, frames) -> same shape
+    def forward(self, log_mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # (batch, mels, frames), mask (batch, 1, frames) of real frames -> (batch, mels, frames)
         if self.mode == "Clip":
-            dims = tuple(range(1, log_mel.dim()))
-            mean = log_mel.mean(dim=dims, keepdim=True)
-            std = log_mel.std(dim=dims, keepdim=True).clamp(min=1e-3)
-            return (log_mel - mean) / std
+            if mask is None:
+                mask = torch.ones_like(log_mel[:, :1, :], dtype=torch.bool)
+            weight = mask.to(log_mel.dtype).expand_as(log_mel)
+            count = weight.sum(dim=(1, 2), keepdim=True).clamp(min=1)
+            mean = (log_mel * weight).sum(dim=(1, 2), keepdim=True) / count
+            var = (((log_mel - mean) * weight) ** 2).sum(dim=(1, 2), keepdim=True) / count
+            return (log_mel - mean) / var.sqrt().clamp(min=1e-3)
         if self.mode == "Dataset":
             return (log_mel - self.mean) / self.std.clamp(min=1e-3)
         return log_mel

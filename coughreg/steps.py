@@ -52,3 +52,35 @@ def run_features_step(ingest_dir: str, config_yaml: str, out_dir: str, metrics: 
     log_metrics(metrics, {"spectrograms": report["rows"], "failed_recordings": len(report["failures"]),
                           "audio_hours": report["audio_seconds"] / 3600})
     return report
+
+
+def run_train_step(features_dir: str, config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
+    from coughreg.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = train(Path(features_dir), Path(out_dir), config_from_text(config_yaml))
+    last = {k: v for k, v in result.history[-1].items() if k not in ("fold", "seed", "epoch")} if result.history else {}
+    log_metrics(metrics, {"members": len(result.members), **last})
+    return last
+
+
+def run_evaluate_step(model_dir: str, features_dir: str, config_yaml: str, out_dir: str, report_path: str | None = None,
+                      metrics: Any = None) -> dict:
+    import shutil
+
+    from coughreg.evaluate import evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = evaluate(Path(model_dir), Path(features_dir), Path(out_dir), config_from_text(config_yaml))
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.report_path, report_path)
+    log_metrics(metrics, result.metrics)
+    return result.metrics
+
+
+def run_export_step(model_dir: str, config_yaml: str, out_dir: str) -> str:
+    from coughreg.export import export
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return str(export(Path(model_dir), Path(out_dir), config_from_text(config_yaml)).scorer_dir)

@@ -206,6 +206,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are read by other users and pods
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_UMASK)  # writers that recreate the file (safetensors) reset the mode
         os.replace(tmp, target)
     finally:
         if tmp.exists():

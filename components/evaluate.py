@@ -1,0 +1,21 @@
+"""KFP component for step 4: metrics beside baselines and the HTML report (see ``coughreg.evaluate``)."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from coughreg.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def evaluate(
+    model: Input[Model],
+    spectrograms: Input[Dataset],
+    config_yaml: str,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    evaluation: Output[Dataset],
+):
+    """Validation MAE, RMSE and R² beside the mean and median baselines; predicted-vs-true report."""
+    from coughreg.steps import run_evaluate_step
+
+    run_evaluate_step(model.path, spectrograms.path, config_yaml, evaluation.path, report.path, metrics)
