@@ -27,7 +27,7 @@ from components.export import export
 from components.features import features
 from components.ingest import ingest
 from components.train import train
-from coughreg.config import ExperimentConfig, config_to_yaml
+from coughreg.config import ExperimentConfig, config_to_parameter
 
 PIPELINE_NAME = "cough-regression"
 
@@ -42,7 +42,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = ""):
         scorer: Model
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Cough recordings in S3 -> log-mel shards -> timm regressor -> scorer")
-    def cough_regression(source_uri: str = source_uri, config_yaml: str = config_to_yaml(config)) -> Outputs:
+    def cough_regression(source_uri: str = source_uri, config_yaml: str = config_to_parameter(config)) -> Outputs:
         ingest_task = ingest(source_uri=source_uri, config_yaml=config_yaml)
         ingest_task.set_display_name("1. Ingest recordings")
 

@@ -12,6 +12,7 @@ config is saved as ``config.yaml`` beside every artifact and loads back through 
 from __future__ import annotations
 
 import copy
+import json
 import difflib
 import logging
 import secrets
@@ -438,6 +439,11 @@ def load_resolved_config(path: str | Path | None = None, overrides: list[str] | 
 
 def config_to_yaml(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def config_to_parameter(config: ExperimentConfig) -> str:
+    """The config as one line of JSON (which is YAML): a KFP parameter value that survives every header and UI."""
+    return json.dumps(config.to_dict(), separators=(",", ":"))
 
 
 def save_config(config: ExperimentConfig, folder: str | Path) -> Path:

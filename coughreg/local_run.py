@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coughreg.config import ExperimentConfig, config_to_yaml
+from coughreg.config import ExperimentConfig, config_to_parameter
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ def run_local(source_uri: str, config: ExperimentConfig, out_dir: str | Path) ->
     started = time.perf_counter()
     pipeline = load_pipeline_module().build_pipeline(config, source_uri)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline-root"), raise_on_error=True)
-    run = pipeline(source_uri=source_uri, config_yaml=config_to_yaml(config))
+    run = pipeline(source_uri=source_uri, config_yaml=config_to_parameter(config))
     report = Path(run.outputs["report"].path)
     metrics_artifact = run.outputs["metrics"]
     scorer = Path(run.outputs["scorer"].path)
-    metrics_file = report.parent.parent / "evaluation" / "metrics.json"
+    metrics_file = report.parent / "evaluation" / "metrics.json"  # the evaluate task's folder
     values = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(metrics_artifact.metadata)
     return LocalRunResult(report, metrics_file, scorer, values, time.perf_counter() - started)

@@ -49,9 +49,11 @@ class TrainResult:
 
 
 def assign_folds(groups: pd.Series, n_folds: int, seed: int) -> np.ndarray:
-    """Group k-fold: every group in exactly one fold, groups shuffled by the seed."""
-    from sklearn.model_selection import GroupKFold
+    """Group k-fold: every group in exactly one fold, folds as equal in size as the groups allow.
 
+    Groups are shuffled by the seed, then placed largest first into the currently smallest fold
+    (ties keep the shuffled order), so the split is balanced and deterministic for a seed.
+    """
     codes, _ = pd.factorize(groups.astype(str))
     n_groups = int(codes.max()) + 1 if len(codes) else 0
     if n_groups < n_folds:
@@ -59,11 +61,16 @@ def assign_folds(groups: pd.Series, n_folds: int, seed: int) -> np.ndarray:
             f"dataset.group_fold_column: {n_groups} distinct groups cannot fill {n_folds} folds "
             f"(validation_size); use fewer folds or another group column"
         )
-    folds = np.full(len(groups), -1, dtype=np.int64)
-    splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed % 2**32)
-    for fold, (_, validation) in enumerate(splitter.split(np.zeros(len(codes)), groups=codes)):
-        folds[validation] = fold
-    return folds
+    sizes = np.bincount(codes, minlength=n_groups)
+    shuffled = np.random.default_rng(seed).permutation(n_groups)
+    order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
+    fold_of_group = np.empty(n_groups, dtype=np.int64)
+    load = np.zeros(n_folds, dtype=np.int64)
+    for group in order:
+        fold = int(np.argmin(load))
+        fold_of_group[group] = fold
+        load[fold] += sizes[group]
+    return fold_of_group[codes]
 
 
 def selected_folds(config: ExperimentConfig) -> list[int]:

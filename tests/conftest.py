@@ -76,3 +76,31 @@ def coughvid_zip(tmp_path_factory) -> Path:
 def config():
     """The user's Hydrogen Torch config, resolved, with a fixed seed and small shards."""
     return load_resolved_config(HT_YAML, ["environment.seed=1234", "features.shard_rows=8", "features.row_group_rows=4"])
+
+
+TINY = [
+    "environment.seed=1234", "architecture.backbone=test_efficientnet", "architecture.pretrained=false",
+    "training.epochs=2", "training.batch_size=4", "dataset.data_sample=1.0", "environment.number_of_workers=0",
+    "features.shard_rows=8", "features.row_group_rows=4", "logging.number_of_audios=3",
+]
+
+
+@pytest.fixture
+def tiny_config():
+    """The user's HT config shrunk the way a test needs: a tiny backbone, two epochs, small batches."""
+    return load_resolved_config(HT_YAML, TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(coughvid_zip, tmp_path_factory):
+    """ingest -> features -> train on the generated fixture, once per session (plain Python, no KFP)."""
+    from coughreg.features import extract_features
+    from coughreg.ingest import ingest
+    from coughreg.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    config = load_resolved_config(HT_YAML, TINY)
+    ingest(str(coughvid_zip), root / "ingest", config)
+    extract_features(root / "ingest", root / "features", config, workers=2)
+    train(root / "features", root / "model", config)
+    return {"root": root, "config": config, "ingest": root / "ingest", "features": root / "features", "model": root / "model"}

@@ -13,7 +13,7 @@ from kfp import compiler, dsl, local
 
 from components.features import features
 from components.ingest import ingest
-from coughreg.config import config_to_yaml
+from coughreg.config import config_to_parameter
 from coughreg.features import shard_paths
 from coughreg.images import CPU_IMAGE
 from coughreg.ingest import read_manifest
@@ -40,7 +40,7 @@ def test_the_components_compile_on_the_project_image(tmp_path):
 def test_ingest_and_features_run_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, config, tmp_path):
     s3_env.client().upload_file(str(coughvid_zip), bucket, "coughvid.zip")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    run = _first_two_steps(source_uri=f"s3://{bucket}/coughvid.zip", config_yaml=config_to_yaml(config))
+    run = _first_two_steps(source_uri=f"s3://{bucket}/coughvid.zip", config_yaml=config_to_parameter(config))
     del run
     (ingest_dir,) = list((tmp_path / "root").glob("*/ingest/dataset"))
     (features_dir,) = list((tmp_path / "root").glob("*/features/spectrograms"))

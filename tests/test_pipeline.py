@@ -1,0 +1,92 @@
+"""The DAG: it compiles with its five tasks, edges and GPU request, and runs end to end through kfp.local.
+
+No `from __future__ import annotations` here: KFP reads real annotations.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from coughreg.config import load_config, load_resolved_config
+from coughreg.local_run import run_local
+from coughreg.score import load_scorer
+from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
+    done = subprocess.run(
+        [sys.executable, "pipeline.py", "compile", "-o", str(path), "--set", "environment.seed=9"],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(path.read_text())
+
+
+def _producers(task: dict) -> set[str]:
+    artifacts = task.get("inputs", {}).get("artifacts", {})
+    return {a["taskOutputArtifact"]["producerTask"] for a in artifacts.values()}
+
+
+def test_five_tasks_wired_in_order(compiled):
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert set(tasks) == {"ingest", "features", "train", "evaluate", "export"}
+    assert _producers(tasks["ingest"]) == set()
+    assert _producers(tasks["features"]) == {"ingest"}
+    assert _producers(tasks["train"]) == {"features"}
+    assert _producers(tasks["evaluate"]) == {"train", "features"}
+    assert _producers(tasks["export"]) == {"train"}
+    names = {name: task["taskInfo"]["name"] for name, task in tasks.items()}
+    assert names["train"] == "3. Train (GPU)" and names["ingest"] == "1. Ingest recordings"
+
+
+def test_train_requests_one_nvidia_gpu(compiled):
+    executor = compiled["deploymentSpec"]["executors"]["exec-train"]["container"]
+    accelerator = executor["resources"]["accelerator"]
+    assert accelerator.get("resourceType", accelerator.get("type")) == "nvidia.com/gpu"
+    assert str(accelerator.get("resourceCount", accelerator.get("count"))) == "1"
+    others = [e for name, e in compiled["deploymentSpec"]["executors"].items() if name != "exec-train"]
+    assert all("accelerator" not in e["container"].get("resources", {}) for e in others)
+
+
+def test_the_config_travels_as_a_parameter(compiled):
+    parameters = compiled["root"]["inputDefinitions"]["parameters"]
+    assert set(parameters) == {"source_uri", "config_yaml"}
+    config = yaml.safe_load(parameters["config_yaml"]["defaultValue"])
+    assert config["environment"]["seed"] == 9 and config["architecture"]["backbone"] == "resnet50"
+    outputs = compiled["root"]["outputDefinitions"]["artifacts"]
+    assert set(outputs) == {"report", "metrics", "scorer"}
+
+
+def test_no_gpus_means_no_request(tmp_path):
+    from coughreg.export import load_pipeline_module
+
+    path = load_pipeline_module().compile_pipeline(tmp_path / "cpu.yaml", load_resolved_config(HT_YAML, ["environment.gpus=[]"]))
+    spec = yaml.safe_load(path.read_text())
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"].get("resources", {})
+
+
+@pytest.mark.slow
+def test_the_whole_dag_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, tmp_path):
+    s3_env.client().upload_file(str(coughvid_zip), bucket, "ht/covid19-cough-audio-classification.zip")
+    config = load_resolved_config(HT_YAML, TINY)
+    result = run_local(f"s3://{bucket}/ht/covid19-cough-audio-classification.zip", config, tmp_path / "run")
+
+    metrics = json.loads(result.metrics.read_text())
+    assert metrics["validation_rows"] >= 4 and np.isfinite(metrics["validation_mae"])
+    assert {"baseline_median_mae", "baseline_mean_mae", "validation_rmse", "validation_r2"} <= set(metrics)
+    page = result.report.read_text()
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
+
+    assert (result.scorer / "pipeline.yaml").exists()
+    scorer = load_scorer(result.scorer, device="cpu")
+    table = scorer.score_files(sorted(REAL_COUGHS.glob("*.mp3")))
+    assert len(table) == 10 and (table["status"] == "ok").all()
+    assert table["cough_detected"].between(0, 1).all() and np.isfinite(table["cough_detected"]).all()
+    saved = load_config(result.scorer / "config.yaml")
+    assert saved.environment.seed == 1234

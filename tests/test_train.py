@@ -1,0 +1,145 @@
+"""Training: group folds, the optimisation factories, a real (tiny) run, reproducibility."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from coughreg.config import load_resolved_config
+from coughreg.errors import CoughPipelineError
+from coughreg.model import create_model
+from coughreg.train import (
+    LengthBucketBatchSampler,
+    assign_folds,
+    create_loss,
+    create_optimizer,
+    create_scheduler,
+    load_members,
+    selected_folds,
+    train,
+)
+from tests.conftest import HT_YAML, REAL_METADATA, TINY
+
+
+def test_group_folds_on_the_real_metadata():
+    metadata = pd.read_csv(REAL_METADATA, usecols=["uuid", "datetime"])
+    day = metadata["datetime"].str[:10]  # the raw datetime is unique per recording: group on the day
+    folds = assign_folds(day, 5, seed=42)
+    assert set(folds) == {0, 1, 2, 3, 4}
+    assert pd.DataFrame({"day": day, "fold": folds}).groupby("day")["fold"].nunique().max() == 1
+    sizes = np.bincount(folds)
+    assert sizes.min() > 0.5 * sizes.max()
+    np.testing.assert_array_equal(folds, assign_folds(day, 5, seed=42))
+    assert not np.array_equal(folds, assign_folds(day, 5, seed=43))
+
+
+def test_too_few_groups_is_a_clear_error():
+    with pytest.raises(CoughPipelineError, match="3 distinct groups cannot fill 5 folds"):
+        assign_folds(pd.Series(["a", "b", "c", "a"]), 5, seed=0)
+
+
+def test_selected_folds_minus_one_means_all():
+    assert selected_folds(load_resolved_config(HT_YAML, ["dataset.selected_folds=[-1]"])) == [0, 1, 2, 3, 4]
+    assert selected_folds(load_resolved_config(HT_YAML, ["dataset.selected_folds=['2', '0']"])) == [0, 2]
+
+
+def test_schedules_with_warmup():
+    config = load_resolved_config(HT_YAML, ["training.epochs=4", "training.warmup_epochs=1", "training.learning_rate=1.0"])
+    model = torch.nn.Linear(2, 1)
+    optimizer = create_optimizer(model, config)
+    scheduler = create_scheduler(optimizer, config, steps_per_epoch=10)
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)  # linear warm-up
+    assert rates[10] == pytest.approx(1.0) and rates[25] == pytest.approx(0.5, abs=0.06) and rates[39] < 0.01  # cosine
+
+
+def test_differential_learning_rate_for_listed_layers():
+    config = load_resolved_config(HT_YAML, [*TINY, "training.differential_learning_rate_layers=[backbone]",
+                                            "training.differential_learning_rate=0.0001"])
+    model = create_model(config)
+    optimizer = create_optimizer(model, config)
+    rates = sorted(group["lr"] for group in optimizer.param_groups)
+    assert rates == [0.0001, 0.01]
+    backbone = {id(p) for p in model.backbone.parameters()}
+    slow = next(g for g in optimizer.param_groups if g["lr"] == 0.0001)
+    assert {id(p) for p in slow["params"]} == backbone
+    with pytest.raises(CoughPipelineError, match="match no parameter"):
+        create_optimizer(model, load_resolved_config(HT_YAML, [*TINY, "training.differential_learning_rate_layers=[nope]"]))
+
+
+@pytest.mark.parametrize("name", ["MAE", "MSE", "RMSE", "Huber"])
+def test_losses(name):
+    loss = create_loss(name)(torch.tensor([[0.2], [0.9]]), torch.tensor([[0.0], [1.0]]))
+    expected = {"MAE": 0.15, "MSE": 0.025, "RMSE": 0.025**0.5, "Huber": (0.1 * (0.2 - 0.05) + 0.5 * 0.1**2) / 2}
+    assert float(loss) == pytest.approx(expected[name], rel=1e-3)
+
+
+def test_length_buckets_cover_every_row_once():
+    lengths = np.random.default_rng(0).integers(10, 900, size=103)
+    sampler = LengthBucketBatchSampler(lengths, 8, train=True, drop_last=False, seed=1, pool_batches=4)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches if len(b) == 8])
+    assert spread < 0.5 * np.ptp(lengths)  # similar lengths together: little padding
+    sampler.epoch = 1
+    assert [b for b in sampler] != batches  # a new order every epoch
+    dropped = LengthBucketBatchSampler(lengths, 8, train=True, drop_last=True, seed=1)
+    assert all(len(b) == 8 for b in dropped)
+
+
+def test_a_tiny_training_run(tiny_run):
+    model_dir = tiny_run["model"]
+    info = json.loads((model_dir / "model.json").read_text())
+    assert info["backbone"] == "test_efficientnet" and len(info["members"]) == 1
+    assert (model_dir / info["members"][0]["weights"]).exists()
+    predictions = pd.read_parquet(model_dir / "predictions.parquet")
+    folds = pd.read_parquet(model_dir / "folds.parquet")
+    assert len(folds) == 24 and set(folds["fold"]) == {0, 1, 2, 3, 4}
+    assert set(predictions["id"]) == set(folds.loc[folds["fold"] == 0, "id"])
+    assert predictions["pred_cough_detected"].between(0, 1).all()
+    history = json.loads((model_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and np.isfinite(history[-1]["validation_mae"])
+    assert "seed: 1234" in (model_dir / "config.yaml").read_text()
+    members = load_members(model_dir, tiny_run["config"])
+    assert len(members) == 1 and not members[0].training
+
+
+def test_the_same_seed_gives_the_same_model(tiny_run, tmp_path):
+    again = train(tiny_run["features"], tmp_path / "again", tiny_run["config"])
+    first = pd.read_parquet(tiny_run["model"] / "predictions.parquet")
+    second = pd.read_parquet(again.predictions_path)
+    np.testing.assert_allclose(first["pred_cough_detected"], second["pred_cough_detected"], atol=1e-6)
+
+
+def test_pretrained_weights_absent_is_a_clear_error(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=1"])
+    with pytest.raises(CoughPipelineError, match="no weights for 'test_efficientnet' were found.*pretrained_weights"):
+        train(tiny_run["features"], tmp_path / "model", config)
+
+
+def test_pretrained_weights_from_a_file(tiny_run, tmp_path):
+    """A three-channel checkpoint (as timm ships them) loads into the one-channel backbone."""
+    import timm
+    from safetensors.torch import save_file
+
+    rgb = timm.create_model("test_efficientnet", pretrained=False, in_chans=3, num_classes=1000)
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    config = load_resolved_config(
+        HT_YAML, [*TINY, "architecture.pretrained=true", f"architecture.pretrained_weights={tmp_path / 'weights.safetensors'}",
+                  "training.epochs=0"],
+    )
+    result = train(tiny_run["features"], tmp_path / "model", config)
+    assert result.members[0]["pretrained_from"] == str(tmp_path / "weights.safetensors")
+    stem = next(k for k in rgb.state_dict() if k.endswith("conv_stem.weight"))
+    trained = load_members(tmp_path / "model", config)[0].backbone.state_dict()[stem]
+    torch.testing.assert_close(trained, rgb.state_dict()[stem].sum(dim=1, keepdim=True))
