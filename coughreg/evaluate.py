@@ -23,7 +23,6 @@ from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import CoughPipelineError
 from coughreg.features import shard_paths
 from coughreg.metrics import metric_value, regression_metrics
-from coughreg.model import PAD_DB
 from coughreg.shards import SpectrogramShardReader
 from coughreg.storage import atomic_write_text
 from coughreg.train import HISTORY, MODEL_INFO, PREDICTIONS, load_members
@@ -76,12 +75,17 @@ def compute_metrics(predictions: pd.DataFrame, info: dict, config: ExperimentCon
 
 
 def _occlusion(regressors, spectrogram: np.ndarray, segments: int = 24) -> tuple[np.ndarray, float]:
-    """Prediction change when each slice of time is silenced: (segments,) and the clip's prediction."""
+    """Prediction drop when each slice of time is replaced by the clip's background: (segments,), prediction.
+
+    The fill is each mel band's median over the clip (its steady background), not digital silence:
+    a hole of silence would itself create sharp edges that look like sound events.
+    """
     frames = spectrogram.shape[1]
     edges = np.linspace(0, frames, min(segments, frames) + 1).astype(int)
+    background = np.median(spectrogram, axis=1, keepdims=True).astype(np.float32)  # (mels, 1)
     batch = np.repeat(spectrogram[None].astype(np.float32), len(edges), axis=0)  # row 0: the clip as is
     for k in range(len(edges) - 1):
-        batch[k + 1, :, edges[k] : edges[k + 1]] = PAD_DB
+        batch[k + 1, :, edges[k] : edges[k + 1]] = background
     with torch.inference_mode():
         x = torch.from_numpy(batch)
         predictions = torch.stack([r(x) for r in regressors]).mean(dim=0)[:, 0].numpy()
@@ -160,13 +164,13 @@ def build_report(predictions, metrics, history, info, config, features_dir, mode
                 twin.step(times[:-1], importance, where="post", color="cyan", lw=1.5)
                 twin.axhline(0, color="cyan", lw=0.5, ls=":")
                 twin.set_ylabel("Δ prediction", color="cyan")
-                title += " (cyan: how much the prediction drops when that time is silenced)"
+                title += " (cyan: prediction drop when that time is replaced by background)"
             axis.set(title=title, xlabel="seconds", ylabel="mel band")
         figure.tight_layout()
         note = (
             "<p class='note'>The recordings with the largest errors first, then a spread over the validation set. "
-            "Interpretation by occlusion: each slice of time is replaced by silence and the change of the "
-            "prediction is drawn; a cough the model relies on shows as a peak.</p>"
+            "Interpretation by occlusion: each slice of time is replaced by the clip's background (each mel band's "
+            "median) and the drop of the prediction is drawn; a cough the model relies on shows as a peak.</p>"
         )
         sections.append((f"Recordings ({count}, logging.number_of_audios)", note + report.figure_to_img(figure, "spectrograms")))
 

@@ -39,4 +39,5 @@ def run_local(source_uri: str, config: ExperimentConfig, out_dir: str | Path) ->
     scorer = Path(run.outputs["scorer"].path)
     metrics_file = report.parent / "evaluation" / "metrics.json"  # the evaluate task's folder
     values = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(metrics_artifact.metadata)
-    return LocalRunResult(report, metrics_file, scorer, values, time.perf_counter() - started)
+    html_copy = report.parent / "evaluation" / "report.html"  # the same page, with a name browsers open
+    return LocalRunResult(html_copy if html_copy.exists() else report, metrics_file, scorer, values, time.perf_counter() - started)
