@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from coughreg.audio import is_audio_name, probe_audio
 from coughreg.config import ExperimentConfig, save_config
+from coughreg.quality import QUALITY_HTML, quality_page, quality_summary
 from coughreg.errors import AudioDecodeError, CoughPipelineError, StorageError
 from coughreg.sources import DataSource, SourceLimits, open_source, safe_relative_name
 from coughreg.storage import S3Options, atomic_path, atomic_write_text
@@ -247,7 +248,9 @@ def ingest(
         "reasons": dict(reasons.most_common()),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=2))
+    report["quality"] = quality_summary(frame, config.dataset.label_columns, (config.ingest.label_min, config.ingest.label_max))
+    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=2, default=str))
+    atomic_write_text(out_dir / QUALITY_HTML, quality_page(report["quality"], report))
     save_config(config, out_dir)
     if counts.get("ok", 0) == 0:
         raise CoughPipelineError(f"{source.uri}: no usable recordings (reasons: {dict(reasons.most_common(5))})")
@@ -296,7 +299,8 @@ def _build_manifest(source: DataSource, layout: Layout, config: ExperimentConfig
         folder = layout.data_folders[split]
         by_stem: dict[str, list[str]] = {}
         if layout.audio_column is None:
-            for name in audio_names:
+            # Refused members still match their id, so the row says why ("symbolic link", ...).
+            for name in audio_names + sorted(n for n in source.refused if is_audio_name(n)):
                 if posixpath.dirname(name) == folder:
                     by_stem.setdefault(posixpath.splitext(posixpath.basename(name))[0], []).append(name)
         for number, record in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
@@ -359,8 +363,9 @@ def _build_manifest(source: DataSource, layout: Layout, config: ExperimentConfig
 
     for name in audio_names:
         if name not in claimed:
-            manifest.add(id=posixpath.splitext(posixpath.basename(name))[0], source_name=name, split="",
-                         status="rejected", reason=REASON_NO_METADATA)
+            # The id a metadata row would have used: the uuid (COUGHVID) or the path (Hydrogen Torch).
+            orphan_id = posixpath.splitext(posixpath.basename(name))[0] if layout.audio_column is None else name
+            manifest.add(id=orphan_id, source_name=name, split="", status="rejected", reason=REASON_NO_METADATA)
     for name, reason in source.refused.items():
         if name not in claimed and not any(r["source_name"] == name for r in manifest.rows):
             manifest.add(id=posixpath.basename(name), source_name=name, split="", status="rejected", reason=reason)

@@ -102,7 +102,10 @@ class ZipSource(DataSource):
                     f"compression ratio {member.file_size / member.compress_size:.0f} above the limit "
                     f"{limits.max_compression_ratio:.0f} (possible zip bomb)"
                 )
-            elif name in self._members:
+            elif name in self._members or self.refused.get(name) == "duplicate name in archive":
+                # Two members, one name: neither can be trusted to be the one the metadata means.
+                self._members.pop(name, None)
+                self.sizes.pop(name, None)
                 self.refused[name] = "duplicate name in archive"
             else:
                 self._members[name] = member

@@ -32,14 +32,33 @@ def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
             metrics.log_metric(key, float(value))
 
 
-def run_ingest_step(source_uri: str, config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
+def _copy_html(source: Path, target: str | None) -> None:
+    import shutil
+
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+def run_ingest_step(source_uri: str, config_yaml: str, out_dir: str, metrics: Any = None, html_path: str | None = None) -> dict:
+    from coughreg.errors import CoughPipelineError
     from coughreg.ingest import REPORT_NAME, ingest
+    from coughreg.quality import QUALITY_HTML
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ingest(source_uri, Path(out_dir), config_from_text(config_yaml))
-    report = json.loads((Path(out_dir) / REPORT_NAME).read_text())
+    try:
+        ingest(source_uri, Path(out_dir), config_from_text(config_yaml))
+    finally:  # a failed ingest still shows its data-quality report
+        if (Path(out_dir) / QUALITY_HTML).exists():
+            _copy_html(Path(out_dir) / QUALITY_HTML, html_path)
+    report_path = Path(out_dir) / REPORT_NAME
+    if not report_path.exists():
+        raise CoughPipelineError(f"{report_path}: the ingest wrote no report")
+    report = json.loads(report_path.read_text())
     log_metrics(metrics, {"recordings_ok": report["ok"], "recordings_rejected": report["rejected"],
-                          "metadata_rows_without_recording": report["metadata_rows_without_recording"]})
+                          "metadata_rows_without_recording": report["metadata_rows_without_recording"],
+                          "unusable_fraction_of_present": report["unusable_fraction_of_present"],
+                          "audio_hours": report["quality"]["duration_s"]["total_hours"]})
     return report
 
 
@@ -66,15 +85,11 @@ def run_train_step(features_dir: str, config_yaml: str, out_dir: str, metrics: A
 
 def run_evaluate_step(model_dir: str, features_dir: str, config_yaml: str, out_dir: str, report_path: str | None = None,
                       metrics: Any = None) -> dict:
-    import shutil
-
     from coughreg.evaluate import evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = evaluate(Path(model_dir), Path(features_dir), Path(out_dir), config_from_text(config_yaml))
-    if report_path:
-        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(result.report_path, report_path)
+    _copy_html(result.report_path, report_path)
     log_metrics(metrics, result.metrics)
     return result.metrics
 

@@ -56,6 +56,9 @@ def parse_s3_uri(uri: str) -> S3Location:
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise StorageError(f"{uri}: not an s3://bucket/key URI")
+    if "@" in parsed.netloc:  # never echo what looks like a secret
+        redacted = f"s3://***@{parsed.netloc.rsplit('@', 1)[1]}{parsed.path}"
+        raise StorageError(f"{redacted}: credentials in the URI are not accepted; use the AWS_* variables or a profile")
     return S3Location(parsed.netloc, parsed.path.lstrip("/"))
 
 

@@ -49,6 +49,33 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
+@pytest.fixture(scope="session")
+def public_s3():
+    """A second S3 endpoint, in its own process, that serves anyone: a public bucket's view."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from coughreg.local_s3 import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
 @pytest.fixture
 def bucket(s3_server) -> str:
     name = f"coughs-{next(_bucket_numbers):03d}"

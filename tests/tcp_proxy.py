@@ -25,6 +25,7 @@ class FaultProxy:
         self._cuts: list[int] = []
         self._armed_sent = 0
         self.bytes_down = 0
+        self.requests: list[bool] = []  # one per HTTP request seen: did it carry an Authorization header?
         self.cuts_done = 0
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -59,6 +60,9 @@ class FaultProxy:
                 if not data:
                     break
                 keep = len(data)
+                if not downstream and data[:8].split(b" ")[0] in (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"):
+                    with self._lock:
+                        self.requests.append(b"\r\nauthorization:" in data.split(b"\r\n\r\n")[0].lower())
                 if downstream:
                     with self._lock:
                         if self._cuts:

@@ -73,3 +73,26 @@ def test_local_paths_and_file_uris(tmp_path):
     assert local_path(str(tmp_path)) == tmp_path
     with pytest.raises(StorageError, match="unsupported URI scheme"):
         local_path("gs://bucket/x.zip")
+
+
+def test_anonymous_access_to_a_public_bucket_sends_no_signature(public_s3, coughvid_zip, tmp_path, config):
+    """--no-sign-request semantics: unsigned requests (no Authorization header) to a public endpoint."""
+    import boto3
+
+    from coughreg.ingest import ingest, read_manifest
+    from tests.tcp_proxy import FaultProxy
+
+    owner = boto3.client("s3", endpoint_url=public_s3, region_name="us-east-1",
+                         aws_access_key_id="owner", aws_secret_access_key="owner")
+    owner.create_bucket(Bucket="open-coughs", ACL="public-read")
+    owner.upload_file(str(coughvid_zip), "open-coughs", "coughvid.zip", ExtraArgs={"ACL": "public-read"})
+    host, port = public_s3.rsplit("//", 1)[1].split(":")
+    proxy = FaultProxy(host, int(port))
+    try:
+        options = S3Options(endpoint_url=proxy.endpoint_url, region="us-east-1", anonymous=True)
+        ingest("s3://open-coughs/coughvid.zip", tmp_path / "ingest", config, s3=options, cache_dir=tmp_path / "cache")
+    finally:
+        proxy.close()
+    manifest, _ = read_manifest(tmp_path / "ingest")
+    assert (manifest["status"] == "ok").sum() == 24
+    assert proxy.requests and not any(proxy.requests)  # every request unsigned
