@@ -3,7 +3,8 @@
 Steps, each a container, artifacts passed through the pipeline root (S3 on a cluster):
     1. ingest    - a COUGHVID or Hydrogen Torch data set from S3 (zip or prefix) or disk
                    -> manifest.parquet + the accepted recordings + a data-quality report
-    2. features  - recordings -> log-mel Parquet spectrogram shards
+    2. features  - recordings -> log-mel Parquet spectrogram shards, fanned out over
+                   `feature_parts` pods (ParallelFor), then collected into one shard index
     3. train     - group k-fold, timm backbone on one GPU -> weights, folds, validation predictions
     4. evaluate  - metrics beside the mean/median baselines, HTML report
     5. export    - the scoring pipeline (raw audio in) and this pipeline, compiled
@@ -24,7 +25,7 @@ from kfp.dsl import HTML, Metrics, Model
 
 from components.evaluate import evaluate
 from components.export import export
-from components.features import features
+from components.features import collect_features, feature_part, plan_feature_parts
 from components.ingest import ingest
 from components.train import train
 from coughreg.config import ExperimentConfig, config_to_parameter
@@ -32,7 +33,7 @@ from coughreg.config import ExperimentConfig, config_to_parameter
 PIPELINE_NAME = "cough-regression"
 
 
-def build_pipeline(config: ExperimentConfig, source_uri: str = ""):
+def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts: int = 2):
     """The DAG for one config: the config travels as a parameter (its default is this config)."""
     gpus = len(config.environment.gpus)
 
@@ -42,12 +43,23 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = ""):
         scorer: Model
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Cough recordings in S3 -> log-mel shards -> timm regressor -> scorer")
-    def cough_regression(source_uri: str = source_uri, config_yaml: str = config_to_parameter(config)) -> Outputs:
+    def cough_regression(
+        source_uri: str = source_uri, config_yaml: str = config_to_parameter(config), feature_parts: int = feature_parts
+    ) -> Outputs:
         ingest_task = ingest(source_uri=source_uri, config_yaml=config_yaml)
         ingest_task.set_display_name("1. Ingest recordings")
 
-        features_task = features(dataset=ingest_task.outputs["dataset"], config_yaml=config_yaml)
-        features_task.set_display_name("2. Log-mel spectrogram shards")
+        plan_task = plan_feature_parts(parts=feature_parts)
+        plan_task.set_display_name("2a. Plan feature parts")
+        with dsl.ParallelFor(items=plan_task.output) as part:
+            part_task = feature_part(
+                dataset=ingest_task.outputs["dataset"], config_yaml=config_yaml, part=part, parts=feature_parts
+            )
+            part_task.set_display_name("2b. Log-mel shards (one part)")
+        features_task = collect_features(
+            dataset=ingest_task.outputs["dataset"], parts=dsl.Collected(part_task.outputs["spectrograms"]), config_yaml=config_yaml
+        )
+        features_task.set_display_name("2c. Collect spectrogram shards")
 
         train_task = train(spectrograms=features_task.outputs["spectrograms"], config_yaml=config_yaml)
         train_task.set_display_name("3. Train (GPU)")
@@ -69,9 +81,9 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = ""):
     return cough_regression
 
 
-def compile_pipeline(path: str | Path, config: ExperimentConfig, source_uri: str = "") -> Path:
+def compile_pipeline(path: str | Path, config: ExperimentConfig, source_uri: str = "", feature_parts: int = 2) -> Path:
     """Compile the DAG for this config to KFP IR YAML."""
-    compiler.Compiler().compile(build_pipeline(config, source_uri), str(path))
+    compiler.Compiler().compile(build_pipeline(config, source_uri, feature_parts), str(path))
     return Path(path)
 
 

@@ -1,4 +1,6 @@
-"""KFP component for step 2: log-mel Parquet shards (see ``coughreg.features``)."""
+"""KFP components for step 2, fanned out: plan -> ParallelFor feature parts -> collect (see ``coughreg.features``)."""
+
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
@@ -7,8 +9,26 @@ from coughreg.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
-def features(dataset: Input[Dataset], config_yaml: str, spectrograms: Output[Dataset], stats: Output[Metrics]):
-    """Decode, resample and log-mel every accepted recording into Parquet spectrogram shards."""
-    from coughreg.steps import run_features_step
+def plan_feature_parts(parts: int) -> List[int]:
+    """The part numbers the ParallelFor fans out over (each part takes every parts-th shard)."""
+    if parts < 1:
+        raise ValueError(f"feature_parts must be at least 1, got {parts}")
+    return list(range(parts))
 
-    run_features_step(dataset.path, config_yaml, spectrograms.path, stats)
+
+@dsl.component(base_image=CPU_IMAGE)
+def feature_part(dataset: Input[Dataset], config_yaml: str, part: int, parts: int, spectrograms: Output[Dataset]):
+    """Decode, resample and log-mel one slice of the recordings into Parquet spectrogram shards."""
+    from coughreg.steps import run_feature_part_step
+
+    run_feature_part_step(dataset.path, config_yaml, part, parts, spectrograms.path)
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def collect_features(
+    dataset: Input[Dataset], parts: Input[List[Dataset]], config_yaml: str, spectrograms: Output[Dataset], stats: Output[Metrics]
+):
+    """Gather every part's shards into one artifact and write the shard index."""
+    from coughreg.steps import run_collect_features_step
+
+    run_collect_features_step(dataset.path, [p.path for p in parts], config_yaml, spectrograms.path, stats)

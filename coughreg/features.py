@@ -21,10 +21,10 @@ import numpy as np
 
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import AudioDecodeError, CoughPipelineError
-from coughreg.frontend import feature_hash, feature_parameters
+from coughreg.feature_spec import feature_hash, feature_parameters
 from coughreg.ingest import MANIFEST_NAME, read_manifest
 from coughreg.shards import SpectrogramShardWriter, read_shard_metadata
-from coughreg.storage import atomic_write_text, sha256_file
+from coughreg.storage import atomic_path, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +104,20 @@ def _complete(path: Path, expected: dict) -> bool:
     return all(metadata.get(k) == v for k, v in expected.items())
 
 
-def extract_features(
-    ingest_dir: str | Path, out_dir: str | Path, config: ExperimentConfig, workers: int | None = None
-) -> FeaturesResult:
-    """Turn the accepted recordings of an ingest folder into spectrogram shards in ``out_dir``.
+@dataclass
+class ShardPlan:
+    """Which recordings go into which shard: a pure function of the manifest and the config."""
 
-    Args:
-        ingest_dir: the ingest step's output (``manifest.parquet`` and ``audio/``).
-        out_dir: the features output folder; the shard index ``shards.json`` is written last.
-        config: the resolved experiment config (``audio.*`` and ``features.*`` are used).
-        workers: processes (None: ``features.workers``, 0 there meaning one per core).
-    """
-    started = time.perf_counter()
-    ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
+    shard_set: str
+    tasks: list[dict]
+    params: dict
+    manifest_hash: str
+    label_columns: list[str]
+    group_column: str | None
+
+
+def plan_shards(ingest_dir: str | Path, config: ExperimentConfig) -> ShardPlan:
+    ingest_dir = Path(ingest_dir)
     manifest, manifest_meta = read_manifest(ingest_dir)
     manifest_hash = sha256_file(ingest_dir / MANIFEST_NAME)[:16]
     label_columns = config.dataset.label_columns
@@ -131,86 +132,189 @@ def extract_features(
     params = {**feature_parameters(config.audio), "max_seconds": float(config.prediction.max_inference_chunk_seconds)}
     fhash = feature_hash(config.audio) + ("" if params["max_seconds"] == 600 else f"-{params['max_seconds']:g}s")
     shard_set = f"{fhash}-{manifest_hash}"
-    shard_dir = out_dir / "shards" / shard_set
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)
-
+    config_hash = hashlib.sha256(json.dumps(config.model_dump(mode="json", exclude={"resolved"}), sort_keys=True).encode()).hexdigest()[:16]
+    columns = ["id", "split", "audio_path", "duration_s", *label_columns] + ([group_column] if group_column in ok.columns else [])
     records = []
-    for row in ok.to_dict("records"):
-        record = {
-            "id": row["id"], "split": row["split"], "audio_path": row["audio_path"], "duration_s": row["duration_s"],
-            "group": str(row.get(group_column, "")) if group_column else "",
-        }
-        record.update({label: row[label] for label in label_columns})
-        records.append(record)
+    for row in ok[columns].to_dict("records"):
+        row["group"] = str(row.pop(group_column)) if group_column in row else ""
+        records.append(row)
     size = config.features.shard_rows
     tasks = []
     for number, start in enumerate(range(0, len(records), size)):
         chunk = records[start : start + size]
         ids_hash = hashlib.sha256("\n".join(r["id"] for r in chunk).encode()).hexdigest()[:16]
         metadata = {
-            "feature_parameters": params, "feature_hash": fhash, "manifest_hash": manifest_hash,
+            "feature_parameters": params, "feature_hash": fhash, "manifest_hash": manifest_hash, "config_hash": config_hash,
             "ids_hash": ids_hash, "source": manifest_meta.get("source", ""),
         }
         tasks.append({
-            "path": str(shard_dir / f"part-{number:05d}.parquet"), "records": chunk, "params": params,
+            "number": number, "name": f"shards/{shard_set}/part-{number:05d}.parquet", "records": chunk, "params": params,
             "label_columns": label_columns, "group_column": group_column, "metadata": metadata,
             "row_group_rows": config.features.row_group_rows, "root": str(ingest_dir),
         })
+    return ShardPlan(shard_set, tasks, params, manifest_hash, label_columns, group_column)
 
-    expected_keys = ("feature_hash", "manifest_hash", "ids_hash")
-    todo = [t for t in tasks if not _complete(Path(t["path"]), {k: t["metadata"][k] for k in expected_keys})]
-    skipped = len(tasks) - len(todo)
-    if skipped:
-        log.info("features: %d of %d shards already complete, skipped", skipped, len(tasks))
-    workers = workers or config.features.workers or os.cpu_count() or 1
-    workers = max(1, min(workers, len(todo) or 1))
-    results = []
+
+EXPECTED_KEYS = ("feature_hash", "manifest_hash", "ids_hash")
+
+
+def _run_tasks(tasks: list[dict], out_dir: Path, workers: int) -> tuple[list[dict], float]:
+    """Write the shards of ``tasks`` under ``out_dir`` on ``workers`` processes; complete shards are skipped."""
+    started = time.perf_counter()
+    todo = []
+    for task in tasks:
+        task = {**task, "path": str(out_dir / task["name"])}
+        if not _complete(Path(task["path"]), {k: task["metadata"][k] for k in EXPECTED_KEYS}):
+            todo.append(task)
+    if len(todo) < len(tasks):
+        log.info("features: %d of %d shards already complete, skipped", len(tasks) - len(todo), len(tasks))
+    results, audio_seconds, clips_done = [], 0.0, 0
     clips_total = sum(len(t["records"]) for t in todo)
-    clips_done = 0
-    audio_seconds = 0.0
-    if todo:
-        log.info("features: %d recordings in %d shards on %d processes -> %s", clips_total, len(todo), workers, shard_dir)
-        with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
-            futures = {pool.submit(_write_shard, task): task for task in todo}
-            for future in as_completed(futures):
-                result = future.result()
-                results.append(result)
-                clips_done += len(futures[future]["records"])
-                audio_seconds += result["audio_seconds"]
-                elapsed = time.perf_counter() - started
-                rate = clips_done / max(elapsed, 1e-9)
-                log.info(
-                    "features: %d/%d clips (%.0f clips/s, %.0fx real time, ETA %.0f s)",
-                    clips_done, clips_total, rate, audio_seconds / max(elapsed, 1e-9), (clips_total - clips_done) / rate,
-                )
+    if not todo:
+        return results, audio_seconds
+    workers = max(1, min(workers, len(todo)))
+    (out_dir / todo[0]["name"]).parent.mkdir(parents=True, exist_ok=True)
+    log.info("features: %d recordings in %d shards on %d processes -> %s", clips_total, len(todo), workers, out_dir)
+    with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
+        futures = {pool.submit(_write_shard, task): task for task in todo}
+        for future in as_completed(futures):
+            result = future.result()
+            results.append(result)
+            clips_done += len(futures[future]["records"])
+            audio_seconds += result["audio_seconds"]
+            elapsed = time.perf_counter() - started
+            rate = clips_done / max(elapsed, 1e-9)
+            log.info(
+                "features: %d/%d clips (%.0f clips/s, %.0fx real time, ETA %.0f s)",
+                clips_done, clips_total, rate, audio_seconds / max(elapsed, 1e-9), (clips_total - clips_done) / rate,
+            )
+    return results, audio_seconds
 
-    failures = [failure for result in results for failure in result["failures"]]
-    for failure in failures:
-        log.warning("features: skipped %s: %s", failure["id"], failure["reason"])
-    shards = [Path(t["path"]) for t in tasks]
+
+def _default_workers(config: ExperimentConfig, workers: int | None) -> int:
+    return workers or config.features.workers or os.cpu_count() or 1
+
+
+def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: list[dict], skipped: int,
+            seconds: float, audio_seconds: float) -> FeaturesResult:
+    shards = [out_dir / task["name"] for task in plan.tasks]
+    absent = [str(p) for p in shards if not _complete(p, {"feature_hash": plan.tasks[0]["metadata"]["feature_hash"]})]
+    if absent:
+        raise CoughPipelineError(f"{out_dir}: shards missing or incomplete: {absent[:5]}")
     rows = sum(read_shard_metadata_rows(p) for p in shards)
     if rows == 0:
-        raise CoughPipelineError(f"{ingest_dir}: no recording could be featurized ({len(failures)} failed)")
+        raise CoughPipelineError(f"{out_dir}: no recording could be featurized ({len(failures)} failed)")
+    for failure in failures:
+        log.warning("features: skipped %s: %s", failure["id"], failure["reason"])
     index = {
-        "shard_set": shard_set,
-        "shards": [str(p.relative_to(out_dir)) for p in shards],
+        "shard_set": plan.shard_set,
+        "shards": [task["name"] for task in plan.tasks],
         "rows": rows,
-        "feature_parameters": params,
-        "feature_hash": fhash,
-        "manifest_hash": manifest_hash,
-        "label_columns": label_columns,
-        "group_column": group_column,
+        "feature_parameters": plan.params,
+        "feature_hash": plan.tasks[0]["metadata"]["feature_hash"],
+        "manifest_hash": plan.manifest_hash,
+        "label_columns": plan.label_columns,
+        "group_column": plan.group_column,
     }
     report = {
         "rows": rows, "shards": len(shards), "skipped_shards": skipped, "failures": failures,
-        "seconds": round(time.perf_counter() - started, 2), "audio_seconds": round(audio_seconds, 1),
+        "seconds": round(seconds, 2), "audio_seconds": round(audio_seconds, 1),
     }
     atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=2))
     save_config(config, out_dir)
     atomic_write_text(out_dir / INDEX_NAME, json.dumps(index, indent=2))
-    log.info("features: %d rows in %d shards (%d failed) in %.1f s", rows, len(shards), len(failures), report["seconds"])
+    log.info("features: %d rows in %d shards (%d failed) in %.1f s", rows, len(shards), len(failures), seconds)
     return FeaturesResult(out_dir / INDEX_NAME, shards, rows, failures, skipped)
+
+
+def extract_features(
+    ingest_dir: str | Path, out_dir: str | Path, config: ExperimentConfig, workers: int | None = None
+) -> FeaturesResult:
+    """Turn the accepted recordings of an ingest folder into spectrogram shards in ``out_dir``.
+
+    Args:
+        ingest_dir: the ingest step's output (``manifest.parquet`` and ``audio/``).
+        out_dir: the features output folder; the shard index ``shards.json`` is written last.
+        config: the resolved experiment config (``audio.*`` and ``features.*`` are used).
+        workers: processes (None: ``features.workers``, 0 there meaning one per core).
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    plan = plan_shards(ingest_dir, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    results, audio_seconds = _run_tasks(plan.tasks, out_dir, _default_workers(config, workers))
+    failures = [failure for result in results for failure in result["failures"]]
+    skipped = len(plan.tasks) - len(results)
+    return _finish(out_dir, plan, config, failures, skipped, time.perf_counter() - started, audio_seconds)
+
+
+PART_REPORT = "part.json"
+
+
+def extract_feature_part(
+    ingest_dir: str | Path, out_dir: str | Path, config: ExperimentConfig, part: int, parts: int, workers: int | None = None
+) -> list[Path]:
+    """One of ``parts`` slices of the shard plan (shards ``part``, ``part + parts``, ...): a ParallelFor branch."""
+    if not 0 <= part < parts:
+        raise CoughPipelineError(f"feature part {part} is not one of 0..{parts - 1}")
+    out_dir = Path(out_dir)
+    plan = plan_shards(ingest_dir, config)
+    mine = [task for task in plan.tasks if task["number"] % parts == part]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, audio_seconds = _run_tasks(mine, out_dir, _default_workers(config, workers))
+    summary = {
+        "part": part, "parts": parts, "shards": [t["name"] for t in mine],
+        "failures": [f for r in results for f in r["failures"]], "audio_seconds": audio_seconds,
+    }
+    atomic_write_text(out_dir / PART_REPORT, json.dumps(summary, indent=2))
+    return [out_dir / t["name"] for t in mine]
+
+
+def collect_feature_parts(
+    ingest_dir: str | Path, part_dirs: list[str | Path], out_dir: str | Path, config: ExperimentConfig
+) -> FeaturesResult:
+    """Gather the shards of every part into one features folder and write its index (the Collected step).
+
+    Files are hard-linked when the parts live on the same file system, copied otherwise.
+    """
+    import shutil
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    plan = plan_shards(ingest_dir, config)
+    found: dict[str, Path] = {}
+    failures: list[dict] = []
+    audio_seconds = 0.0
+    for folder in map(Path, part_dirs):
+        report_path = folder / PART_REPORT
+        if not report_path.exists():
+            raise CoughPipelineError(f"{folder}: not a finished feature part (no {PART_REPORT})")
+        summary = json.loads(report_path.read_text())
+        failures.extend(summary["failures"])
+        audio_seconds += summary["audio_seconds"]
+        for name in summary["shards"]:
+            if name in found:
+                raise CoughPipelineError(f"{name}: written by two feature parts ({found[name].parent} and {folder})")
+            found[name] = folder / name
+    expected = {task["name"] for task in plan.tasks}
+    if set(found) != expected:
+        raise CoughPipelineError(
+            f"feature parts do not cover the plan: missing {sorted(expected - set(found))[:5]}, "
+            f"unexpected {sorted(set(found) - expected)[:5]}; were all parts run with the same config and manifest?"
+        )
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    for name, source in found.items():
+        target = out_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target.unlink()
+        try:
+            os.link(source, target)
+        except OSError:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+    return _finish(out_dir, plan, config, failures, 0, time.perf_counter() - started, audio_seconds)
 
 
 def read_shard_metadata_rows(path: Path) -> int:

@@ -8,16 +8,11 @@ statistics) is applied by the model, so shards never depend on training choices.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import torch
 from torch import nn
 
 from coughreg.config import AudioConfig
-
-FRONTEND_VERSION = 1
-AMIN = 1e-10
+from coughreg.feature_spec import AMIN, FRONTEND_VERSION, feature_hash, feature_parameters  # noqa: F401 - one place
 
 
 class LogMel(nn.Module):
@@ -97,31 +92,3 @@ class SpectrogramNormalizer(nn.Module):
         if self.mode == "Dataset":
             return (log_mel - self.mean) / self.std.clamp(min=1e-3)
         return log_mel
-
-
-def feature_parameters(audio: AudioConfig) -> dict[str, Any]:
-    """Everything a shard's numbers depend on; stored in every shard's metadata."""
-    return {
-        "frontend_version": FRONTEND_VERSION,
-        "sample_rate": audio.sample_rate,
-        "stft_window_size": audio.stft_window_size,
-        "hop_size": audio.hop_size,
-        "mel_frequency_bins": audio.mel_frequency_bins,
-        "minimum_frequency": float(audio.minimum_frequency),
-        "maximum_frequency": float(audio.maximum_frequency),
-        "mel_scale": "slaney",
-        "mel_norm": "slaney",
-        "power": 2.0,
-        "log": "10*log10(max(power, 1e-10))",
-        "center": True,
-        "pad_mode": "constant",
-        "resampler": "ffmpeg swresample",
-        "dtype": "float16",
-    }
-
-
-def feature_hash(audio: AudioConfig) -> str:
-    import hashlib
-
-    payload = json.dumps(feature_parameters(audio), sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -62,13 +62,20 @@ def run_ingest_step(source_uri: str, config_yaml: str, out_dir: str, metrics: An
     return report
 
 
-def run_features_step(ingest_dir: str, config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
-    from coughreg.features import REPORT_NAME, extract_features
+def run_feature_part_step(ingest_dir: str, config_yaml: str, part: int, parts: int, out_dir: str) -> None:
+    from coughreg.features import extract_feature_part
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extract_features(Path(ingest_dir), Path(out_dir), config_from_text(config_yaml))
+    extract_feature_part(Path(ingest_dir), Path(out_dir), config_from_text(config_yaml), part, parts)
+
+
+def run_collect_features_step(ingest_dir: str, part_dirs: list[str], config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
+    from coughreg.features import REPORT_NAME, collect_feature_parts
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    collect_feature_parts(Path(ingest_dir), [Path(p) for p in part_dirs], Path(out_dir), config_from_text(config_yaml))
     report = json.loads((Path(out_dir) / REPORT_NAME).read_text())
-    log_metrics(metrics, {"spectrograms": report["rows"], "failed_recordings": len(report["failures"]),
+    log_metrics(metrics, {"spectrograms": report["rows"], "shards": report["shards"], "failed_recordings": len(report["failures"]),
                           "audio_hours": report["audio_seconds"] / 3600})
     return report
 

@@ -214,3 +214,27 @@ def test_latin1_metadata_is_read(config, tmp_path):
     ingest(str(root), tmp_path / "ingest", config)
     manifest, _ = read_manifest(tmp_path / "ingest")
     assert manifest["status"].tolist() == ["ok"]
+
+
+def test_hydrogen_torch_validation_and_test_tables(config, tmp_path):
+    root = tmp_path / "ht"
+    (root / "audio").mkdir(parents=True)
+    (root / "audio_test").mkdir()
+    clip = encode_audio(_tone(), "ogg", "opus")
+    for i in range(6):
+        (root / "audio" / f"c{i}.ogg").write_bytes(clip)
+    for i in range(2):
+        (root / "audio_test" / f"t{i}.ogg").write_bytes(clip)
+    pd.DataFrame({"filename": [f"c{i}.ogg" for i in range(4)], "cough_detected": 0.5, "datetime": "d"}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"filename": ["c4.ogg", "c5.ogg"], "cough_detected": 0.7, "datetime": "d"}).to_csv(root / "valid.csv", index=False)
+    pd.DataFrame({"filename": ["t0.ogg", "t1.ogg"]}).to_csv(root / "test.csv", index=False)  # no labels: to be scored
+    for key, value in {"train_dataframe": "data/user/ht/train.csv", "validation_dataframe": "data/user/ht/valid.csv",
+                       "test_dataframe": "data/user/ht/test.csv", "data_folder": "data/user/ht/audio",
+                       "data_folder_test": "data/user/ht/audio_test", "validation_strategy": "custom"}.items():
+        setattr(config.dataset, key, value)
+    ingest(str(root), tmp_path / "ingest", config)
+    manifest, meta = read_manifest(tmp_path / "ingest")
+    assert meta["tables"] == {"train": "train.csv", "validation": "valid.csv", "test": "test.csv"}
+    assert (manifest["status"] == "ok").all()
+    assert manifest.groupby("split").size().to_dict() == {"train": 4, "validation": 2, "test": 2}
+    assert manifest.loc[manifest["split"] == "test", "cough_detected"].isna().all()

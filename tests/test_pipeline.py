@@ -33,16 +33,27 @@ def _producers(task: dict) -> set[str]:
     return {a["taskOutputArtifact"]["producerTask"] for a in artifacts.values()}
 
 
-def test_five_tasks_wired_in_order(compiled):
+def test_five_steps_wired_in_order(compiled):
     tasks = compiled["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest", "features", "train", "evaluate", "export"}
+    assert set(tasks) == {"ingest", "plan-feature-parts", "for-loop-1", "collect-features", "train", "evaluate", "export"}
     assert _producers(tasks["ingest"]) == set()
-    assert _producers(tasks["features"]) == {"ingest"}
-    assert _producers(tasks["train"]) == {"features"}
-    assert _producers(tasks["evaluate"]) == {"train", "features"}
+    assert _producers(tasks["collect-features"]) == {"ingest", "for-loop-1"}
+    assert _producers(tasks["train"]) == {"collect-features"}
+    assert _producers(tasks["evaluate"]) == {"train", "collect-features"}
     assert _producers(tasks["export"]) == {"train"}
     names = {name: task["taskInfo"]["name"] for name, task in tasks.items()}
     assert names["train"] == "3. Train (GPU)" and names["ingest"] == "1. Ingest recordings"
+
+
+def test_features_fan_out_over_a_parallel_for(compiled):
+    loop = compiled["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("plan-feature-parts-Output")
+    inner = compiled["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"feature-part"}
+    assert inner["feature-part"]["inputs"]["artifacts"]["dataset"]["componentInputArtifact"] == "pipelinechannel--ingest-dataset"
+    collected = compiled["root"]["dag"]["tasks"]["collect-features"]["inputs"]["artifacts"]["parts"]
+    assert collected["taskOutputArtifact"]["producerTask"] == "for-loop-1"
+    assert compiled["root"]["inputDefinitions"]["parameters"]["feature_parts"]["defaultValue"] == 2
 
 
 def test_train_requests_one_nvidia_gpu(compiled):
@@ -56,7 +67,7 @@ def test_train_requests_one_nvidia_gpu(compiled):
 
 def test_the_config_travels_as_a_parameter(compiled):
     parameters = compiled["root"]["inputDefinitions"]["parameters"]
-    assert set(parameters) == {"source_uri", "config_yaml"}
+    assert set(parameters) == {"source_uri", "config_yaml", "feature_parts"}
     config = yaml.safe_load(parameters["config_yaml"]["defaultValue"])
     assert config["environment"]["seed"] == 9 and config["architecture"]["backbone"] == "resnet50"
     outputs = compiled["root"]["outputDefinitions"]["artifacts"]
