@@ -16,7 +16,6 @@ import argparse
 import csv
 import io
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
+from benchmarks.memory import TreeMemorySampler  # noqa: E402
 from coughreg.local_s3 import LocalS3  # noqa: E402
 from coughreg.synth import COUGHVID_COLUMNS, _clip_job, sample_labels  # noqa: E402
 
@@ -66,23 +66,24 @@ def run(n: int, pool: int, workdir: Path, server: LocalS3) -> None:
     print(f"\n== {n} recordings, {size_mb:.0f} MB zip (prepared in {time.perf_counter() - started:.0f} s)")
     out = workdir / f"ingest_{n}"
     env = {**os.environ, **server.credentials.env(server.endpoint_url), "COUGHREG_CACHE": str(workdir / f"cache_{n}")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    done = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "pipeline.py", "step", "ingest", "--input", f"s3://bench-data/{key}", "--out", str(out),
          "--set", "environment.seed=1"],
-        cwd=PROJECT, env=env, capture_output=True, text=True,
+        cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    with TreeMemorySampler(process.pid) as sampler:
+        stdout, stderr = process.communicate()
     seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if done.returncode != 0:
-        print(done.stderr[-3000:])
-        raise SystemExit(done.returncode)
-    print(done.stdout.strip().splitlines()[-1])
+    peak_mb = sampler.peak_pss_mb
+    if process.returncode != 0:
+        print(stderr[-3000:])
+        raise SystemExit(process.returncode)
+    print(stdout.strip().splitlines()[-1])
     print(f"wall time              {seconds:.1f} s (download from S3 included)")
     print(f"recordings/s           {n / seconds:.0f}")
     print(f"MB/s                   {size_mb / seconds:.1f}")
-    print(f"peak RSS (ingest)      {peak_mb:.0f} MB" + ("" if peak_mb > before / 1024 else " (not above an earlier run's peak)"))
+    print(f"peak memory (PSS)      {peak_mb:.0f} MB, the ingest process tree")
 
 
 def main() -> None:
