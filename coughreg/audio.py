@@ -105,6 +105,22 @@ def _mono(planar: np.ndarray) -> np.ndarray:
     return planar[0] if planar.shape[0] == 1 else planar.mean(axis=0, dtype=np.float32)
 
 
+def _direct_mono(frame, sample_rate: int) -> np.ndarray | None:
+    """Samples straight from the decoder's buffers when no conversion is needed (the common case:
+    Opus and Vorbis decode to planar float at 48 kHz); None when the resampler must convert."""
+    if frame.sample_rate != sample_rate:
+        return None
+    count = frame.samples
+    if frame.format.name == "fltp":
+        planes = [np.frombuffer(plane, dtype=np.float32, count=count) for plane in frame.planes]
+        return planes[0].copy() if len(planes) == 1 else np.mean(planes, axis=0, dtype=np.float32)
+    if frame.format.name == "flt":
+        channels = len(frame.layout.channels)
+        packed = np.frombuffer(frame.planes[0], dtype=np.float32, count=count * channels)
+        return packed.copy() if channels == 1 else packed.reshape(count, channels).mean(axis=1, dtype=np.float32)
+    return None
+
+
 def decode_audio(source: str | Path | bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Decode a recording to mono float32 at ``sample_rate``.
 
@@ -127,20 +143,23 @@ def decode_audio(source: str | Path | bytes, sample_rate: int, max_seconds: floa
             if not container.streams.audio:
                 raise AudioDecodeError(f"{name}: no audio stream in the file")
             stream = container.streams.audio[0]
-            stream.thread_type = "AUTO"
-            # Planar float at the target rate, channels kept: the mono mix is their plain average
-            # (FFmpeg's own downmix scales each side by 1/sqrt(2), which changes levels).
-            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+            resampler = None
             for frame in container.decode(stream):
                 frame.pts = None  # timestamps from browsers are often broken; samples are what count
-                for out in resampler.resample(frame):
-                    chunks.append(_mono(out.to_ndarray()))
-                    total += chunks[-1].size
+                direct = _direct_mono(frame, sample_rate) if resampler is None else None
+                if direct is not None:
+                    chunks.append(direct)
+                else:
+                    # Planar float at the target rate, channels kept: the mono mix is their plain average
+                    # (FFmpeg's own downmix scales each side by 1/sqrt(2), which changes levels).
+                    resampler = resampler or av.AudioResampler(format="fltp", rate=sample_rate)
+                    chunks.extend(_mono(out.to_ndarray()) for out in resampler.resample(frame))
+                total += chunks[-1].size if chunks else 0
                 if limit is not None and total >= limit:
                     break
             else:
-                for out in resampler.resample(None):
-                    chunks.append(_mono(out.to_ndarray()))
+                if resampler is not None:
+                    chunks.extend(_mono(out.to_ndarray()) for out in resampler.resample(None))
     except AudioDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:

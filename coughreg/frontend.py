@@ -32,21 +32,14 @@ class LogMel(nn.Module):
 
         self.sample_rate = sample_rate
         self.hop_size = hop_size
+        self.n_fft = stft_window_size
         self.mel_frequency_bins = mel_frequency_bins
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate,
-            n_fft=stft_window_size,
-            win_length=stft_window_size,
-            hop_length=hop_size,
-            f_min=float(minimum_frequency),
-            f_max=float(maximum_frequency),
-            n_mels=mel_frequency_bins,
-            power=2.0,
-            center=True,
-            pad_mode="constant",  # reflect padding fails on clips shorter than half a window
-            norm="slaney",
-            mel_scale="slaney",
+        self.register_buffer("window", torch.hann_window(stft_window_size), persistent=False)
+        filters = torchaudio.functional.melscale_fbanks(
+            n_freqs=stft_window_size // 2 + 1, f_min=float(minimum_frequency), f_max=float(maximum_frequency),
+            n_mels=mel_frequency_bins, sample_rate=sample_rate, norm="slaney", mel_scale="slaney",
         )
+        self.register_buffer("mel_filters", filters, persistent=False)  # (freqs, mels)
 
     @classmethod
     def from_config(cls, audio: AudioConfig) -> LogMel:
@@ -64,8 +57,14 @@ class LogMel(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         # (batch, samples) -> (batch, mels, frames)
-        power = self.mel(waveform.float())
-        return 10.0 * torch.log10(torch.clamp(power, min=AMIN))
+        spectrum = torch.stft(
+            waveform.float(), self.n_fft, hop_length=self.hop_size, win_length=self.n_fft, window=self.window,
+            center=True, pad_mode="constant",  # reflect padding fails on clips shorter than half a window
+            normalized=False, onesided=True, return_complex=True,
+        )  # (batch, freqs, frames) complex
+        power = spectrum.real.square() + spectrum.imag.square()  # |X|^2 without a square root and back
+        mel = torch.matmul(power.transpose(1, 2), self.mel_filters).transpose(1, 2)  # (batch, mels, frames)
+        return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
 
 
 class SpectrogramNormalizer(nn.Module):
