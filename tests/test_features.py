@@ -179,3 +179,55 @@ def test_the_real_recordings_decode_and_featurize(config):
 def test_features_without_an_ingest_fail_clearly(config, tmp_path):
     with pytest.raises(CoughPipelineError, match="no manifest; run the ingest step"):
         extract_features(tmp_path / "nothing", tmp_path / "features", config)
+
+
+def test_parts_and_collect_give_the_same_shards_as_one_run(coughvid_zip, config, tmp_path):
+    from coughreg.features import collect_feature_parts, extract_feature_part
+
+    ingest(str(coughvid_zip), tmp_path / "ingest", config)
+    whole = extract_features(tmp_path / "ingest", tmp_path / "whole", config, workers=1)
+    parts = []
+    for part in range(2):
+        extract_feature_part(tmp_path / "ingest", tmp_path / f"part{part}", config, part, 2, workers=1)
+        parts.append(tmp_path / f"part{part}")
+    collected = collect_feature_parts(tmp_path / "ingest", parts, tmp_path / "collected", config)
+    assert collected.rows == whole.rows == 24
+    first = SpectrogramShardReader(shard_paths(tmp_path / "whole"))
+    second = SpectrogramShardReader(shard_paths(tmp_path / "collected"))
+    assert list(first.index["id"]) == list(second.index["id"])
+    for row in range(len(first)):
+        np.testing.assert_array_equal(first.spectrogram(row), second.spectrogram(row))
+    with pytest.raises(CoughPipelineError, match="do not cover the plan"):
+        collect_feature_parts(tmp_path / "ingest", parts[:1], tmp_path / "incomplete", config)
+
+
+def test_a_killed_run_leaves_no_shard_that_reads_as_complete(coughvid_zip, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import PROJECT
+
+    settings = ["--set", "environment.seed=1", "--set", "features.shard_rows=2", "--set", "features.workers=1"]
+    done = subprocess.run([sys.executable, "pipeline.py", "step", "ingest", "--input", str(coughvid_zip), "--out",
+                           str(tmp_path / "ingest"), *settings], cwd=PROJECT, capture_output=True, timeout=300)
+    assert done.returncode == 0
+    command = [sys.executable, "pipeline.py", "step", "features", "--input", str(tmp_path / "ingest"), "--out",
+               str(tmp_path / "features"), *settings]
+    process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "features").rglob("part-*.parquet"))) < 3:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the parent and its workers, mid-run
+    process.wait()
+    written = list((tmp_path / "features").rglob("part-*.parquet"))
+    assert 3 <= len(written) < 12
+    assert not (tmp_path / "features" / INDEX_NAME).exists()  # the index is what says "done"
+    for path in written:
+        assert read_shard_metadata(path)["feature_hash"]  # every file under a shard's name is whole
+        assert pq.ParquetFile(path).metadata.num_rows == 2
+    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "already complete, skipped" in done.stderr
+    assert len(SpectrogramShardReader(shard_paths(tmp_path / "features"))) == 24

@@ -143,3 +143,20 @@ def test_pretrained_weights_from_a_file(tiny_run, tmp_path):
     stem = next(k for k in rgb.state_dict() if k.endswith("conv_stem.weight"))
     trained = load_members(tmp_path / "model", config)[0].backbone.state_dict()[stem]
     torch.testing.assert_close(trained, rgb.state_dict()[stem].sum(dim=1, keepdim=True))
+
+
+def test_dataset_normalization_statistics_come_from_the_training_rows(tiny_run, tmp_path):
+    from coughreg.features import shard_paths
+    from coughreg.shards import SpectrogramShardReader
+
+    config = load_resolved_config(HT_YAML, [*TINY, "audio.spectrogram_normalization=Dataset", "training.epochs=0"])
+    result = train(tiny_run["features"], tmp_path / "model", config)
+    member = result.members[0]
+    folds = pd.read_parquet(tmp_path / "model" / "folds.parquet")
+    reader = SpectrogramShardReader(shard_paths(tiny_run["features"]))
+    rows = [i for i, identifier in enumerate(reader.index["id"]) if identifier in set(folds.loc[folds["fold"] != 0, "id"])]
+    values = np.concatenate([reader.spectrogram(i).astype(np.float64).ravel() for i in rows])
+    assert member["normalization"]["mean"] == pytest.approx(values.mean(), rel=1e-4)
+    assert member["normalization"]["std"] == pytest.approx(values.std(), rel=1e-3)
+    model = load_members(tmp_path / "model", config)[0]
+    assert float(model.normalizer.mean) == pytest.approx(values.mean(), rel=1e-4)  # stored with the model
