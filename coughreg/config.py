@@ -104,6 +104,11 @@ class DatasetConfig(_Section):
         default_factory=lambda: ["Train", "Validation"], description="Which splits data_sample applies to."
     )
     group_fold_column: str | None = Field(None, description="Rows sharing this value stay in one fold.")
+    group_fold_truncate: Literal["hour", "day", "week", "month"] | None = Field(
+        None,
+        description="Project key: group on the group column's time truncated to this unit (raw COUGHVID datetimes "
+        "are unique per recording, so grouping on them is plain k-fold; 'day' keeps each day in one fold).",
+    )
     label_columns: list[str] = Field(
         default_factory=lambda: ["cough_detected"], min_length=1, description="Regression targets."
     )

@@ -73,6 +73,14 @@ def assign_folds(groups: pd.Series, n_folds: int, seed: int) -> np.ndarray:
     return fold_of_group[codes]
 
 
+def truncate_groups(groups: pd.Series, unit: str) -> pd.Series:
+    """Group values read as times and truncated to ``unit``; values that are not times stay as they are."""
+    times = pd.to_datetime(groups, utc=True, errors="coerce", format="mixed")
+    frequency = {"hour": "h", "day": "D", "week": "W", "month": "M"}[unit]
+    truncated = times.dt.to_period(frequency).astype(str) if unit in ("week", "month") else times.dt.floor(frequency).astype(str)
+    return truncated.where(times.notna(), groups.astype(str))
+
+
 def selected_folds(config: ExperimentConfig) -> list[int]:
     n_folds = config.dataset.number_of_folds
     if "-1" in config.dataset.selected_folds:
@@ -171,12 +179,14 @@ class LengthBucketBatchSampler(Sampler):
 
 
 def create_loader(
-    dataset: SpectrogramDataset, lengths: np.ndarray, config: ExperimentConfig, train: bool, device: torch.device, seed: int
+    dataset: SpectrogramDataset, lengths: np.ndarray, config: ExperimentConfig, train: bool, device: torch.device, seed: int,
+    batch_size: int | None = None,
 ) -> DataLoader:
     # Reading float16 from memory-mapped shards is cheap: leave two cores to the training process itself.
     workers = min(config.environment.number_of_workers, max(0, (os.cpu_count() or 1) - 2))
-    drop_last = train and config.training.drop_last_batch and len(dataset) > config.training.batch_size
-    sampler = LengthBucketBatchSampler(lengths, config.training.batch_size, train, drop_last, seed)
+    batch_size = batch_size or config.training.batch_size
+    drop_last = train and config.training.drop_last_batch and len(dataset) > batch_size
+    sampler = LengthBucketBatchSampler(lengths, batch_size, train, drop_last, seed)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -258,39 +268,88 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 # ---------------------------------------------------------------- loop
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, scaler, device, amp_dtype, config, epoch, fold) -> dict:
+def mix_batch(spectrograms, lengths, labels, config: ExperimentConfig, rng: np.random.Generator):
+    """Mixup (in the power domain: the spectrogram of two clips played together) or Cutmix (a span of
+    time from another clip), ``mix_iterations`` times with probability ``mix_probability``.
+
+    Shapes are kept: (batch, mels, frames), (batch,), (batch, labels).
+    """
+    augmentation = config.augmentation
+    if augmentation.mix_audio == "Disabled" or len(labels) < 2 or rng.random() >= augmentation.mix_probability:
+        return spectrograms, lengths, labels
+    for _ in range(augmentation.mix_iterations):
+        order = torch.from_numpy(rng.permutation(len(labels))).to(spectrograms.device)
+        share = float(rng.beta(augmentation.mix_concentration, augmentation.mix_concentration))
+        other, other_labels = spectrograms[order], labels[order]
+        if augmentation.mix_audio == "Mixup":
+            power = share * torch.pow(10.0, spectrograms / 10) + (1 - share) * torch.pow(10.0, other / 10)
+            spectrograms = 10.0 * torch.log10(power.clamp(min=1e-10))
+            lengths = torch.maximum(lengths, lengths[order])
+        else:  # Cutmix along time: the other clip's share of the frames
+            frames = spectrograms.shape[-1]
+            width = int(round((1 - share) * frames))
+            start = int(rng.integers(0, frames - width + 1))
+            spectrograms = spectrograms.clone()
+            spectrograms[:, :, start : start + width] = other[:, :, start : start + width]
+            share = 1 - width / frames
+            lengths = torch.maximum(lengths, torch.clamp(lengths[order], max=start + width))
+        if augmentation.mix_target == "Max":
+            labels = torch.maximum(labels, other_labels)
+        else:
+            labels = share * labels + (1 - share) * other_labels
+    return spectrograms, lengths, labels
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, scaler, device, amp_dtype, config, epoch, fold, seed) -> dict:
     model.train()
-    accumulation = config.training.grad_accumulation
+    training = config.training
+    accumulation = training.grad_accumulation
+    mixing = np.random.default_rng((seed, epoch, 7))
     started = time.perf_counter()
     seen, loss_sum, steps = 0, 0.0, len(loader)
+    absolute_error, grad_norms = 0.0, []
     optimizer.zero_grad(set_to_none=True)
     for step, (spectrograms, lengths, labels, _) in enumerate(loader, 1):
         spectrograms = spectrograms.to(device, non_blocking=True)
         lengths, labels = lengths.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        spectrograms, lengths, labels = mix_batch(spectrograms, lengths, labels, config, mixing)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             predictions = model(spectrograms, lengths)
             loss = loss_fn(predictions.float(), labels)
         if not torch.isfinite(loss):
-            raise CoughPipelineError(f"fold {fold}, epoch {epoch}, step {step}: the loss is {loss.item()}; lower training.learning_rate")
+            raise CoughPipelineError(
+                f"fold {fold}, epoch {epoch}, step {step}: the loss is {loss.item()}; the last good checkpoint is kept. "
+                "Lower training.learning_rate or set training.gradient_clip"
+            )
         scaler.scale(loss / accumulation).backward()
         if step % accumulation == 0 or step == steps:
-            if config.training.gradient_clip > 0:
+            if training.gradient_clip > 0 or config.logging.log_grad_norm:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.training.gradient_clip)
+                limit = training.gradient_clip if training.gradient_clip > 0 else float("inf")
+                grad_norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), limit)))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         seen += len(labels)
         loss_sum += loss.item() * len(labels)
+        if training.calculate_train_metric:
+            absolute_error += float((predictions.detach().float() - labels).abs().mean(dim=1).sum())
         if step % 20 == 0 or step == steps:
             elapsed = time.perf_counter() - started
             log.info(
-                "fold %d epoch %d step %d/%d loss %.4f lr %.2e %.1f samples/s ETA %.0f s",
-                fold, epoch, step, steps, loss_sum / seen, optimizer.param_groups[0]["lr"], seen / elapsed,
-                elapsed / step * (steps - step),
+                "fold %d epoch %d step %d/%d loss %.4f lr %.2e%s %.1f samples/s ETA %.0f s",
+                fold, epoch, step, steps, loss_sum / seen, optimizer.param_groups[0]["lr"],
+                f" grad-norm {grad_norms[-1]:.3f}" if config.logging.log_grad_norm and grad_norms else "",
+                seen / elapsed, elapsed / step * (steps - step),
             )
-    return {"train_loss": loss_sum / max(seen, 1), "train_samples_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+    metrics = {"train_loss": loss_sum / max(seen, 1), "train_samples_per_s": seen / max(time.perf_counter() - started, 1e-9),
+               "lr": optimizer.param_groups[0]["lr"]}
+    if training.calculate_train_metric:
+        metrics["train_mae"] = absolute_error / max(seen, 1)
+    if grad_norms:
+        metrics["grad_norm_mean"] = float(np.mean(grad_norms))
+    return metrics
 
 
 @torch.inference_mode()
@@ -332,6 +391,193 @@ def _subsample(rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(rng.choice(rows, size=keep, replace=False))
 
 
+@dataclass
+class _Run:
+    """What every member of a training run shares."""
+
+    config: ExperimentConfig
+    paths: list[Path]
+    table: pd.DataFrame
+    reader: SpectrogramShardReader
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    amp_inference: torch.dtype | None
+    crop_frames: int
+    label_range: tuple[float, float]
+    out_dir: Path
+    seed: int
+
+
+CHECKPOINT = "checkpoint.pt"
+MEMBER_DONE = "member.json"
+
+
+def _rng_state() -> dict:
+    import random
+
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _fingerprint(run: _Run, train_rows: np.ndarray, batch_size: int) -> str:
+    import hashlib
+
+    payload = json.dumps(
+        {"config": run.config.model_dump(mode="json", exclude={"resolved"}), "rows": train_rows.tolist(), "batch": batch_size},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _train_member(run: _Run, fold: int, seed_index: int, train_rows: np.ndarray, validation_rows: np.ndarray):
+    """One model: resumes a finished member or an interrupted one; halves the batch on CUDA out-of-memory when asked."""
+    config = run.config
+    member_dir = run.out_dir / f"fold{fold}_seed{seed_index}"
+    if (member_dir / MEMBER_DONE).exists():
+        done = json.loads((member_dir / MEMBER_DONE).read_text())
+        log.info("fold %d seed %d: already trained, kept (%s)", fold, done["member"]["seed"], member_dir)
+        return done["member"], np.load(member_dir / "validation.npy"), done["history"]
+    batch_size = config.training.batch_size
+    while True:
+        try:
+            return _fit_member(run, fold, seed_index, train_rows, validation_rows, member_dir, batch_size)
+        except torch.cuda.OutOfMemoryError:
+            if not config.training.automatically_adjust_batch_size or batch_size == 1:
+                raise CoughPipelineError(
+                    f"fold {fold}: out of GPU memory at batch_size {batch_size}; lower training.batch_size or set "
+                    "training.automatically_adjust_batch_size"
+                ) from None
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            (member_dir / CHECKPOINT).unlink(missing_ok=True)
+            log.warning("fold %d: out of GPU memory; retrying with batch_size %d", fold, batch_size)
+
+
+def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member_dir: Path, batch_size: int):
+    config, table, device = run.config, run.table, run.device
+    labels_cols = config.dataset.label_columns
+    member_seed = run.seed + 1000 * fold + seed_index
+    train_labels = table.loc[train_rows, labels_cols].to_numpy(dtype=np.float32)
+    validation_labels = table.loc[validation_rows, labels_cols].to_numpy(dtype=np.float32)
+    torch.manual_seed(member_seed)
+    np.random.seed(member_seed % 2**32)
+    model = create_model(config, run.label_range)
+    pretrained_from = load_pretrained_backbone(model, config) if config.architecture.pretrained else None
+    if config.audio.spectrogram_normalization == "Dataset":
+        mean, std = dataset_statistics(run.reader, train_rows)
+        model.normalizer.mean.fill_(mean)
+        model.normalizer.std.fill_(std)
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    frames = table["n_frames"].to_numpy()
+    train_set = SpectrogramDataset(run.paths, train_rows, train_labels, run.crop_frames, member_seed)
+    validation_set = SpectrogramDataset(run.paths, validation_rows, validation_labels, None, member_seed)
+    train_loader = create_loader(train_set, np.minimum(frames[train_rows], run.crop_frames), config, True, device, member_seed, batch_size)
+    validation_loader = create_loader(validation_set, frames[validation_rows], config, False, device, member_seed, batch_size)
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / config.training.grad_accumulation))
+    optimizer = create_optimizer(model, config)
+    scheduler = create_scheduler(optimizer, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
+    loss_fn = create_loss(config.training.loss_function)
+    metric = config.prediction.metric.lower()
+    higher_is_better = metric == "r2"
+
+    history: list[dict] = []
+    best = {"value": None, "epoch": None, "state": None, "validation": None}
+    start_epoch, validation = 1, None
+    fingerprint = _fingerprint(run, train_rows, batch_size)
+    checkpoint_path = member_dir / CHECKPOINT
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if checkpoint.get("fingerprint") == fingerprint:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            _set_rng_state(checkpoint["rng"])
+            history, best, validation = checkpoint["history"], checkpoint["best"], checkpoint["validation"]
+            start_epoch = checkpoint["epoch"] + 1
+            log.info("fold %d seed %d: resuming after epoch %d from %s", fold, member_seed, checkpoint["epoch"], checkpoint_path)
+        else:
+            log.warning("%s: written for another config or data; starting this member afresh", checkpoint_path)
+    log.info(
+        "fold %d seed %d: %d train / %d validation recordings, %s on %s%s, batch %d, %d epochs",
+        fold, member_seed, len(train_rows), len(validation_rows), config.architecture.backbone, device,
+        f" ({run.amp_dtype})" if run.amp_dtype else "", batch_size, config.training.epochs,
+    )
+
+    def validate(epoch: int, record: dict) -> np.ndarray:
+        predicted = predict(model, validation_loader, device, run.amp_inference)
+        record.update({f"validation_{k}": v for k, v in regression_metrics(validation_labels, predicted).items()})
+        value = record[f"validation_{metric}"]
+        log.info("fold %d epoch %d: validation MAE %.4f", fold, epoch, record["validation_mae"])
+        if best["value"] is None or (value > best["value"] if higher_is_better else value < best["value"]):
+            best.update(value=value, epoch=epoch, validation=predicted)
+            if config.training.save_best_checkpoint:
+                best["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return predicted
+
+    if start_epoch == 1 and config.training.evaluate_before_training:
+        record = {"fold": fold, "seed": member_seed, "epoch": 0}
+        validate(0, record)
+        history.append(record)
+    every = config.training.evaluation_epochs
+    for epoch in range(start_epoch, config.training.epochs + 1):
+        train_set.epoch = epoch
+        train_loader.batch_sampler.epoch = epoch
+        record = {"fold": fold, "seed": member_seed, "epoch": epoch, **train_one_epoch(
+            model, train_loader, optimizer, scheduler, loss_fn, scaler, device, run.amp_dtype, config, epoch, fold, member_seed
+        )}
+        if epoch == config.training.epochs or math.floor(epoch / every) > math.floor((epoch - 1) / every):
+            validation = validate(epoch, record)
+        history.append(record)
+        member_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(checkpoint_path) as tmp:  # every epoch: a retried pod resumes here
+            torch.save({
+                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                "history": history, "best": best, "validation": validation,
+            }, tmp)
+    if validation is None:  # no epoch ran
+        validation = validate(0, {})
+    if config.training.save_best_checkpoint and best["state"] is not None:
+        model.load_state_dict(best["state"])
+        validation = best["validation"]
+        log.info("fold %d seed %d: keeping the best epoch %d (%s %.4f)", fold, member_seed, best["epoch"], metric, best["value"])
+    _save_member(model, member_dir)
+    member = {
+        "fold": fold, "seed": member_seed, "weights": f"{member_dir.name}/model.safetensors",
+        "pretrained_from": pretrained_from, "batch_size": batch_size,
+        "best_epoch": best["epoch"] if config.training.save_best_checkpoint else config.training.epochs,
+        "normalization": {"mode": config.audio.spectrogram_normalization,
+                          "mean": float(model.normalizer.mean), "std": float(model.normalizer.std)},
+        "train_rows": int(len(train_rows)), "validation_rows": int(len(validation_rows)),
+        "train_label_mean": train_labels.mean(axis=0).tolist(),
+        "train_label_median": np.median(train_labels, axis=0).tolist(),
+    }
+    with atomic_path(member_dir / "validation.npy") as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, validation)
+    atomic_write_text(member_dir / MEMBER_DONE, json.dumps({"member": member, "history": history}, indent=2))
+    checkpoint_path.unlink(missing_ok=True)
+    return member, validation, history
+
+
 def train(features_dir: str | Path, out_dir: str | Path, config: ExperimentConfig) -> TrainResult:
     """Train the selected folds (x ``number_of_seeds_per_run`` seeds) on the spectrogram shards.
 
@@ -362,9 +608,14 @@ def train(features_dir: str | Path, out_dir: str | Path, config: ExperimentConfi
         fold_list = [0]
         scheme = "custom holdout (validation_dataframe)"
     else:
-        folds = assign_folds(labelled["group"], config.dataset.number_of_folds, seed)
+        groups = labelled["group"]
+        grouping = f"'{config.dataset.group_fold_column}'"
+        if config.dataset.group_fold_truncate:
+            groups = truncate_groups(groups, config.dataset.group_fold_truncate)
+            grouping += f" truncated to the {config.dataset.group_fold_truncate}"
+        folds = assign_folds(groups, config.dataset.number_of_folds, seed)
         fold_list = selected_folds(config)
-        scheme = f"group k-fold on '{config.dataset.group_fold_column}' ({config.dataset.number_of_folds} folds)"
+        scheme = f"group k-fold on {grouping} ({config.dataset.number_of_folds} folds, {groups.nunique()} groups)"
     labelled["fold"] = folds
     log.info("validation: %s; training folds %s; seed %d", scheme, fold_list, seed)
 
@@ -377,6 +628,7 @@ def train(features_dir: str | Path, out_dir: str | Path, config: ExperimentConfi
     crop_frames = int(config.audio.training_chunk_seconds * frames_per_second) + 1
     label_range = (config.ingest.label_min, config.ingest.label_max)
 
+    run = _Run(config, paths, table, reader, device, amp_dtype, amp_inference, crop_frames, label_range, out_dir, seed)
     members, history, predictions = [], [], []
     for fold in fold_list:
         validation_rows = labelled.index[labelled["fold"] == fold].to_numpy()
@@ -389,69 +641,12 @@ def train(features_dir: str | Path, out_dir: str | Path, config: ExperimentConfi
             validation_rows = _subsample(validation_rows, config.dataset.data_sample, seed + 17 * fold + 1)
         if len(train_rows) == 0 or len(validation_rows) == 0:
             raise CoughPipelineError(f"fold {fold}: {len(train_rows)} training and {len(validation_rows)} validation rows")
-        train_labels = table.loc[train_rows, labels_cols].to_numpy(dtype=np.float32)
-        validation_labels = table.loc[validation_rows, labels_cols].to_numpy(dtype=np.float32)
         seed_predictions = []
         for seed_index in range(config.environment.number_of_seeds_per_run):
-            member_seed = seed + 1000 * fold + seed_index
-            torch.manual_seed(member_seed)
-            np.random.seed(member_seed % 2**32)
-            model = create_model(config, label_range)
-            pretrained_from = None
-            if config.architecture.pretrained:
-                pretrained_from = load_pretrained_backbone(model, config)
-            if config.audio.spectrogram_normalization == "Dataset":
-                mean, std = dataset_statistics(reader, train_rows)
-                model.normalizer.mean.fill_(mean)
-                model.normalizer.std.fill_(std)
-            model.to(device)
-            if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
-            train_set = SpectrogramDataset(paths, train_rows, train_labels, crop_frames, member_seed)
-            validation_set = SpectrogramDataset(paths, validation_rows, validation_labels, None, member_seed)
-            frames = table["n_frames"].to_numpy()
-            train_loader = create_loader(train_set, np.minimum(frames[train_rows], crop_frames), config, True, device, member_seed)
-            validation_loader = create_loader(validation_set, frames[validation_rows], config, False, device, member_seed)
-            steps_per_epoch = max(1, math.ceil(len(train_loader) / config.training.grad_accumulation))
-            optimizer = create_optimizer(model, config)
-            scheduler = create_scheduler(optimizer, config, steps_per_epoch)
-            scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-            loss_fn = create_loss(config.training.loss_function)
-            log.info(
-                "fold %d seed %d: %d train / %d validation recordings, %s on %s%s, %d epochs",
-                fold, member_seed, len(train_rows), len(validation_rows), config.architecture.backbone, device,
-                f" ({amp_dtype})" if amp_dtype else "", config.training.epochs,
-            )
-            epochs_between = config.training.evaluation_epochs
-            next_evaluation = epochs_between
-            validation = None
-            for epoch in range(1, config.training.epochs + 1):
-                train_set.epoch = epoch
-                train_loader.batch_sampler.epoch = epoch
-                epoch_metrics = train_one_epoch(
-                    model, train_loader, optimizer, scheduler, loss_fn, scaler, device, amp_dtype, config, epoch, fold
-                )
-                record = {"fold": fold, "seed": member_seed, "epoch": epoch, **epoch_metrics}
-                if epoch >= next_evaluation or epoch == config.training.epochs:
-                    next_evaluation += epochs_between
-                    validation = predict(model, validation_loader, device, amp_inference)
-                    record.update({f"validation_{k}": v for k, v in regression_metrics(validation_labels, validation).items()})
-                    log.info("fold %d epoch %d: validation MAE %.4f", fold, epoch, record["validation_mae"])
-                history.append(record)
-            if validation is None:  # no epoch ran
-                validation = predict(model, validation_loader, device, amp_inference)
+            member, validation, records = _train_member(run, fold, seed_index, train_rows, validation_rows)
+            members.append(member)
             seed_predictions.append(validation)
-            member_dir = out_dir / f"fold{fold}_seed{seed_index}"
-            _save_member(model, member_dir)
-            members.append({
-                "fold": fold, "seed": member_seed, "weights": f"{member_dir.name}/model.safetensors",
-                "pretrained_from": pretrained_from,
-                "normalization": {"mode": config.audio.spectrogram_normalization,
-                                  "mean": float(model.normalizer.mean), "std": float(model.normalizer.std)},
-                "train_rows": int(len(train_rows)), "validation_rows": int(len(validation_rows)),
-                "train_label_mean": train_labels.mean(axis=0).tolist(),
-                "train_label_median": np.median(train_labels, axis=0).tolist(),
-            })
+            history.extend(records)
         fold_prediction = np.mean(seed_predictions, axis=0)
         frame = table.loc[validation_rows, ["id", "split", "group", "duration_s", *labels_cols]].reset_index(drop=True)
         frame.insert(1, "fold", fold)

@@ -1,0 +1,67 @@
+"""How well a small backbone learns on the CPU: validation MAE against the noise floor and the baseline.
+
+    python benchmarks/bench_quality.py [-n 2000] [--config configs/demo.yaml] [--set training.epochs=14]...
+
+Generates N COUGHVID-format recordings (the generator's fixed mapping), runs ingest, features,
+train and evaluate as plain Python, and prints the validation MAE beside the generator's noise
+floor (the best any model can do) and the predict-the-median baseline, with the training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+from coughreg.config import load_resolved_config  # noqa: E402
+from coughreg.evaluate import evaluate  # noqa: E402
+from coughreg.features import extract_features  # noqa: E402
+from coughreg.ingest import ingest  # noqa: E402
+from coughreg.synth import generate_coughvid_zip  # noqa: E402
+from coughreg.train import train  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=77)
+    parser.add_argument("--config", type=Path, default=PROJECT / "configs" / "demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/coughreg-quality"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    config = load_resolved_config(args.config, args.overrides)
+    work = args.workdir
+    archive = work / f"coughvid_{args.n}_{args.seed}.zip"
+    if not archive.exists():
+        generate_coughvid_zip(archive, args.n, seed=args.seed, workers=os.cpu_count() or 1, progress_every=500)
+    generator = json.loads(archive.with_suffix(".generator.json").read_text())
+    ingest(str(archive), work / "ingest", config)
+    started = time.perf_counter()
+    extract_features(work / "ingest", work / "features", config)
+    features_s = time.perf_counter() - started
+    started = time.perf_counter()
+    train(work / "features", work / "model", config)
+    train_s = time.perf_counter() - started
+    metrics = evaluate(work / "model", work / "features", work / "evaluation", config).metrics
+    floor = generator["noise_floor_mae_expected"]
+    print()
+    print(f"recordings             {args.n} ({metrics['validation_rows']} validation)")
+    print(f"backbone               {config.architecture.backbone}, {config.training.epochs} epochs, CPU")
+    print(f"features time          {features_s:.0f} s")
+    print(f"training time          {train_s:.0f} s ({train_s / 60:.1f} min)")
+    print(f"validation MAE         {metrics['validation_mae']:.4f}")
+    print(f"noise floor MAE        {floor:.4f}  -> model / floor = {metrics['validation_mae'] / floor:.2f}")
+    print(f"median-baseline MAE    {metrics['baseline_median_mae']:.4f}  -> model / baseline = {metrics['mae_vs_median_baseline']:.2f}")
+    print(f"report                 {work / 'evaluation' / 'report.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Every Hydrogen Torch training option does what it says; a killed run resumes to the same model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coughreg.config import load_resolved_config, save_config
+from coughreg.errors import CoughPipelineError
+from coughreg.train import mix_batch, train, truncate_groups
+from tests.conftest import HT_YAML, PROJECT, REAL_METADATA, TINY
+
+
+def _config(*extra):
+    return load_resolved_config(HT_YAML, [*TINY, *extra])
+
+
+def test_mixup_and_cutmix():
+    rng = np.random.default_rng(0)
+    spectrograms = torch.stack([torch.full((4, 10), -20.0), torch.full((4, 10), -80.0)])
+    lengths = torch.tensor([10, 6])
+    labels = torch.tensor([[1.0], [0.0]])
+    off = _config("augmentation.mix_audio=Disabled")
+    assert mix_batch(spectrograms, lengths, labels, off, rng)[0] is spectrograms
+    never = _config("augmentation.mix_audio=Mixup", "augmentation.mix_probability=0")
+    assert mix_batch(spectrograms, lengths, labels, never, rng)[2] is labels
+
+    mixup = _config("augmentation.mix_audio=Mixup", "augmentation.mix_concentration=0.4")
+    mixed, mixed_lengths, mixed_labels = mix_batch(spectrograms, lengths, labels, mixup, np.random.default_rng(1))
+    assert mixed.shape == spectrograms.shape and (mixed_lengths == 10).all()
+    # power-domain mixing: never quieter than the louder clip's share alone, never louder than the louder clip
+    assert (mixed <= -20.0 + 1e-4).all() and (mixed >= -80.0 - 1e-4).all()
+    assert torch.allclose(mixed_labels.sum(), torch.tensor(1.0))  # shares of a swapped pair add up
+
+    cutmix = _config("augmentation.mix_audio=Cutmix", "augmentation.mix_target=Ratio")
+    cut, _, cut_labels = mix_batch(spectrograms, lengths, labels, cutmix, np.random.default_rng(2))
+    taken = (cut[0] == -80.0).all(dim=0).float().mean()  # share of frames that came from the other clip
+    assert float(cut_labels[0, 0]) == pytest.approx(1.0 - float(taken), abs=1e-6)
+    maximum = _config("augmentation.mix_audio=Cutmix", "augmentation.mix_target=Max")
+    assert (mix_batch(spectrograms, lengths, labels, maximum, np.random.default_rng(2))[2] == 1.0).all()
+
+
+def test_grouping_on_the_day_of_the_real_datetimes():
+    metadata = pd.read_csv(REAL_METADATA, usecols=["datetime"])["datetime"]
+    assert metadata.nunique() == len(metadata)  # raw values: one group per recording
+    days = truncate_groups(metadata, "day")
+    assert days.nunique() == pd.to_datetime(metadata, format="ISO8601").dt.date.nunique()
+    assert truncate_groups(pd.Series(["not a time", "2020-04-01T10:00:00+00:00"]), "day").tolist()[0] == "not a time"
+
+
+def test_options_recorded_in_the_history(tiny_run, tmp_path):
+    config = _config("training.evaluate_before_training=true", "training.calculate_train_metric=true",
+                     "logging.log_grad_norm=true", "training.epochs=2", "dataset.group_fold_truncate=day")
+    result = train(tiny_run["features"], tmp_path / "model", config)
+    epochs = [h["epoch"] for h in result.history]
+    assert epochs == [0, 1, 2] and "validation_mae" in result.history[0]
+    assert all(np.isfinite(h["train_mae"]) and h["grad_norm_mean"] > 0 for h in result.history[1:])
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert "truncated to the day" in info["validation_scheme"]
+
+
+def test_save_best_checkpoint_keeps_the_best_epoch(tiny_run, tmp_path):
+    config = _config("training.save_best_checkpoint=true", "training.epochs=3", "training.learning_rate=0.05")
+    result = train(tiny_run["features"], tmp_path / "model", config)
+    scores = {h["epoch"]: h["validation_mae"] for h in result.history}
+    best = min(scores, key=scores.get)
+    assert result.members[0]["best_epoch"] == best
+    predictions = pd.read_parquet(result.predictions_path)
+    mae = np.mean(np.abs(predictions["cough_detected"] - predictions["pred_cough_detected"]))
+    assert mae == pytest.approx(scores[best], abs=1e-6)
+
+
+def test_several_seeds_make_an_averaged_ensemble(tiny_run, tmp_path):
+    config = _config("environment.number_of_seeds_per_run=2", "training.epochs=1")
+    result = train(tiny_run["features"], tmp_path / "model", config)
+    assert [m["seed"] for m in result.members] == [1234, 1235]
+    members = [np.load(tmp_path / "model" / f"fold0_seed{i}" / "validation.npy") for i in range(2)]
+    predictions = pd.read_parquet(result.predictions_path)
+    np.testing.assert_allclose(predictions["pred_cough_detected"], np.mean(members, axis=0)[:, 0], atol=1e-6)
+
+
+def test_a_diverging_run_stops_naming_epoch_and_step(tiny_run, tmp_path):
+    config = _config("training.optimizer=SGD", "training.learning_rate=1e30", "training.loss_function=MSE")
+    with pytest.raises(CoughPipelineError, match=r"fold 0, epoch \d+, step \d+: the loss is nan"):
+        train(tiny_run["features"], tmp_path / "model", config)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tiny_run, tmp_path):
+    config = _config("training.epochs=4")
+    save_config(config, tmp_path)
+    command = [sys.executable, "pipeline.py", "step", "train", "--input", str(tiny_run["features"]),
+               "--out", str(tmp_path / "killed"), "--config", str(tmp_path / "config.yaml")]
+    process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = tmp_path / "killed" / "fold0_seed0" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the next epoch
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not (tmp_path / "killed" / "model.json").exists()
+    epoch_at_kill = torch.load(checkpoint, weights_only=False)["epoch"]
+    assert epoch_at_kill < 4
+    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming after epoch {epoch_at_kill}" in done.stderr
+
+    clean = train(tiny_run["features"], tmp_path / "clean", config)
+    resumed = load_file(str(tmp_path / "killed" / "fold0_seed0" / "model.safetensors"))
+    uninterrupted = load_file(str(tmp_path / "clean" / "fold0_seed0" / "model.safetensors"))
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
+    history = json.loads((tmp_path / "killed" / "history.json").read_text())
+    assert [h["validation_mae"] for h in history] == pytest.approx([h["validation_mae"] for h in clean.history], abs=1e-6)
+    assert not checkpoint.exists()  # a finished member needs no checkpoint
