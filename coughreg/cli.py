@@ -129,6 +129,21 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from coughreg.submit import Submission, submit
+
+    options = Submission(
+        host=args.host, namespace=args.namespace, experiment=args.experiment, run_name=args.run_name,
+        pipeline_root=args.pipeline_root, token=args.token, service_account=args.service_account,
+        enable_caching=False if args.no_cache else None, feature_parts=args.feature_parts, wait=args.wait,
+        timeout_s=args.timeout, schedule=args.schedule,
+    )
+    outcome = submit(_config(args), args.data, options)
+    for key, value in outcome.items():
+        print(f"{key}: {value}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from coughreg.demo import run_demo
 
@@ -210,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     run_local.add_argument("--out", type=Path, default=Path("out"), help="where the run's artifacts go (default: out/)")
     _add_config_options(run_local)
     run_local.set_defaults(func=cmd_run_local)
+
+    submit = commands.add_parser("submit", help="submit the pipeline to Kubeflow Pipelines on a cluster")
+    submit.add_argument("--host", default=None, help="KFP API endpoint (default: in-cluster or kube config)")
+    submit.add_argument("--namespace", default="kubeflow")
+    submit.add_argument("--experiment", default="cough-regression")
+    submit.add_argument("--run-name", default=None)
+    submit.add_argument("--data", required=True, help="s3:// URI of the data set as the cluster sees it")
+    submit.add_argument("--pipeline-root", default=None, help="s3://bucket/prefix for artifacts (default: kfp-launcher's)")
+    submit.add_argument("--token", default=None, help="bearer token (default: KF_PIPELINES_TOKEN or the service account)")
+    submit.add_argument("--service-account", default=None, help="Kubernetes service account the pods run as")
+    submit.add_argument("--feature-parts", type=int, default=2, help="feature extraction pods (ParallelFor)")
+    submit.add_argument("--no-cache", action="store_true", help="rerun every step; per step: --set cluster.cache={train: false}")
+    submit.add_argument("--wait", action="store_true", help="follow the run to its end")
+    submit.add_argument("--timeout", type=int, default=24 * 3600, help="seconds --wait waits")
+    submit.add_argument("--schedule", default=None, metavar="CRON", help="create a recurring run, e.g. '0 0 3 * * 1'")
+    _add_config_options(submit)
+    submit.set_defaults(func=cmd_submit)
 
     demo = commands.add_parser("demo", help="generate data, serve it from a local S3 endpoint, run the whole DAG")
     demo.add_argument("-n", type=int, default=800, help="recordings to generate")

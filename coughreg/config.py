@@ -232,6 +232,30 @@ class FeaturesConfig(_Section):
     workers: int = Field(0, ge=0, description="Worker processes; 0 = one per CPU core.")
 
 
+class Toleration(_Section):
+    key: str = "nvidia.com/gpu"
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoExecute", "NoSchedule", "PreferNoSchedule"] | None = "NoSchedule"
+
+
+class ClusterConfig(_Section):
+    """Project section (not in Hydrogen Torch files): how the steps run on Kubernetes."""
+
+    s3_secret: str = Field("coughreg-s3", description="Secret whose AWS_* keys reach the steps that read S3, as env.")
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pod needs.")
+    gpu_tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration()], description="Taints training tolerates.")
+    retries: int = Field(3, ge=0, description="Retries (with backoff) of the steps that touch the network or a GPU.")
+    cache: dict[Literal["ingest", "features", "train", "evaluate", "export"], bool] = Field(
+        default_factory=dict, description="Per-step caching; a step not named is cached."
+    )
+    cpu_request: str = Field("2", description="CPU request of the CPU steps.")
+    memory_request: str = Field("4Gi", description="Memory request of the CPU steps.")
+    features_cpu_request: str = Field("4", description="CPU request of each feature part (one process per core).")
+    train_cpu_request: str = Field("8", description="CPU request of training (data loader workers).")
+    train_memory_request: str = Field("32Gi", description="Memory request of training.")
+
+
 class ResolvedInfo(_Section):
     """Written by resolution, never by the user."""
 
@@ -253,6 +277,7 @@ class ExperimentConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     resolved: ResolvedInfo | None = None
 
     @model_validator(mode="before")

@@ -25,7 +25,9 @@ def compiled(tmp_path_factory):
         cwd=PROJECT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    return yaml.safe_load(path.read_text())
+    spec, platform = yaml.safe_load_all(path.read_text())  # the pipeline, then its Kubernetes settings
+    spec["platform"] = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return spec
 
 
 def _producers(task: dict) -> set[str]:
@@ -65,6 +67,35 @@ def test_train_requests_one_nvidia_gpu(compiled):
     assert all("accelerator" not in e["container"].get("resources", {}) for e in others)
 
 
+def test_kubernetes_settings(compiled):
+    platform = compiled["platform"]
+    for executor in ("exec-ingest", "exec-train"):
+        secret = platform[executor]["secretAsEnv"][0]
+        assert secret["secretName"] == "coughreg-s3"
+        assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert "secretAsEnv" not in platform.get("exec-evaluate", {})
+    assert platform["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 3 and tasks["ingest"]["retryPolicy"]["backoffDuration"] == "30s"
+    assert all(task["cachingOptions"].get("enableCache", False) for task in tasks.values() if "cachingOptions" in task)
+    resources = compiled["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["resourceMemoryRequest"] == "32Gi" and resources["resourceCpuRequest"] == "8"
+    dumped = yaml.safe_dump(compiled)
+    assert "AWS_SECRET_ACCESS_KEY: " not in dumped and "replace-me" not in dumped  # no credential values, only names
+
+
+def test_node_selector_and_per_step_cache(tmp_path):
+    from coughreg.export import load_pipeline_module
+
+    config = load_resolved_config(HT_YAML, ["cluster.gpu_node_selector={accelerator: nvidia-h100}", "cluster.cache={train: false}"])
+    path = load_pipeline_module().compile_pipeline(tmp_path / "p.yaml", config)
+    spec, platform = yaml.safe_load_all(path.read_text())
+    train = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert train["nodeSelector"]["labels"] == {"accelerator": "nvidia-h100"}
+    assert spec["root"]["dag"]["tasks"]["train"]["cachingOptions"] == {}  # caching off for train only
+    assert spec["root"]["dag"]["tasks"]["evaluate"]["cachingOptions"]["enableCache"] is True
+
+
 def test_the_config_travels_as_a_parameter(compiled):
     parameters = compiled["root"]["inputDefinitions"]["parameters"]
     assert set(parameters) == {"source_uri", "config_yaml", "feature_parts"}
@@ -78,7 +109,7 @@ def test_no_gpus_means_no_request(tmp_path):
     from coughreg.export import load_pipeline_module
 
     path = load_pipeline_module().compile_pipeline(tmp_path / "cpu.yaml", load_resolved_config(HT_YAML, ["environment.gpus=[]"]))
-    spec = yaml.safe_load(path.read_text())
+    spec = next(yaml.safe_load_all(path.read_text()))
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"].get("resources", {})
 
 
