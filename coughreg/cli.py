@@ -40,6 +40,44 @@ def _s3_options(args: argparse.Namespace):
     return S3Options(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.no_sign_request)
 
 
+class _ArtifactFolders:
+    """Step inputs and outputs may be s3:// artifact URIs (from a pipeline run): inputs are mirrored
+    into the download cache, outputs written locally and uploaded when the step succeeds."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.uploads: list[tuple[Path, str]] = []
+
+    def input(self, value) -> Path:
+        from coughreg.sources import _download_prefix
+        from coughreg.storage import DEFAULT_CACHE, is_s3_uri
+
+        if is_s3_uri(str(value)):
+            return _download_prefix(str(value), _s3_options(self.args), Path(self.args.cache_dir or DEFAULT_CACHE))
+        return Path(value)
+
+    def output(self, value) -> Path:
+        import tempfile
+
+        from coughreg.storage import is_s3_uri
+
+        if is_s3_uri(str(value)):
+            local = Path(tempfile.mkdtemp(prefix="coughreg-step-"))
+            self.uploads.append((local, str(value)))
+            return local
+        return Path(value)
+
+    def publish(self) -> None:
+        import shutil
+
+        from coughreg.storage import upload_folder
+
+        for local, uri in self.uploads:
+            upload_folder(local, uri, _s3_options(self.args))
+            shutil.rmtree(local, ignore_errors=True)
+            print(f"uploaded to {uri}")
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from coughreg.config import config_to_yaml
 
@@ -61,40 +99,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_step_ingest(args: argparse.Namespace) -> int:
     from coughreg.ingest import ingest
 
-    result = ingest(args.input, args.out, _config(args), _s3_options(args), args.cache_dir, args.workers)
+    folders = _ArtifactFolders(args)
+    result = ingest(args.input, folders.output(args.out), _config(args), _s3_options(args), args.cache_dir, args.workers)
     print(f"manifest: {result.manifest_path} ({result.counts.get('ok', 0)} ok, {result.counts.get('rejected', 0)} rejected)")
+    folders.publish()
     return 0
 
 
 def cmd_step_features(args: argparse.Namespace) -> int:
     from coughreg.features import extract_features
 
-    result = extract_features(args.input, args.out, _config(args), args.workers)
+    folders = _ArtifactFolders(args)
+    result = extract_features(folders.input(args.input), folders.output(args.out), _config(args), args.workers)
     print(f"shards: {result.index_path} ({result.rows} recordings in {len(result.shards)} shards, {len(result.failures)} failed)")
+    folders.publish()
     return 0
 
 
 def cmd_step_train(args: argparse.Namespace) -> int:
     from coughreg.train import train
 
-    result = train(args.input, args.out, _config(args))
+    folders = _ArtifactFolders(args)
+    result = train(folders.input(args.input), folders.output(args.out), _config(args))
     print(f"model: {args.out} ({len(result.members)} model(s)); validation predictions: {result.predictions_path}")
+    folders.publish()
     return 0
 
 
 def cmd_step_evaluate(args: argparse.Namespace) -> int:
     from coughreg.evaluate import evaluate
 
-    result = evaluate(args.model, args.features, args.out, _config(args))
+    folders = _ArtifactFolders(args)
+    result = evaluate(folders.input(args.model), folders.input(args.features), folders.output(args.out), _config(args))
     _print_summary(result.metrics, result.report_path, result.metrics_path, None)
+    folders.publish()
     return 0
 
 
 def cmd_step_export(args: argparse.Namespace) -> int:
     from coughreg.export import export
 
-    result = export(args.model, args.out, _config(args))
+    folders = _ArtifactFolders(args)
+    result = export(folders.input(args.model), folders.output(args.out), _config(args))
     print(f"scorer: {result.scorer_dir}\npipeline: {result.pipeline_path}")
+    folders.publish()
     return 0
 
 
@@ -182,35 +230,39 @@ def build_parser() -> argparse.ArgumentParser:
     steps = step.add_subparsers(dest="step", required=True)
     ingest = steps.add_parser("ingest", help="data set (s3://, zip, folder) -> manifest.parquet + audio")
     ingest.add_argument("--input", required=True, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
-    ingest.add_argument("--out", type=Path, required=True)
+    ingest.add_argument("--out", required=True, help="a folder or an s3:// URI")
     ingest.add_argument("--workers", type=int, default=None)
     _add_config_options(ingest)
     _add_s3_options(ingest)
     ingest.set_defaults(func=cmd_step_ingest)
 
     features = steps.add_parser("features", help="ingest folder -> log-mel Parquet shards")
-    features.add_argument("--input", type=Path, required=True, help="the ingest step's output folder")
-    features.add_argument("--out", type=Path, required=True)
+    features.add_argument("--input", required=True, help="the ingest step's output folder or s3:// artifact URI")
+    features.add_argument("--out", required=True, help="a folder or an s3:// URI")
+    _add_s3_options(features)
     features.add_argument("--workers", type=int, default=None)
     _add_config_options(features)
     features.set_defaults(func=cmd_step_features)
 
     train = steps.add_parser("train", help="spectrogram shards -> trained model(s) and validation predictions")
-    train.add_argument("--input", type=Path, required=True, help="the features step's output folder")
-    train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--input", required=True, help="the features step's output folder or s3:// artifact URI")
+    train.add_argument("--out", required=True, help="a folder or an s3:// URI")
+    _add_s3_options(train)
     _add_config_options(train)
     train.set_defaults(func=cmd_step_train)
 
     evaluate = steps.add_parser("evaluate", help="validation predictions -> metrics and the HTML report")
-    evaluate.add_argument("--model", type=Path, required=True, help="the train step's output folder")
-    evaluate.add_argument("--features", type=Path, required=True, help="the features step's output folder")
-    evaluate.add_argument("--out", type=Path, required=True)
+    evaluate.add_argument("--model", required=True, help="the train step's output folder or s3:// artifact URI")
+    evaluate.add_argument("--features", required=True, help="the features step's output folder or s3:// artifact URI")
+    evaluate.add_argument("--out", required=True, help="a folder or an s3:// URI")
+    _add_s3_options(evaluate)
     _add_config_options(evaluate)
     evaluate.set_defaults(func=cmd_step_evaluate)
 
     export = steps.add_parser("export", help="trained model -> scorer folder and compiled pipeline")
-    export.add_argument("--model", type=Path, required=True, help="the train step's output folder")
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--model", required=True, help="the train step's output folder or s3:// artifact URI")
+    export.add_argument("--out", required=True, help="a folder or an s3:// URI")
+    _add_s3_options(export)
     _add_config_options(export)
     export.set_defaults(func=cmd_step_export)
 

@@ -292,3 +292,20 @@ def sha256_file(path: Path, chunk: int = 2**20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def upload_folder(folder: Path, uri: str, options: S3Options | None = None) -> int:
+    """Every file under ``folder`` to ``s3://bucket/prefix/`` (symbolic links followed); returns the count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    location = parse_s3_uri(uri if uri.endswith("/") else uri + "/")
+    client = s3_client(options)
+    files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+
+    def put(path: Path) -> None:
+        upload_file(path, f"s3://{location.bucket}/{location.key}{path.relative_to(folder).as_posix()}", options, client)
+
+    with ThreadPoolExecutor((options or S3Options()).max_concurrency) as pool:
+        list(pool.map(put, files))
+    log.info("uploaded %d files to %s", len(files), location.uri)
+    return len(files)

@@ -47,3 +47,21 @@ def test_a_step_error_is_one_clear_line(tmp_path):
     done = _run("step", "ingest", "--input", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.zip'}: no such file or folder"
+
+
+def test_rerun_one_step_from_s3_artifacts(s3_env, bucket, tiny_run, tmp_path):
+    """Iterate on training without re-featurizing: features from a previous run's artifact URI, model to S3."""
+    from coughreg.config import save_config
+    from coughreg.storage import upload_folder
+
+    upload_folder(tiny_run["features"], f"s3://{bucket}/run-1/features/spectrograms/")
+    config_path = save_config(tiny_run["config"], tmp_path)
+    done = _run("step", "train", "--input", f"s3://{bucket}/run-1/features/spectrograms/", "--out", f"s3://{bucket}/iteration-2/model/",
+                "--config", str(config_path), "--set", "training.epochs=1", "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    keys = {o["Key"] for o in s3_env.client().list_objects_v2(Bucket=bucket, Prefix="iteration-2/model/")["Contents"]}
+    assert {"iteration-2/model/model.json", "iteration-2/model/predictions.parquet", "iteration-2/model/fold0_seed0/model.safetensors"} <= keys
+    done = _run("step", "export", "--model", f"s3://{bucket}/iteration-2/model/", "--out", str(tmp_path / "scorer"),
+                "--config", str(config_path), "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "scorer" / "scorer.safetensors").exists()
