@@ -36,3 +36,16 @@ clean:
 .PHONY: demo
 demo: $(STAMP)
 	$(PY) pipeline.py demo
+
+# Container images: names and tags come from coughreg/images.py (COUGHREG_REGISTRY, COUGHREG_IMAGE_TAG).
+CPU_IMAGE = $(shell $(PY) -c 'from coughreg.images import CPU_IMAGE; print(CPU_IMAGE)')
+GPU_IMAGE = $(shell $(PY) -c 'from coughreg.images import GPU_IMAGE; print(GPU_IMAGE)')
+
+.PHONY: image push
+image: $(STAMP)
+	docker build -f docker/Dockerfile --target cpu -t $(CPU_IMAGE) .
+	docker build -f docker/Dockerfile --target cuda -t $(GPU_IMAGE) .
+
+push: image
+	docker push $(CPU_IMAGE)
+	docker push $(GPU_IMAGE)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import PROJECT
 
@@ -33,14 +34,36 @@ def test_the_image_installs_exactly_the_local_pins():
     assert {"torch", "torchaudio", "timm", "kfp", "kfp-kubernetes", "av", "pyarrow", "pandas", "scikit-learn", "boto3"} <= names
 
 
-def test_the_manifests_build_and_validate(tmp_path):
+@pytest.mark.parametrize("target", ["base", "overlays/aws", "overlays/minio-dev"])
+def test_the_manifests_build_and_validate(tmp_path, target):
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed on this machine")
-    built = subprocess.run(["kubectl", "kustomize", str(PROJECT / "manifests" / "base")], capture_output=True, text=True)
+    built = subprocess.run(["kubectl", "kustomize", str(PROJECT / "manifests" / target)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
-    rendered = tmp_path / "base.yaml"
+    rendered = tmp_path / "rendered.yaml"
     rendered.write_text(built.stdout)
     validate = Path(sys.executable).parent / "kubernetes-validate"
     done = subprocess.run([str(validate), "-k", "1.32.0", "--strict", str(rendered)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "kind: ConfigMap" in built.stdout and "defaultPipelineRoot" in built.stdout
+    objects = [o for o in yaml.safe_load_all(built.stdout) if o]
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "ServiceAccount", "Secret", "ConfigMap", "Role", "RoleBinding"} <= kinds
+    assert all(o["metadata"].get("namespace") == "coughreg" for o in objects if o["kind"] != "Namespace")
+    launcher = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kfp-launcher")
+    assert launcher["data"]["defaultPipelineRoot"].startswith("s3://")
+    if target == "overlays/minio-dev":
+        assert "Deployment" in kinds and "forcePathStyle: true" in launcher["data"]["providers"]
+    if target == "overlays/aws":
+        account = next(o for o in objects if o["kind"] == "ServiceAccount")
+        assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
+
+
+def test_components_take_their_image_from_one_place():
+    from components.features import feature_part
+    from components.train import train
+    from coughreg.images import CPU_IMAGE, GPU_IMAGE
+
+    assert feature_part.component_spec.implementation.container.image == CPU_IMAGE
+    assert train.component_spec.implementation.container.image == GPU_IMAGE
+    makefile = (PROJECT / "Makefile").read_text()
+    assert "coughreg.images" in makefile
