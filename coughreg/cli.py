@@ -85,6 +85,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from coughreg.config import config_reference
+
+    sys.stdout.write(config_reference())
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from coughreg.synth import generate_coughvid_zip
 
@@ -216,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the resolved experiment config")
     _add_config_options(config)
     config.set_defaults(func=cmd_config)
+
+    reference = commands.add_parser("config-reference", help="every config key with type, default and meaning (Markdown)")
+    reference.set_defaults(func=cmd_config_reference)
 
     generate = commands.add_parser("generate", help="write a generated COUGHVID-format zip")
     generate.add_argument("--out", type=Path, required=True, help="the zip to write")

@@ -481,3 +481,26 @@ def save_config(config: ExperimentConfig, folder: str | Path) -> Path:
     target = Path(folder) / CONFIG_FILE_NAME
     atomic_write_text(target, config_to_yaml(config))
     return target
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("coughreg.config.", "").replace("|", "\\|")  # a bare | would end the table cell
+
+
+def config_reference() -> str:
+    """Every key of the config model, with type, default and meaning, as a Markdown table (for the README)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    defaults = ExperimentConfig().model_dump(mode="json")
+    for section, field in ExperimentConfig.model_fields.items():
+        annotation = field.annotation
+        if section == "resolved":
+            continue
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for name, inner in annotation.model_fields.items():
+                default = json.dumps(defaults[section][name])
+                meaning = (inner.description or "").replace("|", "\\|")
+                lines.append(f"| `{section}.{name}` | `{_type_name(inner.annotation)}` | `{default}` | {meaning} |")
+        else:
+            lines.append(f"| `{section}` | `{_type_name(annotation)}` | `{json.dumps(defaults[section])}` | the run's name |")
+    return "\n".join(lines) + "\n"

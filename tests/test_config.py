@@ -161,3 +161,13 @@ def test_cli_prints_the_resolved_config_and_names_bad_keys(tmp_path):
     failed = _cli("config", "--config", str(bad))
     assert failed.returncode == 2
     assert "unknown key 'training.learning_rat'" in failed.stderr and str(bad) in failed.stderr
+
+
+def test_the_readme_config_reference_is_generated_from_the_model():
+    from coughreg.config import config_reference
+
+    readme = (PROJECT / "README.md").read_text()
+    section = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
+    assert section == config_reference(), "run: python pipeline.py config-reference, and paste it into README.md"
+    for key in ("training.differential_learning_rate_layers", "audio.spectrogram_normalization", "cluster.s3_secret"):
+        assert f"`{key}`" in section
