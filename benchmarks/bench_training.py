@@ -53,7 +53,7 @@ def input_pipeline(paths, frames, config, device, epochs: int = 2) -> float:
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         dataset.epoch = loader.batch_sampler.epoch = epoch
-        for spectrograms, lengths, y, _ in loader:
+        for spectrograms, _lengths, y, _ in loader:
             if device.type == "cuda":
                 spectrograms = spectrograms.to(device, non_blocking=True)
             seen += len(y)

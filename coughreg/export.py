@@ -22,7 +22,7 @@ from coughreg.config import PROJECT_ROOT, ExperimentConfig, save_config
 from coughreg.errors import CoughPipelineError
 from coughreg.frontend import LogMel
 from coughreg.model import CoughScorer
-from coughreg.score import MIN_SECONDS, SCORER_FORMAT, SCORER_INFO, SCORER_PROGRAM, SCORER_WEIGHTS, Scorer
+from coughreg.score import SCORER_FORMAT, SCORER_INFO, SCORER_PROGRAM, SCORER_WEIGHTS, Scorer
 from coughreg.storage import atomic_path, atomic_write_text
 from coughreg.train import MODEL_INFO, load_members
 

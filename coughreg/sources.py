@@ -54,8 +54,8 @@ class DataSource(abc.ABC):
     def describe(self, name: str) -> str:
         return f"{self.uri}!{name}"
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - nothing to release unless a subclass holds a handle
+        """Release what the source holds open (an archive's file handle)."""
 
 
 def safe_relative_name(name: str) -> str | None:
