@@ -29,7 +29,7 @@ sys.path.insert(0, str(PROJECT))
 
 from coughreg.config import load_resolved_config  # noqa: E402
 from coughreg.model import CoughRegressor  # noqa: E402
-from coughreg.shards import SpectrogramShardWriter  # noqa: E402
+from coughreg.shards import SpectrogramShardReader, SpectrogramShardWriter  # noqa: E402
 from coughreg.train import SpectrogramDataset, autocast_dtype, create_loader  # noqa: E402
 
 
@@ -48,7 +48,8 @@ def write_shards(folder: Path, clips: int, rows_per_shard: int = 512) -> tuple[l
 def input_pipeline(paths, frames, config, device, epochs: int = 2) -> float:
     labels = np.random.default_rng(1).random((len(frames), 1)).astype(np.float32)
     dataset = SpectrogramDataset(paths, np.arange(len(frames)), labels, 938, seed=0)
-    loader = create_loader(dataset, np.minimum(frames, 938), config, True, device, seed=0)
+    blocks = SpectrogramShardReader(paths).blocks
+    loader = create_loader(dataset, np.minimum(frames, 938), config, True, device, seed=0, blocks=blocks)
     seen = 0
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--backbones", nargs="*", default=["resnet18", "resnet50"])
     parser.add_argument("--fed-backbone", default="resnet18")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

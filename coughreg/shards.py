@@ -8,6 +8,7 @@ source manifest's hash in its file metadata, and lands under a temporary name fi
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,7 @@ class SpectrogramShardReader:
     its row group through the memory map when asked for, and the last row group is kept.
     """
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], cached_row_groups: int = 48) -> None:
         if not paths:
             raise CoughPipelineError("no spectrogram shards to read")
         self.paths = [Path(p) for p in paths]
@@ -137,18 +138,29 @@ class SpectrogramShardReader:
             for group in range(meta.num_row_groups):
                 locations.extend((shard, group, row) for row in range(meta.row_group(group).num_rows))
         self._locations = np.array(locations, dtype=np.int64).reshape(-1, 3)
-        self._cached_key: tuple[int, int] | None = None
-        self._cached_column: pa.ChunkedArray | None = None
+        self._cache: OrderedDict[tuple[int, int], pa.ChunkedArray] = OrderedDict()
+        self._cache_size = max(1, cached_row_groups)
 
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def blocks(self) -> np.ndarray:
+        """The row group (numbered across shards) of every row: what a locality-aware sampler groups by."""
+        _, first = np.unique(self._locations[:, :2], axis=0, return_inverse=True)
+        return first.reshape(-1)
+
     def _row_group(self, shard: int, group: int) -> pa.Array:
         key = (shard, group)
-        if key != self._cached_key:
-            self._cached_column = self._files[shard].read_row_group(group, columns=["spectrogram"]).column(0)
-            self._cached_key = key
-        return self._cached_column
+        column = self._cache.get(key)
+        if column is None:
+            column = self._files[shard].read_row_group(group, columns=["spectrogram"]).column(0)
+            self._cache[key] = column
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)  # least recently used
+        else:
+            self._cache.move_to_end(key)
+        return column
 
     def spectrogram(self, row: int) -> np.ndarray:
         """(mels, frames) float16 of one row."""

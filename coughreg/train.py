@@ -137,37 +137,51 @@ def collate_spectrograms(batch):
 class LengthBucketBatchSampler(Sampler):
     """Batches of similar length, so little of each batch is padding; random order in training.
 
-    Training: shuffle, cut into pools of ``pool_batches`` batches, sort each pool by length, cut it
-    into batches and shuffle the batches (a new order every epoch, from the seed). Inference: one
-    pool, sorted, in order.
+    Training: the rows are cut into pools, each pool sorted by length and cut into batches, and
+    the batches shuffled (a new order every epoch, from the seed). When ``blocks`` (each row's
+    Parquet row group) is given, a pool is ``pool_blocks`` randomly chosen row groups, so every
+    row group is read once per epoch instead of once per row (a shuffle buffer, as streaming
+    loaders do); otherwise a pool is ``pool_batches`` batches of randomly chosen rows.
+    Inference: sorted by length, in order.
     """
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, train: bool, drop_last: bool, seed: int, pool_batches: int = 32) -> None:
+    def __init__(self, lengths: np.ndarray, batch_size: int, train: bool, drop_last: bool, seed: int,
+                 pool_batches: int = 32, blocks: np.ndarray | None = None, pool_blocks: int = 16) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.train = train
         self.drop_last = drop_last
         self.seed = seed
         self.pool_batches = pool_batches
+        self.blocks = None if blocks is None else np.asarray(blocks)
+        self.pool_blocks = pool_blocks
         self.epoch = 0
 
-    def _batches(self) -> list[np.ndarray]:
+    def _pools(self, rng: np.random.Generator) -> list[np.ndarray]:
         n = len(self.lengths)
+        if self.blocks is None:
+            order = rng.permutation(n)
+            size = self.batch_size * self.pool_batches
+            return [order[i : i + size] for i in range(0, n, size)]
+        ids = np.unique(self.blocks)
+        chosen = rng.permutation(ids)
+        pools = []
+        for i in range(0, len(chosen), self.pool_blocks):
+            members = np.flatnonzero(np.isin(self.blocks, chosen[i : i + self.pool_blocks]))
+            pools.append(rng.permutation(members))
+        return pools
+
+    def _batches(self) -> list[np.ndarray]:
         if not self.train:
             order = np.argsort(self.lengths, kind="stable")
-            return [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         rng = np.random.default_rng((self.seed, self.epoch))
-        order = rng.permutation(n)
-        pool = self.batch_size * self.pool_batches
         batches = []
-        for start in range(0, n, pool):
-            chunk = order[start : start + pool]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            for i in range(0, len(chunk), self.batch_size):
-                batch = chunk[i : i + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
-        rng.shuffle(batches)
+        for pool in self._pools(rng):
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            pool_batches = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+            rng.shuffle(pool_batches)
+            batches.extend(b for b in pool_batches if len(b) == self.batch_size or not self.drop_last)
         return batches
 
     def __iter__(self):
@@ -180,13 +194,13 @@ class LengthBucketBatchSampler(Sampler):
 
 def create_loader(
     dataset: SpectrogramDataset, lengths: np.ndarray, config: ExperimentConfig, train: bool, device: torch.device, seed: int,
-    batch_size: int | None = None,
+    batch_size: int | None = None, blocks: np.ndarray | None = None,
 ) -> DataLoader:
     # Reading float16 from memory-mapped shards is cheap: leave two cores to the training process itself.
     workers = min(config.environment.number_of_workers, max(0, (os.cpu_count() or 1) - 2))
     batch_size = batch_size or config.training.batch_size
     drop_last = train and config.training.drop_last_batch and len(dataset) > batch_size
-    sampler = LengthBucketBatchSampler(lengths, batch_size, train, drop_last, seed)
+    sampler = LengthBucketBatchSampler(lengths, batch_size, train, drop_last, seed, blocks=blocks)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -487,7 +501,10 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
     frames = table["n_frames"].to_numpy()
     train_set = SpectrogramDataset(run.paths, train_rows, train_labels, run.crop_frames, member_seed)
     validation_set = SpectrogramDataset(run.paths, validation_rows, validation_labels, None, member_seed)
-    train_loader = create_loader(train_set, np.minimum(frames[train_rows], run.crop_frames), config, True, device, member_seed, batch_size)
+    train_loader = create_loader(
+        train_set, np.minimum(frames[train_rows], run.crop_frames), config, True, device, member_seed, batch_size,
+        blocks=run.reader.blocks[train_rows],
+    )
     validation_loader = create_loader(validation_set, frames[validation_rows], config, False, device, member_seed, batch_size)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / config.training.grad_accumulation))
     optimizer = create_optimizer(model, config)

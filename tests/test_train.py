@@ -160,3 +160,20 @@ def test_dataset_normalization_statistics_come_from_the_training_rows(tiny_run, 
     assert member["normalization"]["std"] == pytest.approx(values.std(), rel=1e-3)
     model = load_members(tmp_path / "model", config)[0]
     assert float(model.normalizer.mean) == pytest.approx(values.mean(), rel=1e-4)  # stored with the model
+
+
+def test_block_pools_read_each_row_group_once_per_epoch():
+    rng = np.random.default_rng(3)
+    blocks = np.repeat(np.arange(20), 32)  # 20 row groups of 32 rows
+    lengths = rng.integers(100, 900, size=len(blocks))
+    sampler = LengthBucketBatchSampler(lengths, 16, train=True, drop_last=False, seed=0, blocks=blocks, pool_blocks=4)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(blocks)))
+    # reading in this order with a cache of 4 row groups touches each row group exactly once
+    cache, reads = [], 0
+    for batch in batches:
+        for i in batch:
+            if blocks[i] not in cache:
+                reads += 1
+                cache = (cache + [blocks[i]])[-4:]
+    assert reads == 20
