@@ -246,6 +246,11 @@ class ClusterConfig(_Section):
     gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pod needs.")
     gpu_tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration()], description="Taints training tolerates.")
     retries: int = Field(3, ge=0, description="Retries (with backoff) of the steps that touch the network or a GPU.")
+    checkpoint_uri: str | None = Field(
+        None,
+        description="s3:// prefix (or folder) where training also keeps its per-epoch checkpoints, so a retried "
+        "pod or a preempted node resumes where the last one stopped; None: only inside the model folder.",
+    )
     cache: dict[Literal["ingest", "features", "train", "evaluate", "export"], bool] = Field(
         default_factory=dict, description="Per-step caching; a step not named is cached."
     )

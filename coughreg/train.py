@@ -457,6 +457,45 @@ def _fingerprint(run: _Run, train_rows: np.ndarray, batch_size: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _remote_checkpoint(config: ExperimentConfig, fingerprint: str, member: str) -> str | None:
+    """Where this member's checkpoint also lives outside the pod: keyed by everything that shapes it."""
+    base = config.cluster.checkpoint_uri
+    if not base:
+        return None
+    return f"{base.rstrip('/')}/{fingerprint[:16]}/{member}/{CHECKPOINT}"
+
+
+def _fetch_checkpoint(remote: str, local: Path) -> None:
+    import shutil
+
+    from coughreg.errors import StorageError
+    from coughreg.storage import download_s3_object, is_s3_uri, local_path
+
+    try:
+        source = download_s3_object(remote) if is_s3_uri(remote) else local_path(remote)
+    except StorageError as exc:
+        if "no such object" in str(exc):
+            return  # nothing stored yet: a first run
+        raise
+    if source.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(local) as tmp:
+            shutil.copyfile(source, tmp)
+        log.info("checkpoint fetched from %s", remote)
+
+
+def _store_checkpoint(local: Path, remote: str) -> None:
+    import shutil
+
+    from coughreg.storage import is_s3_uri, local_path, upload_file
+
+    if is_s3_uri(remote):
+        upload_file(local, remote)  # one PUT: the object is replaced whole or not at all
+    else:
+        with atomic_path(local_path(remote)) as tmp:
+            shutil.copyfile(local, tmp)
+
+
 def _train_member(run: _Run, fold: int, seed_index: int, train_rows: np.ndarray, validation_rows: np.ndarray):
     """One model: resumes a finished member or an interrupted one; halves the batch on CUDA out-of-memory when asked."""
     config = run.config
@@ -519,6 +558,9 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
     start_epoch, validation = 1, None
     fingerprint = _fingerprint(run, train_rows, batch_size)
     checkpoint_path = member_dir / CHECKPOINT
+    remote = _remote_checkpoint(config, fingerprint, member_dir.name)
+    if not checkpoint_path.exists() and remote is not None:
+        _fetch_checkpoint(remote, checkpoint_path)
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
         if checkpoint.get("fingerprint") == fingerprint:
@@ -570,6 +612,8 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                 "history": history, "best": best, "validation": validation,
             }, tmp)
+        if remote is not None:
+            _store_checkpoint(checkpoint_path, remote)
     if validation is None:  # no epoch ran
         validation = validate(0, {})
     if config.training.save_best_checkpoint and best["state"] is not None:

@@ -123,3 +123,28 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tiny_run, tmp_path):
     history = json.loads((tmp_path / "killed" / "history.json").read_text())
     assert [h["validation_mae"] for h in history] == pytest.approx([h["validation_mae"] for h in clean.history], abs=1e-6)
     assert not checkpoint.exists()  # a finished member needs no checkpoint
+
+
+def test_a_retried_pod_resumes_from_the_checkpoint_in_s3(s3_env, bucket, tiny_run, tmp_path):
+    """A retry lands on a fresh pod with an empty output folder: the checkpoint comes back from S3."""
+    config = _config("training.epochs=3", f"cluster.checkpoint_uri=s3://{bucket}/checkpoints")
+    save_config(config, tmp_path)
+    def command(out):
+        return [sys.executable, "pipeline.py", "step", "train", "--input", str(tiny_run["features"]),
+                "--out", str(out), "--config", str(tmp_path / "config.yaml"), "--cache-dir", str(tmp_path / "cache")]
+    process = subprocess.Popen(command(tmp_path / "pod-1"), cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    client = s3_env.client()
+    deadline = time.time() + 240
+    while time.time() < deadline and client.list_objects_v2(Bucket=bucket, Prefix="checkpoints/").get("KeyCount", 0) == 0:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert client.list_objects_v2(Bucket=bucket, Prefix="checkpoints/")["KeyCount"] == 1
+    done = subprocess.run(command(tmp_path / "pod-2"), cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint fetched from s3://" in done.stderr and "resuming after epoch" in done.stderr
+    clean = train(tiny_run["features"], tmp_path / "clean", _config("training.epochs=3"))
+    resumed = load_file(str(tmp_path / "pod-2" / "fold0_seed0" / "model.safetensors"))
+    for key, value in load_file(str(clean.out_dir / "fold0_seed0" / "model.safetensors")).items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
