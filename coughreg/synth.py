@@ -10,9 +10,14 @@ The mapping from label to audio is fixed here, once (``MAPPING_VERSION``), and n
 3. The clip holds 1-4 cough events (explosive broadband onset, short noisy decay, often a voiced
    tail) whose level above the background is ``SNR = -25 + 55 q`` dB (inaudible at q = 0, clear
    at q = 1). Independently of q it has a background (room tone, pink noise, mains hum or near
-   silence), and with probability ``0.9 - 0.6 q`` a distractor (speech-like syllables or
-   breathing) 5-25 dB above the background. The whole clip is then scaled to a random peak level,
-   so loudness alone says nothing.
+   silence); with probability ``0.9 - 0.6 q`` a distractor 5-25 dB above the background, and
+   with probability 0.3 (at any q) a second one. Distractors are speech-like syllables (slow or
+   abrupt onsets), breathing, knocks (short broadband transients) or beeps (app prompts), so
+   neither a sharp onset nor a loud event alone means a cough. With probability 0.25 the clip
+   goes through a noise gate, as phone noise suppression does: stretches quieter than 6 dB above
+   the background become digital silence. The whole clip is then scaled to a random peak level,
+   so loudness alone says nothing. (Mapping version 2; version 1 had only speech and breathing
+   distractors and no gate, and taught models that any sharp sound out of silence is a cough.)
 
 The best MAE any model can reach on this data (the noise floor) is the MAE of the Bayes
 predictor that knows ``q`` exactly: the posterior median of ``y`` given ``q`` under the prior of
@@ -40,7 +45,7 @@ from coughreg.storage import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-MAPPING_VERSION = 1
+MAPPING_VERSION = 2
 SAMPLE_RATE = 48000
 LABEL_NOISE_SD = 0.10
 ZIP_DATE = (2020, 9, 10, 0, 0, 0)
@@ -72,7 +77,8 @@ COUGHVID_COLUMNS = [
 
 FORMATS = (("webm", "opus", 0.70), ("ogg", "opus", 0.15), ("ogg", "vorbis", 0.15))
 BACKGROUNDS = ("room", "pink", "hum", "silence")
-DISTRACTORS = ("speech", "breathing")
+DISTRACTORS = ("speech", "breathing", "knocks", "beeps")
+GATE_PROBABILITY = 0.25
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class GeneratedClip:
     background: str
     distractor: str
     n_coughs: int
+    gated: bool
     duration_s: float
     data: bytes
     metadata: dict
@@ -211,7 +218,10 @@ def speech_like(rng: np.random.Generator, seconds: float) -> np.ndarray:
         voiced = sum(np.sin(k * phase) / k for k in range(1, 20))
         f1, f2 = rng.uniform(300, 900), rng.uniform(900, 2500)
         syllable = _bandpass(voiced, f1 * 0.7, f1 * 1.4) + 0.6 * _bandpass(voiced, f2 * 0.8, f2 * 1.25)
-        envelope = np.clip(np.sin(np.pi * t / t[-1]), 0, None) ** 1.5  # slow rise and fall, no explosive onset
+        if rng.random() < 0.5:
+            envelope = np.clip(np.sin(np.pi * t / t[-1]), 0, None) ** 1.5  # slow rise and fall
+        else:  # plosive: an abrupt onset, then the vowel's decay
+            envelope = np.minimum(1.0, t / 0.004) * np.exp(-t / rng.uniform(0.08, 0.3))
         syllable = syllable * envelope
         if rng.random() < 0.25:
             fricative = _bandpass(rng.standard_normal(syllable_n), 4000, 9000) * 0.3 * envelope
@@ -220,6 +230,44 @@ def speech_like(rng: np.random.Generator, seconds: float) -> np.ndarray:
         out[position:end] += syllable[: end - position]
         position = end + int(sr * rng.uniform(0.03, 0.25))
     return _rms_normalize(out)
+
+
+def knocks(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """A few short broadband transients (a tap on the phone, a door, a table): sharp, but not coughs."""
+    sr = SAMPLE_RATE
+    out = np.zeros(int(sr * seconds))
+    for _ in range(int(rng.integers(2, 7))):
+        length = int(sr * rng.uniform(0.005, 0.03))
+        t = np.arange(length) / sr
+        hit = rng.standard_normal(length) * np.exp(-t / rng.uniform(0.002, 0.01))
+        centre = rng.uniform(150, 3000)
+        hit = _bandpass(hit, centre * 0.5, centre * 2.5)
+        start = int(rng.integers(0, max(1, len(out) - length)))
+        out[start : start + length] += hit / (np.max(np.abs(hit)) + 1e-12)
+    return _rms_normalize(out)
+
+
+def beeps(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """App prompts: one to three pure tones with quick ramps."""
+    sr = SAMPLE_RATE
+    out = np.zeros(int(sr * seconds))
+    for _ in range(int(rng.integers(1, 4))):
+        length = min(len(out), int(sr * rng.uniform(0.15, 0.6)))
+        t = np.arange(length) / sr
+        ramp = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.005)
+        tone = np.sin(2 * np.pi * rng.uniform(400, 2000) * t) * ramp
+        start = int(rng.integers(0, max(1, len(out) - length)))
+        out[start : start + length] += tone
+    return _rms_normalize(out)
+
+
+def noise_gate(clip: np.ndarray, threshold: float, block: int = 480) -> np.ndarray:
+    """Blocks of 10 ms whose RMS stays under ``threshold`` become exact zeros."""
+    n = len(clip) // block * block
+    blocks = clip[:n].reshape(-1, block)
+    quiet = np.sqrt(np.mean(blocks**2, axis=1)) < threshold
+    blocks[quiet] = 0.0
+    return clip
 
 
 def breathing(rng: np.random.Generator, seconds: float) -> np.ndarray:
@@ -264,13 +312,18 @@ def synthesize_clip(label: float, evidence: float, rng: np.random.Generator) -> 
     clip = background(rng, kind, n)
     clip = clip / (np.sqrt(np.mean(clip**2)) + 1e-12)  # background at 0 dB: levels below are relative to it
 
-    distractor = "none"
-    if rng.random() < 0.9 - 0.6 * evidence:
-        distractor = str(rng.choice(DISTRACTORS))
+    distractors = []
+    for chance in (0.9 - 0.6 * evidence, 0.3):
+        if rng.random() >= chance:
+            continue
+        kind_of = str(rng.choice(DISTRACTORS))
         seconds = rng.uniform(0.8, min(4.0, duration))
-        source = speech_like(rng, seconds) if distractor == "speech" else breathing(rng, seconds)
+        make = {"speech": speech_like, "breathing": breathing, "knocks": knocks, "beeps": beeps}[kind_of]
+        source = make(rng, seconds)
         start = int(rng.uniform(0, max(1, n - len(source))))
         clip[start : start + len(source)] += source[: n - start] * 10 ** (rng.uniform(5, 25) / 20)
+        distractors.append(kind_of)
+    distractor = "+".join(distractors) or "none"
 
     snr_db = -25.0 + 55.0 * evidence
     n_coughs = int(rng.integers(1, 5))
@@ -283,9 +336,12 @@ def synthesize_clip(label: float, evidence: float, rng: np.random.Generator) -> 
         clip[position : position + len(event)] += event * level
         position += len(event) + int(sr * rng.uniform(0.1, 1.2))
 
+    gated = bool(rng.random() < GATE_PROBABILITY)
+    if gated:
+        clip = noise_gate(clip, threshold=10 ** (6 / 20))  # the background sits at RMS 1
     peak_db = rng.uniform(-12.0, -1.0)
     clip = clip / (np.max(np.abs(clip)) + 1e-12) * 10 ** (peak_db / 20)
-    info = {"background": kind, "distractor": distractor, "n_coughs": n_coughs, "snr_db": snr_db}
+    info = {"background": kind, "distractor": distractor, "n_coughs": n_coughs, "snr_db": snr_db, "gated": gated}
     return clip.astype(np.float32), info
 
 
@@ -399,7 +455,7 @@ def _clip_job(args: tuple[int, int]) -> GeneratedClip:
     metadata = _metadata_row(rng, uid, when, label)
     return GeneratedClip(
         uuid=uid, label=label, evidence=evidence, container=container, codec=codec,
-        background=info["background"], distractor=info["distractor"], n_coughs=info["n_coughs"],
+        background=info["background"], distractor=info["distractor"], n_coughs=info["n_coughs"], gated=info["gated"],
         duration_s=len(samples) / SAMPLE_RATE, data=data, metadata=metadata,
     )
 
@@ -447,7 +503,7 @@ def generate_coughvid_zip(
                 truth_rows.append({
                     "uuid": clip.uuid, "cough_detected": clip.label, "evidence": round(clip.evidence, 6),
                     "container": clip.container, "codec": clip.codec, "background": clip.background,
-                    "distractor": clip.distractor, "n_coughs": clip.n_coughs, "duration_s": round(clip.duration_s, 4),
+                    "distractor": clip.distractor, "n_coughs": clip.n_coughs, "gated": clip.gated, "duration_s": round(clip.duration_s, 4),
                 })
                 if progress_every and index % progress_every == 0:
                     log.info("generated %d/%d clips", index, n)
