@@ -81,13 +81,46 @@ def run_collect_features_step(ingest_dir: str, part_dirs: list[str], config_yaml
 
 
 def run_train_step(features_dir: str, config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
-    from coughreg.train import train
+    import os
+
+    import torch
+
+    from coughreg.train import HISTORY, MODEL_INFO, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train(Path(features_dir), Path(out_dir), config_from_text(config_yaml))
-    last = {k: v for k, v in result.history[-1].items() if k not in ("fold", "seed", "epoch")} if result.history else {}
-    log_metrics(metrics, {"members": len(result.members), **last})
+    config = config_from_text(config_yaml)
+    gpus = len(config.environment.gpus)
+    if gpus > 1 and torch.cuda.device_count() >= gpus and "WORLD_SIZE" not in os.environ:
+        launch_distributed_training(features_dir, config, out_dir, gpus)
+        history = json.loads((Path(out_dir) / HISTORY).read_text())
+        members = json.loads((Path(out_dir) / MODEL_INFO).read_text())["members"]
+    else:
+        result = train(Path(features_dir), Path(out_dir), config)
+        history, members = result.history, result.members
+    last = {k: v for k, v in history[-1].items() if k not in ("fold", "seed", "epoch")} if history else {}
+    log_metrics(metrics, {"members": len(members), **last})
     return last
+
+
+def launch_distributed_training(features_dir: str, config, out_dir: str, processes: int) -> None:
+    """DistributedDataParallel over ``processes`` GPUs: the train step again, under torchrun."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from coughreg.config import save_config
+    from coughreg.errors import CoughPipelineError
+    from coughreg.export import pipeline_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        config_path = save_config(config, folder)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   str(pipeline_file()), "step", "train", "--input", str(features_dir), "--out", str(out_dir),
+                   "--config", str(config_path)]
+        log.info("training on %d processes: %s", processes, " ".join(command))
+        done = subprocess.run(command, check=False)
+    if done.returncode != 0:
+        raise CoughPipelineError(f"distributed training failed (exit {done.returncode}); see the log above")
 
 
 def run_evaluate_step(model_dir: str, features_dir: str, config_yaml: str, out_dir: str, report_path: str | None = None,

@@ -156,6 +156,7 @@ class LengthBucketBatchSampler(Sampler):
         self.blocks = None if blocks is None else np.asarray(blocks)
         self.pool_blocks = pool_blocks
         self.epoch = 0
+        self.rank, self.world, _ = distributed_context()
 
     def _pools(self, rng: np.random.Generator) -> list[np.ndarray]:
         n = len(self.lengths)
@@ -182,6 +183,9 @@ class LengthBucketBatchSampler(Sampler):
             pool_batches = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
             rng.shuffle(pool_batches)
             batches.extend(b for b in pool_batches if len(b) == self.batch_size or not self.drop_last)
+        if self.world > 1:  # DistributedDataParallel: every rank the same number of different batches
+            usable = len(batches) // self.world * self.world
+            batches = batches[self.rank : usable : self.world]
         return batches
 
     def __iter__(self):
@@ -213,6 +217,15 @@ def create_loader(
 
 
 # ---------------------------------------------------------------- optimisation
+
+
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return distributed_context()[0] == 0
 
 
 def create_loss(name: str) -> nn.Module:
@@ -392,6 +405,9 @@ def dataset_statistics(reader: SpectrogramShardReader, rows: np.ndarray, limit: 
 
 
 def _device(config: ExperimentConfig) -> torch.device:
+    _, world, local_rank = distributed_context()
+    if world > 1 and config.environment.gpus and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if config.environment.gpus and torch.cuda.is_available():
         return torch.device("cuda", int(config.environment.gpus[0]) if config.environment.gpus[0].isdigit() else 0)
     return torch.device("cpu")
@@ -537,6 +553,12 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    trainer = model
+    if distributed_context()[1] > 1:  # under torchrun: gradients averaged across ranks
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainer = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    main = is_main_process()
     frames = table["n_frames"].to_numpy()
     train_set = SpectrogramDataset(run.paths, train_rows, train_labels, run.crop_frames, member_seed)
     validation_set = SpectrogramDataset(run.paths, validation_rows, validation_labels, None, member_seed)
@@ -600,11 +622,13 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
         train_set.epoch = epoch
         train_loader.batch_sampler.epoch = epoch
         record = {"fold": fold, "seed": member_seed, "epoch": epoch, **train_one_epoch(
-            model, train_loader, optimizer, scheduler, loss_fn, scaler, device, run.amp_dtype, config, epoch, fold, member_seed
+            trainer, train_loader, optimizer, scheduler, loss_fn, scaler, device, run.amp_dtype, config, epoch, fold, member_seed
         )}
         if epoch == config.training.epochs or math.floor(epoch / every) > math.floor((epoch - 1) / every):
             validation = validate(epoch, record)
         history.append(record)
+        if not main:
+            continue
         member_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(checkpoint_path) as tmp:  # every epoch: a retried pod resumes here
             torch.save({
@@ -620,7 +644,6 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
         model.load_state_dict(best["state"])
         validation = best["validation"]
         log.info("fold %d seed %d: keeping the best epoch %d (%s %.4f)", fold, member_seed, best["epoch"], metric, best["value"])
-    _save_member(model, member_dir)
     member = {
         "fold": fold, "seed": member_seed, "weights": f"{member_dir.name}/model.safetensors",
         "pretrained_from": pretrained_from, "batch_size": batch_size,
@@ -631,11 +654,13 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
         "train_label_mean": train_labels.mean(axis=0).tolist(),
         "train_label_median": np.median(train_labels, axis=0).tolist(),
     }
-    with atomic_path(member_dir / "validation.npy") as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, validation)
-    atomic_write_text(member_dir / MEMBER_DONE, json.dumps({"member": member, "history": history}, indent=2))
-    checkpoint_path.unlink(missing_ok=True)
+    if main:  # one writer under torchrun
+        _save_member(model, member_dir)
+        with atomic_path(member_dir / "validation.npy") as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, validation)
+        atomic_write_text(member_dir / MEMBER_DONE, json.dumps({"member": member, "history": history}, indent=2))
+        checkpoint_path.unlink(missing_ok=True)
     return member, validation, history
 
 
@@ -650,6 +675,23 @@ def train(features_dir: str | Path, out_dir: str | Path, config: ExperimentConfi
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = config.seed
+    started_group = False
+    if distributed_context()[1] > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if config.environment.gpus and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(distributed_context()[2])
+        torch.distributed.init_process_group(backend=backend)
+        started_group = True
+        log.info("distributed training: rank %d of %d (%s)", *distributed_context()[:2], backend)
+    try:
+        return _train(features_dir, out_dir, config, seed)
+    finally:
+        if started_group:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig, seed: int) -> TrainResult:
     paths = shard_paths(features_dir)
     index = json.loads((features_dir / INDEX_NAME).read_text())
     reader = SpectrogramShardReader(paths)
@@ -716,6 +758,8 @@ def train(features_dir: str | Path, out_dir: str | Path, config: ExperimentConfi
         predictions.append(frame)
 
     all_predictions = pd.concat(predictions, ignore_index=True)
+    if not is_main_process():
+        return TrainResult(out_dir, members, out_dir / PREDICTIONS, history)
     folds_frame = labelled[["id", "fold"]].reset_index(drop=True)
     with atomic_path(out_dir / PREDICTIONS) as tmp:
         all_predictions.to_parquet(tmp, index=False)

@@ -148,3 +148,21 @@ def test_a_retried_pod_resumes_from_the_checkpoint_in_s3(s3_env, bucket, tiny_ru
     resumed = load_file(str(tmp_path / "pod-2" / "fold0_seed0" / "model.safetensors"))
     for key, value in load_file(str(clean.out_dir / "fold0_seed0" / "model.safetensors")).items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_under_torchrun(tiny_run, tmp_path):
+    """Two processes with the gloo backend on the CPU: the same code path as several GPUs with NCCL."""
+    config = _config("training.epochs=2")
+    save_config(config, tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pipeline.py", "step",
+               "train", "--input", str(tiny_run["features"]), "--out", str(tmp_path / "ddp"), "--config", str(tmp_path / "config.yaml")]
+    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed training: rank 0 of 2 (gloo)" in done.stderr and "rank 1 of 2" in done.stderr
+    info = json.loads((tmp_path / "ddp" / "model.json").read_text())
+    assert len(info["members"]) == 1
+    predictions = pd.read_parquet(tmp_path / "ddp" / "predictions.parquet")
+    assert predictions["pred_cough_detected"].between(0, 1).all() and len(predictions) >= 4
+    steps = [line for line in done.stderr.splitlines() if "epoch 1 step" in line]
+    assert len(steps) == 2 and all("step 2/2" in line for line in steps)  # 19 rows / batch 4: 4 batches, 2 per rank
