@@ -48,6 +48,13 @@ def prepare(folder: Path, clips: int) -> list[Path]:
     return sorted(folder / n for n in names)
 
 
+def shard_task(paths: list[Path], params: dict, out: str) -> dict:
+    """The features step's unit of work (one shard) over these files."""
+    records = [{"id": p.stem, "split": "train", "audio_path": p.name, "duration_s": 0.0, "group": "", "y": 0.5} for p in paths]
+    return {"path": f"{out}/part.parquet", "records": records, "params": params, "label_columns": ["y"],
+            "group_column": None, "metadata": {}, "row_group_rows": 32, "root": str(paths[0].parent)}
+
+
 def rate(seconds_of_audio: float, wall: float) -> float:
     return seconds_of_audio / wall
 
@@ -76,12 +83,9 @@ def per_core(paths: list[Path], params: dict) -> dict:
     mel_wall = time.perf_counter() - started
     del decoded
 
-    records = [{"id": p.stem, "split": "train", "audio_path": p.name, "duration_s": 0.0, "group": "", "y": 0.5} for p in paths]
     with tempfile.TemporaryDirectory() as out:
-        task = {"path": f"{out}/part.parquet", "records": records, "params": params, "label_columns": ["y"],
-                "group_column": None, "metadata": {}, "row_group_rows": 32, "root": str(paths[0].parent)}
         started = time.perf_counter()
-        _write_shard(task)
+        _write_shard(shard_task(paths, params, out))
         chain_wall = time.perf_counter() - started
     decode, mel, chain = rate(audio, decode_wall), rate(audio, mel_wall), rate(audio, chain_wall)
     limit = 1 / (1 / decode + 1 / mel)
@@ -90,12 +94,9 @@ def per_core(paths: list[Path], params: dict) -> dict:
 
 def chain_only(paths: list[Path], params: dict) -> float:
     """The whole chain (decode + log-mel + float16 + Parquet) on these files, x real time."""
-    records = [{"id": p.stem, "split": "train", "audio_path": p.name, "duration_s": 0.0, "group": "", "y": 0.5} for p in paths]
     with tempfile.TemporaryDirectory() as out:
-        task = {"path": f"{out}/part.parquet", "records": records, "params": params, "label_columns": ["y"],
-                "group_column": None, "metadata": {}, "row_group_rows": 32, "root": str(paths[0].parent)}
         started = time.perf_counter()
-        result = _write_shard(task)
+        result = _write_shard(shard_task(paths, params, out))
         return result["audio_seconds"] / (time.perf_counter() - started)
 
 
@@ -169,10 +170,7 @@ def main() -> None:
 
             torch.set_num_threads(1)
             profiler = cProfile.Profile()
-            records = [{"id": p.stem, "split": "train", "audio_path": p.name, "duration_s": 0.0, "group": "", "y": 0.5} for p in paths]
-            task = {"path": f"{folder}/profile.parquet", "records": records, "params": params, "label_columns": ["y"],
-                    "group_column": None, "metadata": {}, "row_group_rows": 32, "root": str(paths[0].parent)}
-            profiler.runcall(_write_shard, task)
+            profiler.runcall(_write_shard, shard_task(paths, params, folder))
             pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
     for ingest_dir in args.scale:
         scale(ingest_dir, args.workdir)

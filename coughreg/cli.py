@@ -49,11 +49,11 @@ class _ArtifactFolders:
         self.uploads: list[tuple[Path, str]] = []
 
     def input(self, value) -> Path:
-        from coughreg.sources import _download_prefix
+        from coughreg.sources import download_prefix
         from coughreg.storage import DEFAULT_CACHE, is_s3_uri
 
         if is_s3_uri(str(value)):
-            return _download_prefix(str(value), _s3_options(self.args), Path(self.args.cache_dir or DEFAULT_CACHE))
+            return download_prefix(str(value), _s3_options(self.args), Path(self.args.cache_dir or DEFAULT_CACHE))
         return Path(value)
 
     def output(self, value) -> Path:
@@ -66,6 +66,13 @@ class _ArtifactFolders:
             self.uploads.append((local, str(value)))
             return local
         return Path(value)
+
+    def __enter__(self) -> _ArtifactFolders:
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:  # only a step that succeeded publishes its outputs
+            self.publish()
 
     def publish(self) -> None:
         import shutil
@@ -106,50 +113,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_step_ingest(args: argparse.Namespace) -> int:
     from coughreg.ingest import ingest
 
-    folders = _ArtifactFolders(args)
-    result = ingest(args.input, folders.output(args.out), _config(args), _s3_options(args), args.cache_dir, args.workers)
-    print(f"manifest: {result.manifest_path} ({result.counts.get('ok', 0)} ok, {result.counts.get('rejected', 0)} rejected)")
-    folders.publish()
+    with _ArtifactFolders(args) as folders:
+        result = ingest(args.input, folders.output(args.out), _config(args), _s3_options(args), args.cache_dir, args.workers)
+        print(f"manifest: {result.manifest_path} ({result.counts.get('ok', 0)} ok, {result.counts.get('rejected', 0)} rejected)")
     return 0
 
 
 def cmd_step_features(args: argparse.Namespace) -> int:
     from coughreg.features import extract_features
 
-    folders = _ArtifactFolders(args)
-    result = extract_features(folders.input(args.input), folders.output(args.out), _config(args), args.workers)
-    print(f"shards: {result.index_path} ({result.rows} recordings in {len(result.shards)} shards, {len(result.failures)} failed)")
-    folders.publish()
+    with _ArtifactFolders(args) as folders:
+        result = extract_features(folders.input(args.input), folders.output(args.out), _config(args), args.workers)
+        print(f"shards: {result.index_path} ({result.rows} recordings in {len(result.shards)} shards, {len(result.failures)} failed)")
     return 0
 
 
 def cmd_step_train(args: argparse.Namespace) -> int:
     from coughreg.train import train
 
-    folders = _ArtifactFolders(args)
-    result = train(folders.input(args.input), folders.output(args.out), _config(args))
-    print(f"model: {args.out} ({len(result.members)} model(s)); validation predictions: {result.predictions_path}")
-    folders.publish()
+    with _ArtifactFolders(args) as folders:
+        result = train(folders.input(args.input), folders.output(args.out), _config(args))
+        print(f"model: {args.out} ({len(result.members)} model(s)); validation predictions: {result.predictions_path}")
     return 0
 
 
 def cmd_step_evaluate(args: argparse.Namespace) -> int:
     from coughreg.evaluate import evaluate
 
-    folders = _ArtifactFolders(args)
-    result = evaluate(folders.input(args.model), folders.input(args.features), folders.output(args.out), _config(args))
-    _print_summary(result.metrics, result.report_path, result.metrics_path, None)
-    folders.publish()
+    with _ArtifactFolders(args) as folders:
+        result = evaluate(folders.input(args.model), folders.input(args.features), folders.output(args.out), _config(args))
+        _print_summary(result.metrics, result.report_path, result.metrics_path, None)
     return 0
 
 
 def cmd_step_export(args: argparse.Namespace) -> int:
     from coughreg.export import export
 
-    folders = _ArtifactFolders(args)
-    result = export(folders.input(args.model), folders.output(args.out), _config(args))
-    print(f"scorer: {result.scorer_dir}\npipeline: {result.pipeline_path}")
-    folders.publish()
+    with _ArtifactFolders(args) as folders:
+        result = export(folders.input(args.model), folders.output(args.out), _config(args))
+        print(f"scorer: {result.scorer_dir}\npipeline: {result.pipeline_path}")
     return 0
 
 

@@ -156,7 +156,7 @@ class FolderSource(DataSource):
         return str(self.root / name)
 
 
-def _download_prefix(uri: str, options: S3Options, cache_dir: Path) -> Path:
+def download_prefix(uri: str, options: S3Options, cache_dir: Path) -> Path:
     """Mirror an ``s3://bucket/prefix/`` into the cache (each object cached by its ETag)."""
     location = parse_s3_uri(uri if uri.endswith("/") else uri + "/")
     client = s3_client(options)
@@ -214,7 +214,7 @@ def open_source(
         location = parse_s3_uri(uri)
         if location.key.lower().endswith(".zip"):
             return ZipSource(download_s3_object(uri, cache_dir, options), uri, limits)
-        return _MirrorSource(_download_prefix(uri, options, cache_dir), uri, limits)
+        return _MirrorSource(download_prefix(uri, options, cache_dir), uri, limits)
     path = local_path(uri)
     if not path.exists():
         raise StorageError(f"{uri}: no such file or folder")
