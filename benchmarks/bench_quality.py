@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def main() -> None:
     started = time.perf_counter()
     extract_features(work / "ingest", work / "features", config)
     features_s = time.perf_counter() - started
+    shutil.rmtree(work / "model", ignore_errors=True)  # train afresh: a finished model folder would be reused
     started = time.perf_counter()
     train(work / "features", work / "model", config)
     train_s = time.perf_counter() - started

@@ -7,7 +7,8 @@
    (128 mels x 200..938 frames, i.e. 2-10 s at 48 kHz / hop 512). No model: this is the rate a
    GPU could be fed at.
 2. Model throughput, samples/s for forward + backward + optimizer step on (batch, 128, 938)
-   inputs, per backbone; on CUDA with bf16/fp16 autocast and channels_last.
+   inputs, per backbone, channels_last; in fp32 and, where the device runs it natively, with the
+   mixed precision the train step uses (bf16/fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX).
 3. Step time fed from the shards vs from tensors already in memory (ratio 1.0 = the loader never
    makes the model wait).
 """
@@ -61,12 +62,9 @@ def input_pipeline(paths, frames, config, device, epochs: int = 2) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def model_throughput(backbone: str, batch: int, device: torch.device, steps: int = 4) -> float:
-    model = CoughRegressor(backbone, 1).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+def model_throughput(backbone: str, batch: int, device: torch.device, amp: torch.dtype | None, steps: int = 4) -> float:
+    model = CoughRegressor(backbone, 1).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    amp = autocast_dtype(device, True)
     x = torch.randn(batch, 128, 938, device=device) * 15 - 50
     y = torch.rand(batch, 1, device=device)
     for step in range(steps + 2):
@@ -85,8 +83,9 @@ def model_throughput(backbone: str, batch: int, device: torch.device, steps: int
 
 
 def fed_vs_memory(paths, frames, config, device, backbone: str, steps: int = 6) -> tuple[float, float]:
-    model = CoughRegressor(backbone, 1).to(device)
+    model = CoughRegressor(backbone, 1).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    amp = autocast_dtype(device, True)
     labels = np.random.default_rng(1).random((len(frames), 1)).astype(np.float32)
     dataset = SpectrogramDataset(paths, np.arange(len(frames)), labels, 938, seed=0)
     loader = create_loader(dataset, np.minimum(frames, 938), config, True, device, seed=0)
@@ -97,7 +96,8 @@ def fed_vs_memory(paths, frames, config, device, backbone: str, steps: int = 6) 
             break
 
     def step(spectrograms, lengths, y):
-        loss = (model(spectrograms.to(device), lengths.to(device)) - y.to(device)).abs().mean()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = (model(spectrograms.to(device), lengths.to(device)) - y.to(device)).abs().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -134,8 +134,12 @@ def main() -> None:
         rate = input_pipeline(paths, frames, config, device)
         print(f"input pipeline         {rate:,.0f} spectrograms/s into batches of {args.batch} "
               f"(128 x {frames.min()}..{frames.max()} frames, mean {frames.mean():.0f})")
+        amp = autocast_dtype(device, True)
         for backbone in args.backbones:
-            print(f"{backbone:22s} {model_throughput(backbone, args.batch, device):.1f} samples/s train (batch {args.batch}, 128 x 938)")
+            for dtype in [None, amp] if amp is not None else [None]:
+                rate = model_throughput(backbone, args.batch, device, dtype)
+                precision = str(dtype).replace("torch.", "") if dtype else "fp32"
+                print(f"{backbone:22s} {rate:.1f} samples/s train, {precision} (batch {args.batch}, 128 x 938)")
         fed, memory = fed_vs_memory(paths, frames, config, device, args.fed_backbone)
         print(f"step time {args.fed_backbone}     fed from shards {fed * 1000:.0f} ms, from memory {memory * 1000:.0f} ms "
               f"-> ratio {fed / memory:.2f}")

@@ -93,6 +93,18 @@ class AugmentationConfig(_Section):
     mix_target: Literal["Ratio", "Max"] = Field(
         "Ratio", description="'Ratio': labels mixed like the audio; 'Max': the larger label."
     )
+    gain_db: float = Field(
+        0.0, ge=0, le=60, description="Project key: each training clip louder or quieter by up to this many dB (0: off)."
+    )
+    lowpass_probability: float = Field(
+        0.0, ge=0, le=1,
+        description="Project key: probability that a training clip loses the bands above a random cut-off "
+        "between 4 kHz and the top band (band-limited codecs and microphones; 0: off).",
+    )
+    frequency_masks: int = Field(0, ge=0, description="Project key: SpecAugment masks over mel bands per clip (0: off).")
+    frequency_mask_bins: int = Field(0, ge=0, description="Project key: widest frequency mask, in mel bands.")
+    time_masks: int = Field(0, ge=0, description="Project key: SpecAugment masks over time per clip (0: off).")
+    time_mask_frames: int = Field(0, ge=0, description="Project key: widest time mask, in frames.")
 
 
 class DatasetConfig(_Section):
@@ -148,7 +160,9 @@ class DatasetConfig(_Section):
 class EnvironmentConfig(_Section):
     gpus: list[str] = Field(default_factory=lambda: ["0"], description="GPU ids; the cluster requests this many GPUs.")
     mixed_precision_inference: bool = Field(False, description="Autocast at inference on CUDA.")
-    mixed_precision_training: bool = Field(True, description="Autocast (bf16/fp16) in training on CUDA.")
+    mixed_precision_training: bool = Field(
+        True, description="Autocast in training: bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with native bf16 units."
+    )
     number_of_seeds_per_run: int = Field(1, ge=1, description="Models trained with different seeds and averaged.")
     number_of_workers: int = Field(4, ge=0, description="Data loader workers.")
     seed: int = Field(-1, ge=-1, description="Random seed; -1 draws one and records it.")

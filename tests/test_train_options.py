@@ -96,7 +96,10 @@ def test_a_diverging_run_stops_naming_epoch_and_step(tiny_run, tmp_path):
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tiny_run, tmp_path):
-    config = _config("training.epochs=4")
+    # with every random augmentation on: their draws are part of the state that must resume exactly
+    config = _config("training.epochs=4", "augmentation.gain_db=6", "augmentation.lowpass_probability=0.5",
+                     "augmentation.frequency_masks=1", "augmentation.frequency_mask_bins=8",
+                     "augmentation.time_masks=1", "augmentation.time_mask_frames=10")
     save_config(config, tmp_path)
     command = [sys.executable, "pipeline.py", "step", "train", "--input", str(tiny_run["features"]),
                "--out", str(tmp_path / "killed"), "--config", str(tmp_path / "config.yaml")]
