@@ -208,6 +208,11 @@ class TrainingConfig(_Section):
     differential_learning_rate: float = Field(0.001, gt=0, description="Learning rate of the listed layers.")
     differential_learning_rate_layers: list[str] = Field(default_factory=list, description="Layers with their own rate.")
     drop_last_batch: bool = Field(True, description="Drop the last, incomplete training batch.")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="Project key: validate and keep an exponential moving average of the weights with this "
+        "decay per optimizer step (e.g. 0.998; 0: off).",
+    )
     epochs: int = Field(2, ge=0, description="Training epochs.")
     evaluate_before_training: bool = Field(False, description="Validate once before the first step.")
     evaluation_epochs: float = Field(1, gt=0, description="Validate every this many epochs.")

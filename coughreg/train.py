@@ -345,8 +345,41 @@ def mix_batch(spectrograms, lengths, labels, config: ExperimentConfig, rng: np.r
     return spectrograms, lengths, labels
 
 
+class ModelEma:
+    """An exponential moving average of a model's weights (and float buffers, so BatchNorm statistics
+    follow), as timm's ``ModelEmaV3``; the decay warms up as ``(1 + n) / (10 + n)`` so the random
+    start does not linger."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.module = copy.deepcopy(model).eval()
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for averaged, current in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if averaged.dtype.is_floating_point:
+                averaged.lerp_(current.detach(), 1.0 - decay)
+            else:
+                averaged.copy_(current)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
 def train_one_epoch(
-    model, loader, optimizer, scheduler, loss_fn, scaler, device, amp_dtype, config, epoch, fold, seed, augmenter=None
+    model, loader, optimizer, scheduler, loss_fn, scaler, device, amp_dtype, config, epoch, fold, seed,
+    augmenter=None, ema: ModelEma | None = None,
 ) -> dict:
     model.train()
     training = config.training
@@ -380,6 +413,8 @@ def train_one_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if ema is not None:
+                ema.update(model.module if hasattr(model, "module") else model)  # the DDP wrapper's module
         seen += len(labels)
         loss_sum += loss.item() * len(labels)
         if training.calculate_train_metric:
@@ -593,6 +628,8 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
     loss_fn = create_loss(config.training.loss_function)
     augmenter = SpectrogramAugmenter(config.augmentation, config.audio) if augmentation_enabled(config.augmentation) else None
+    ema = ModelEma(model, config.training.ema_decay) if config.training.ema_decay > 0 else None
+    kept = ema.module if ema is not None else model  # the weights that are validated and saved
     metric = config.prediction.metric.lower()
     higher_is_better = metric == "r2"
 
@@ -611,6 +648,8 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             scaler.load_state_dict(checkpoint["scaler"])
+            if ema is not None:
+                ema.load_state_dict(checkpoint["ema"])
             _set_rng_state(checkpoint["rng"])
             history, best, validation = checkpoint["history"], checkpoint["best"], checkpoint["validation"]
             start_epoch = checkpoint["epoch"] + 1
@@ -624,14 +663,14 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
     )
 
     def validate(epoch: int, record: dict) -> np.ndarray:
-        predicted = predict(model, validation_loader, device, run.amp_inference)
+        predicted = predict(kept, validation_loader, device, run.amp_inference)
         record.update({f"validation_{k}": v for k, v in regression_metrics(validation_labels, predicted).items()})
         value = record[f"validation_{metric}"]
         log.info("fold %d epoch %d: validation MAE %.4f", fold, epoch, record["validation_mae"])
         if best["value"] is None or (value > best["value"] if higher_is_better else value < best["value"]):
             best.update(value=value, epoch=epoch, validation=predicted)
             if config.training.save_best_checkpoint:
-                best["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best["state"] = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
         return predicted
 
     if start_epoch == 1 and config.training.evaluate_before_training:
@@ -644,7 +683,7 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
         train_loader.batch_sampler.epoch = epoch
         record = {"fold": fold, "seed": member_seed, "epoch": epoch, **train_one_epoch(
             trainer, train_loader, optimizer, scheduler, loss_fn, scaler, device, run.amp_dtype, config, epoch, fold, member_seed,
-            augmenter,
+            augmenter, ema,
         )}
         if epoch == config.training.epochs or math.floor(epoch / every) > math.floor((epoch - 1) / every):
             validation = validate(epoch, record)
@@ -657,13 +696,14 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
                 "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                 "history": history, "best": best, "validation": validation,
+                "ema": ema.state_dict() if ema is not None else None,
             }, tmp)
         if remote is not None:
             _store_checkpoint(checkpoint_path, remote)
     if validation is None:  # no epoch ran
         validation = validate(0, {})
     if config.training.save_best_checkpoint and best["state"] is not None:
-        model.load_state_dict(best["state"])
+        kept.load_state_dict(best["state"])
         validation = best["validation"]
         log.info("fold %d seed %d: keeping the best epoch %d (%s %.4f)", fold, member_seed, best["epoch"], metric, best["value"])
     member = {
@@ -671,13 +711,14 @@ def _fit_member(run: _Run, fold, seed_index, train_rows, validation_rows, member
         "pretrained_from": pretrained_from, "batch_size": batch_size,
         "best_epoch": best["epoch"] if config.training.save_best_checkpoint else config.training.epochs,
         "normalization": {"mode": config.audio.spectrogram_normalization,
-                          "mean": float(model.normalizer.mean), "std": float(model.normalizer.std)},
+                          "mean": float(kept.normalizer.mean), "std": float(kept.normalizer.std)},
+        "weights_kind": f"moving average (decay {config.training.ema_decay})" if ema is not None else "last step",
         "train_rows": int(len(train_rows)), "validation_rows": int(len(validation_rows)),
         "train_label_mean": train_labels.mean(axis=0).tolist(),
         "train_label_median": np.median(train_labels, axis=0).tolist(),
     }
     if main:  # one writer under torchrun
-        _save_member(model, member_dir)
+        _save_member(kept, member_dir)
         with atomic_path(member_dir / "validation.npy") as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, validation)

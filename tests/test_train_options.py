@@ -17,7 +17,18 @@ from safetensors.torch import load_file
 
 from coughreg.config import load_resolved_config, save_config
 from coughreg.errors import CoughPipelineError
-from coughreg.train import mix_batch, train, truncate_groups
+from coughreg.features import shard_paths
+from coughreg.shards import SpectrogramShardReader
+from coughreg.train import (
+    ModelEma,
+    SpectrogramDataset,
+    create_loader,
+    load_members,
+    mix_batch,
+    predict,
+    train,
+    truncate_groups,
+)
 from tests.conftest import HT_YAML, PROJECT, REAL_METADATA, TINY
 
 
@@ -96,10 +107,10 @@ def test_a_diverging_run_stops_naming_epoch_and_step(tiny_run, tmp_path):
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tiny_run, tmp_path):
-    # with every random augmentation on: their draws are part of the state that must resume exactly
+    # with every random augmentation and the weight average on: their state must resume exactly too
     config = _config("training.epochs=4", "augmentation.gain_db=6", "augmentation.lowpass_probability=0.5",
                      "augmentation.frequency_masks=1", "augmentation.frequency_mask_bins=8",
-                     "augmentation.time_masks=1", "augmentation.time_mask_frames=10")
+                     "augmentation.time_masks=1", "augmentation.time_mask_frames=10", "training.ema_decay=0.9")
     save_config(config, tmp_path)
     command = [sys.executable, "pipeline.py", "step", "train", "--input", str(tiny_run["features"]),
                "--out", str(tmp_path / "killed"), "--config", str(tmp_path / "config.yaml")]
@@ -169,3 +180,38 @@ def test_distributed_data_parallel_under_torchrun(tiny_run, tmp_path):
     assert predictions["pred_cough_detected"].between(0, 1).all() and len(predictions) >= 4
     steps = [line for line in done.stderr.splitlines() if "epoch 1 step" in line]
     assert len(steps) == 2 and all("step 2/2" in line for line in steps)  # 19 rows / batch 4: 4 batches, 2 per rank
+
+
+def test_model_ema_warms_up_and_follows_the_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    ema = ModelEma(model, decay=0.99)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked += 5
+    ema.update(model)
+    share = 1 - 2 / 11  # first update: the warm-up decay (1 + 1) / (10 + 1), not 0.99
+    torch.testing.assert_close(ema.module[0].weight, start + share)
+    assert int(ema.module[1].num_batches_tracked) == 5  # counters are copied, not averaged
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+    restored = ModelEma(model, decay=0.99)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 1 and torch.equal(restored.module[0].weight, ema.module[0].weight)
+
+
+def test_the_weight_average_is_what_is_validated_and_saved(tiny_run, tmp_path):
+    config = _config("training.ema_decay=0.9", "training.epochs=2")
+    result = train(tiny_run["features"], tmp_path / "ema", config)
+    assert result.members[0]["weights_kind"] == "moving average (decay 0.9)"
+    plain = load_file(str(tiny_run["model"] / "fold0_seed0" / "model.safetensors"))
+    averaged = load_file(str(tmp_path / "ema" / "fold0_seed0" / "model.safetensors"))
+    assert any(not torch.equal(plain[k], averaged[k]) for k in plain)
+    # the saved weights reproduce the validation predictions written beside them (same batches, same padding)
+    (member,) = load_members(tmp_path / "ema", config)
+    reader = SpectrogramShardReader(shard_paths(tiny_run["features"]))
+    predictions = pd.read_parquet(result.predictions_path)
+    rows = reader.index.reset_index().set_index("id").loc[predictions["id"], "index"].to_numpy()
+    dataset = SpectrogramDataset(shard_paths(tiny_run["features"]), rows, np.zeros((len(rows), 1)), None, seed=0)
+    loader = create_loader(dataset, reader.index["n_frames"].to_numpy()[rows], config, False, torch.device("cpu"), seed=0)
+    scored = predict(member, loader, torch.device("cpu"), None)[:, 0]
+    np.testing.assert_allclose(scored, predictions["pred_cough_detected"], atol=1e-4)
