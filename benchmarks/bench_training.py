@@ -10,15 +10,19 @@
    inputs, per backbone, channels_last; in fp32 and, where the device runs it natively, with the
    mixed precision the train step uses (bf16/fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX).
 3. Step time fed from the shards vs from tensors already in memory (ratio 1.0 = the loader never
-   makes the model wait).
+   makes the model wait), with the mixed precision of the train step; on CUDA also the GPU's
+   utilisation while fed from the shards (sampled from ``nvidia-smi`` every 100 ms).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -82,39 +86,83 @@ def model_throughput(backbone: str, batch: int, device: torch.device, amp: torch
     return batch * steps / (time.perf_counter() - started)
 
 
-def fed_vs_memory(paths, frames, config, device, backbone: str, steps: int = 6) -> tuple[float, float]:
+class GpuUtilisation:
+    """Mean GPU utilisation (percent) over a block, polled from ``nvidia-smi``; None where there is none."""
+
+    def __init__(self, device: torch.device, every_s: float = 0.1) -> None:
+        self.enabled = device.type == "cuda" and shutil.which("nvidia-smi") is not None
+        self.index = device.index or 0
+        self.every_s = every_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        query = ["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            done = subprocess.run(query, capture_output=True, text=True, check=False)
+            if done.returncode == 0 and done.stdout.strip().isdigit():
+                self.samples.append(float(done.stdout.strip()))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> GpuUtilisation:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def fed_vs_memory(paths, frames, config, device, backbone: str, steps: int = 6) -> tuple[float, float, float | None]:
     model = CoughRegressor(backbone, 1).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     amp = autocast_dtype(device, True)
     labels = np.random.default_rng(1).random((len(frames), 1)).astype(np.float32)
     dataset = SpectrogramDataset(paths, np.arange(len(frames)), labels, 938, seed=0)
     loader = create_loader(dataset, np.minimum(frames, 938), config, True, device, seed=0)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
+    batches = []  # already on the device: the model never waits for them
+    for spectrograms, lengths, y, _ in loader:
+        batches.append((spectrograms.to(device), lengths.to(device), y.to(device)))
         if len(batches) == steps + 1:
             break
 
     def step(spectrograms, lengths, y):
+        spectrograms = spectrograms.to(device, non_blocking=True)
+        lengths, y = lengths.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = (model(spectrograms.to(device), lengths.to(device)) - y.to(device)).abs().mean()
+            loss = (model(spectrograms, lengths) - y).abs().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(*batches[0][:3])  # warm-up
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(*batches[0])  # warm-up
+    synchronize()
     started = time.perf_counter()
-    for spectrograms, lengths, y, _ in batches[1:]:
-        step(spectrograms, lengths, y)
-    memory = (time.perf_counter() - started) / steps
+    for batch in batches[1:]:
+        step(*batch)
+    synchronize()
+    memory = (time.perf_counter() - started) / (len(batches) - 1)
     iterator = iter(loader)
     next(iterator)
-    started = time.perf_counter()
-    for _ in range(steps):
-        spectrograms, lengths, y, _ = next(iterator)
-        step(spectrograms, lengths, y)
-    fed = (time.perf_counter() - started) / steps
-    return fed, memory
+    with GpuUtilisation(device) as utilisation:
+        started = time.perf_counter()
+        for _ in range(steps):
+            spectrograms, lengths, y, _ = next(iterator)
+            step(spectrograms, lengths, y)
+        synchronize()
+        fed = (time.perf_counter() - started) / steps
+    return fed, memory, utilisation.mean
 
 
 def main() -> None:
@@ -123,7 +171,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backbones", nargs="*", default=["resnet18", "resnet50"])
-    parser.add_argument("--fed-backbone", default="resnet18")
+    parser.add_argument("--fed-backbone", default="resnet18", help="resnet50 on a GPU, as the use case trains")
+    parser.add_argument("--fed-steps", type=int, default=6, help="more on a GPU (e.g. 50), where a step is short")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = load_resolved_config(None, ["environment.seed=1", f"training.batch_size={args.batch}",
@@ -140,9 +189,9 @@ def main() -> None:
                 rate = model_throughput(backbone, args.batch, device, dtype)
                 precision = str(dtype).replace("torch.", "") if dtype else "fp32"
                 print(f"{backbone:22s} {rate:.1f} samples/s train, {precision} (batch {args.batch}, 128 x 938)")
-        fed, memory = fed_vs_memory(paths, frames, config, device, args.fed_backbone)
+        fed, memory, busy = fed_vs_memory(paths, frames, config, device, args.fed_backbone, args.fed_steps)
         print(f"step time {args.fed_backbone}     fed from shards {fed * 1000:.0f} ms, from memory {memory * 1000:.0f} ms "
-              f"-> ratio {fed / memory:.2f}")
+              f"-> ratio {fed / memory:.2f}" + (f"; GPU busy {busy:.0f}% while fed from shards" if busy is not None else ""))
 
 
 if __name__ == "__main__":

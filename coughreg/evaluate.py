@@ -129,18 +129,7 @@ def build_report(predictions, metrics, history, info, config, features_dir, mode
     sections.append(("Predictions", report.figure_to_img(figure, "predicted vs true and residuals")))
 
     if history:
-        frame = pd.DataFrame(history)
-        figure, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for (fold, seed), part in frame.groupby(["fold", "seed"]):
-            axes[0].plot(part["epoch"], part["train_loss"], marker="o", label=f"fold {fold} seed {seed}")
-            if "validation_mae" in part:
-                valid = part.dropna(subset=["validation_mae"])
-                axes[1].plot(valid["epoch"], valid["validation_mae"], marker="o", label=f"fold {fold} seed {seed}")
-        axes[1].axhline(metrics["baseline_median_mae"], color="gray", ls="--", label="median baseline")
-        axes[0].set(xlabel="epoch", ylabel=f"train loss ({config.training.loss_function})", title="Training loss")
-        axes[1].set(xlabel="epoch", ylabel="validation MAE", title="Validation MAE")
-        axes[0].legend()
-        axes[1].legend()
+        figure = report.training_curves(history, config.training.loss_function, metrics["baseline_median_mae"])
         sections.append(("Training curves", report.figure_to_img(figure, "training curves")))
 
     count = min(config.logging.number_of_audios, len(predictions))

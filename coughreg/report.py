@@ -19,6 +19,39 @@ def figure_to_img(figure, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def save_png(figure, path) -> None:
+    """A matplotlib figure as a PNG file, written atomically (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    from coughreg.storage import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+
+
+def training_curves(history: list[dict], loss_name: str, baseline_mae: float | None = None):
+    """Train loss and validation MAE per epoch, one line per (fold, seed): a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    matplotlib_agg()
+    frame = pd.DataFrame(history)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for (fold, seed), part in frame.groupby(["fold", "seed"]):
+        axes[0].plot(part["epoch"], part["train_loss"], marker="o", label=f"fold {fold} seed {seed}")
+        if "validation_mae" in part:
+            valid = part.dropna(subset=["validation_mae"])
+            axes[1].plot(valid["epoch"], valid["validation_mae"], marker="o", label=f"fold {fold} seed {seed}")
+    if baseline_mae is not None:
+        axes[1].axhline(baseline_mae, color="gray", ls="--", label="median baseline")
+    axes[0].set(xlabel="epoch", ylabel=f"train loss ({loss_name})", title="Training loss")
+    axes[1].set(xlabel="epoch", ylabel="validation MAE", title="Validation MAE")
+    axes[0].legend()
+    axes[1].legend()
+    return figure
+
+
 def table(rows: Iterable[Iterable], header: Iterable[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from coughreg import report
 from coughreg.augment import SpectrogramAugmenter
 from coughreg.augment import enabled as augmentation_enabled
 from coughreg.config import ExperimentConfig, save_config
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 MODEL_INFO = "model.json"
 PREDICTIONS = "predictions.parquet"
 HISTORY = "history.json"
+CURVES = "training_curves.png"
 
 
 @dataclass
@@ -144,7 +146,10 @@ class LengthBucketBatchSampler(Sampler):
     Parquet row group) is given, a pool is ``pool_blocks`` randomly chosen row groups, so every
     row group is read once per epoch instead of once per row (a shuffle buffer, as streaming
     loaders do); otherwise a pool is ``pool_batches`` batches of randomly chosen rows.
-    Inference: sorted by length, in order.
+    Inference: sorted by length, in order, and only clips of the same length share a batch: no
+    padding ever reaches a prediction (a convolution's receptive field reaches past the masked
+    pooling into the padding), so validation predictions are what the exported scorer gives for
+    each clip alone.
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, train: bool, drop_last: bool, seed: int,
@@ -177,7 +182,8 @@ class LengthBucketBatchSampler(Sampler):
     def _batches(self) -> list[np.ndarray]:
         if not self.train:
             order = np.argsort(self.lengths, kind="stable")
-            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            same_length = np.split(order, np.flatnonzero(np.diff(self.lengths[order])) + 1)
+            return [group[i : i + self.batch_size] for group in same_length for i in range(0, len(group), self.batch_size)]
         rng = np.random.default_rng((self.seed, self.epoch))
         batches = []
         for pool in self._pools(rng):
@@ -840,6 +846,8 @@ def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig, seed: in
         "members": members,
     }
     atomic_write_text(out_dir / HISTORY, json.dumps(history, indent=2))
+    if history:
+        report.save_png(report.training_curves(history, config.training.loss_function), out_dir / CURVES)
     atomic_write_text(out_dir / MODEL_INFO, json.dumps(info, indent=2))
     save_config(config, out_dir)
     return TrainResult(out_dir, members, out_dir / PREDICTIONS, history)

@@ -95,6 +95,14 @@ def test_length_buckets_cover_every_row_once():
     assert all(len(b) == 8 for b in dropped)
 
 
+def test_inference_batches_hold_one_length_each():
+    lengths = np.array([50, 40, 50, 40, 40, 30, 50, 50, 50, 40])
+    batches = list(LengthBucketBatchSampler(lengths, 2, train=False, drop_last=True, seed=1))
+    assert sorted(i for b in batches for i in b) == list(range(10))  # every row once, none dropped
+    assert all(len(set(lengths[b])) == 1 and len(b) <= 2 for b in batches)  # never padded
+    assert [int(lengths[b[0]]) for b in batches] == [30, 40, 40, 50, 50, 50]  # shortest first, in order
+
+
 def test_a_tiny_training_run(tiny_run):
     model_dir = tiny_run["model"]
     info = json.loads((model_dir / "model.json").read_text())
@@ -107,6 +115,7 @@ def test_a_tiny_training_run(tiny_run):
     assert predictions["pred_cough_detected"].between(0, 1).all()
     history = json.loads((model_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2] and np.isfinite(history[-1]["validation_mae"])
+    assert (model_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "seed: 1234" in (model_dir / "config.yaml").read_text()
     members = load_members(model_dir, tiny_run["config"])
     assert len(members) == 1 and not members[0].training
