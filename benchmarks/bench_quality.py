@@ -2,6 +2,11 @@
 
     python benchmarks/bench_quality.py [-n 2000] [--config configs/demo.yaml] [--set training.epochs=14]...
 
+The figure in the README comes from
+``-n 5000 --set environment.number_of_seeds_per_run=2 --set training.epochs=6`` (an ensemble of
+two short runs beats one long run at the same cost: a small backbone overfits a few thousand
+clips within a dozen epochs).
+
 Generates N COUGHVID-format recordings (the generator's fixed mapping), runs ingest, features,
 train and evaluate as plain Python, and prints the validation MAE beside the generator's noise
 floor (the best any model can do) and the predict-the-median baseline, with the training time.
