@@ -19,15 +19,12 @@ Draws come from the numpy generator the loop passes in, so a resumed epoch repea
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from coughreg.config import AudioConfig, AugmentationConfig
-from coughreg.feature_spec import AMIN
+from coughreg.feature_spec import FLOOR_DB
 
-FLOOR_DB = 10.0 * math.log10(AMIN)  # digital silence in the front end's units
 LOWPASS_MIN_HZ = 4000.0
 
 

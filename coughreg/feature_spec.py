@@ -13,6 +13,7 @@ from coughreg.config import AudioConfig
 
 FRONTEND_VERSION = 1
 AMIN = 1e-10
+FLOOR_DB = -100.0  # 10 * log10(AMIN): digital silence in the front end's units
 
 
 def feature_parameters(audio: AudioConfig) -> dict[str, Any]:

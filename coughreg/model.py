@@ -9,7 +9,6 @@ same ``LogMel`` front end in front of an ensemble of regressors: it takes a raw 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -17,11 +16,12 @@ from torch import nn
 
 from coughreg.config import ExperimentConfig
 from coughreg.errors import CoughPipelineError
-from coughreg.frontend import AMIN, LogMel, SpectrogramNormalizer
+from coughreg.feature_spec import FLOOR_DB
+from coughreg.frontend import LogMel, SpectrogramNormalizer
 
 log = logging.getLogger(__name__)
 
-PAD_DB = 10.0 * math.log10(AMIN)  # padding is digital silence in the front end's units
+PAD_DB = FLOOR_DB  # padding is digital silence in the front end's units
 
 
 def frame_mask(lengths: torch.Tensor, frames: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from coughreg.augment import SpectrogramAugmenter
 from coughreg.augment import enabled as augmentation_enabled
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import CoughPipelineError
+from coughreg.feature_spec import AMIN
 from coughreg.features import INDEX_NAME, shard_paths
 from coughreg.metrics import regression_metrics
 from coughreg.model import PAD_DB, CoughRegressor, create_model, load_pretrained_backbone
@@ -334,7 +335,7 @@ def mix_batch(spectrograms, lengths, labels, config: ExperimentConfig, rng: np.r
         other, other_labels = spectrograms[order], labels[order]
         if augmentation.mix_audio == "Mixup":
             power = share * torch.pow(10.0, spectrograms / 10) + (1 - share) * torch.pow(10.0, other / 10)
-            spectrograms = 10.0 * torch.log10(power.clamp(min=1e-10))
+            spectrograms = 10.0 * torch.log10(power.clamp(min=AMIN))
             lengths = torch.maximum(lengths, lengths[order])
         else:  # Cutmix along time: the other clip's share of the frames
             frames = spectrograms.shape[-1]

@@ -9,8 +9,13 @@ import torchaudio
 
 from coughreg.augment import FLOOR_DB, SpectrogramAugmenter, enabled, mel_band_centers
 from coughreg.config import load_resolved_config
+from coughreg.feature_spec import AMIN
 from coughreg.errors import ConfigError
 from tests.conftest import HT_YAML
+
+
+def test_the_silence_floor_is_the_front_ends():
+    assert FLOOR_DB == pytest.approx(10 * np.log10(AMIN))
 
 
 def _augmenter(*overrides):
