@@ -10,12 +10,13 @@ from coughreg.images import CPU_IMAGE
 def evaluate(
     model: Input[Model],
     spectrograms: Input[Dataset],
-    config_yaml: str,
+    evaluate_config: str,
     metrics: Output[Metrics],
     report: Output[HTML],
     evaluation: Output[Dataset],
 ):
     """Validation MAE, RMSE and R² beside the mean and median baselines; predicted-vs-true report."""
-    from coughreg.steps import run_evaluate_step
+    from coughreg.steps import Given, evaluate_step
 
-    run_evaluate_step(model.path, spectrograms.path, config_yaml, evaluation.path, report.path, metrics)
+    evaluate_step(model.path, spectrograms.path, evaluation.path, Given.parameter("evaluate_config", evaluate_config),
+                  metrics=metrics, html=report.path)

@@ -1,4 +1,4 @@
-"""KFP component for step 5: the scoring pipeline and the compiled KFP pipeline (see ``coughreg.export``)."""
+"""KFP component for step 5: the scoring pipeline and its provenance (see ``coughreg.export``)."""
 
 from kfp import dsl
 from kfp.dsl import Input, Model, Output
@@ -7,8 +7,8 @@ from coughreg.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
-def export(model: Input[Model], config_yaml: str, scorer: Output[Model]):
-    """A scorer that takes raw audio (mel front end inside), its config, and pipeline.yaml beside it."""
-    from coughreg.steps import run_export_step
+def export(model: Input[Model], export_config: str, scorer: Output[Model]):
+    """A scorer that takes raw audio (mel front end inside), its config, and where it came from."""
+    from coughreg.steps import Given, export_step
 
-    run_export_step(model.path, config_yaml, scorer.path)
+    export_step(model.path, scorer.path, Given.parameter("export_config", export_config), artifact_uri=scorer.uri)

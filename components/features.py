@@ -17,18 +17,19 @@ def plan_feature_parts(parts: int) -> List[int]:
 
 
 @dsl.component(base_image=CPU_IMAGE)
-def feature_part(dataset: Input[Dataset], config_yaml: str, part: int, parts: int, spectrograms: Output[Dataset]):
+def feature_part(dataset: Input[Dataset], features_config: str, part: int, parts: int, spectrograms: Output[Dataset]):
     """Decode, resample and log-mel one slice of the recordings into Parquet spectrogram shards."""
-    from coughreg.steps import run_feature_part_step
+    from coughreg.steps import Given, feature_part_step
 
-    run_feature_part_step(dataset.path, config_yaml, part, parts, spectrograms.path)
+    feature_part_step(dataset.path, spectrograms.path, Given.parameter("features_config", features_config), part, parts)
 
 
 @dsl.component(base_image=CPU_IMAGE)
 def collect_features(
-    dataset: Input[Dataset], parts: Input[List[Dataset]], config_yaml: str, spectrograms: Output[Dataset], stats: Output[Metrics]
+    dataset: Input[Dataset], parts: Input[List[Dataset]], features_config: str, spectrograms: Output[Dataset], stats: Output[Metrics]
 ):
     """Gather every part's shards into one artifact and write the shard index."""
-    from coughreg.steps import run_collect_features_step
+    from coughreg.steps import Given, collect_features_step
 
-    run_collect_features_step(dataset.path, [p.path for p in parts], config_yaml, spectrograms.path, stats)
+    collect_features_step(dataset.path, [p.path for p in parts], spectrograms.path,
+                          Given.parameter("features_config", features_config), metrics=stats)

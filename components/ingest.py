@@ -1,4 +1,4 @@
-"""KFP component for step 1: ingest a data set from S3 or disk (see ``coughreg.ingest``)."""
+"""KFP components for step 1: resolve the data set's version, then ingest it (see ``coughreg.ingest``)."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Metrics, Output
@@ -7,10 +7,24 @@ from coughreg.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
-def ingest(
-    source_uri: str, config_yaml: str, dataset: Output[Dataset], quality: Output[Metrics], quality_report: Output[HTML]
-):
-    """Fetch the data set at ``source_uri``; write manifest.parquet, the accepted audio and a data-quality report."""
-    from coughreg.steps import run_ingest_step
+def source_version(source_uri: str) -> str:
+    """The data set's content identity (S3 ETag and VersionId, a listing digest, a content hash): new data reruns ingest."""
+    from coughreg.steps import source_version_step
 
-    run_ingest_step(source_uri, config_yaml, dataset.path, quality, quality_report.path)
+    return source_version_step(source_uri)
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def ingest(
+    source_uri: str,
+    source_version: str,
+    ingest_config: str,
+    dataset: Output[Dataset],
+    quality: Output[Metrics],
+    quality_report: Output[HTML],
+):
+    """Fetch the data set at ``source_uri`` (that version); write manifest.parquet, the accepted audio, a data-quality report."""
+    from coughreg.steps import Given, ingest_step
+
+    ingest_step(source_uri, dataset.path, Given.parameter("ingest_config", ingest_config), source_version=source_version,
+                metrics=quality, html=quality_report.path)

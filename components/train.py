@@ -1,4 +1,4 @@
-"""KFP component for step 3: training on the GPU (see ``coughreg.train``)."""
+"""KFP component for step 3: training on the GPU (see ``coughreg.training``)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -7,8 +7,19 @@ from coughreg.images import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE)
-def train(spectrograms: Input[Dataset], config_yaml: str, model: Output[Model], training: Output[Metrics]):
+def train(
+    spectrograms: Input[Dataset],
+    train_config: str,
+    backbone: str,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    model: Output[Model],
+    training: Output[Metrics],
+):
     """Group k-fold split, timm backbone, the config's optimisation; weights, folds and validation predictions."""
-    from coughreg.steps import run_train_step
+    from coughreg.steps import Given, train_step
 
-    run_train_step(spectrograms.path, config_yaml, model.path, training)
+    typed = {"backbone": backbone, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
+    train_step(spectrograms.path, model.path, Given.parameter("train_config", train_config, typed), metrics=training,
+               identity=model.uri)

@@ -1,4 +1,9 @@
-"""The project's command line (``python pipeline.py ...``): config, data generation and single steps."""
+"""The project's command line (``python pipeline.py ...``): config, data generation, single steps, runs.
+
+``pipeline.py`` passes itself (the module that defines the DAG) to ``main``; the commands that
+compile (``compile``, ``run-local``, ``submit``, ``demo``) take the DAG from there, so no library
+code imports ``pipeline.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,19 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from coughreg.errors import CoughPipelineError
 
 log = logging.getLogger("coughreg")
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="experiment YAML (default: configs/coughvid_ht.yaml)")
+def _add_config_options(parser: argparse.ArgumentParser, step: bool = False) -> None:
+    default = (
+        "the keys the input artifact was made with, and defaults for this step's own keys" if step
+        else "configs/coughvid_ht.yaml"
+    )
+    parser.add_argument("--config", type=Path, default=None, help=f"experiment YAML (default: {default})")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config key (repeatable), e.g. --set training.epochs=1",
@@ -34,61 +44,28 @@ def _config(args: argparse.Namespace):
     return load_resolved_config(args.config, args.overrides)
 
 
-def _s3_options(args: argparse.Namespace):
+def _given(args: argparse.Namespace):
+    from coughreg.steps import Given
+
+    return Given.command_line(args.config, args.overrides)
+
+
+def _s3(args: argparse.Namespace) -> dict:
     from coughreg.storage import S3Options
 
-    return S3Options(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.no_sign_request)
-
-
-class _ArtifactFolders:
-    """Step inputs and outputs may be s3:// artifact URIs (from a pipeline run): inputs are mirrored
-    into the download cache, outputs written locally and uploaded when the step succeeds."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.uploads: list[tuple[Path, str]] = []
-
-    def input(self, value) -> Path:
-        from coughreg.sources import download_prefix
-        from coughreg.storage import DEFAULT_CACHE, is_s3_uri
-
-        if is_s3_uri(str(value)):
-            return download_prefix(str(value), _s3_options(self.args), Path(self.args.cache_dir or DEFAULT_CACHE))
-        return Path(value)
-
-    def output(self, value) -> Path:
-        import tempfile
-
-        from coughreg.storage import is_s3_uri
-
-        if is_s3_uri(str(value)):
-            local = Path(tempfile.mkdtemp(prefix="coughreg-step-"))
-            self.uploads.append((local, str(value)))
-            return local
-        return Path(value)
-
-    def __enter__(self) -> _ArtifactFolders:
-        return self
-
-    def __exit__(self, kind, *exc) -> None:
-        if kind is None:  # only a step that succeeded publishes its outputs
-            self.publish()
-
-    def publish(self) -> None:
-        import shutil
-
-        from coughreg.storage import upload_folder
-
-        for local, uri in self.uploads:
-            upload_folder(local, uri, _s3_options(self.args))
-            shutil.rmtree(local, ignore_errors=True)
-            print(f"uploaded to {uri}")
+    options = S3Options(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.no_sign_request)
+    return {"s3": options, "cache_dir": args.cache_dir}
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     from coughreg.config import config_to_yaml
+    from coughreg.step_config import step_parameter
 
-    sys.stdout.write(config_to_yaml(_config(args)))
+    config = _config(args)
+    if args.step:
+        print(step_parameter(config, args.step))
+    else:
+        sys.stdout.write(config_to_yaml(config))
     return 0
 
 
@@ -111,68 +88,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_step_ingest(args: argparse.Namespace) -> int:
-    from coughreg.ingest import ingest
+    from coughreg.steps import ingest_step
 
-    with _ArtifactFolders(args) as folders:
-        result = ingest(args.input, folders.output(args.out), _config(args), _s3_options(args), args.cache_dir, args.workers)
-        print(f"manifest: {result.manifest_path} ({result.counts.get('ok', 0)} ok, {result.counts.get('rejected', 0)} rejected)")
+    report = ingest_step(args.input, args.out, _given(args), workers=args.workers, **_s3(args))
+    print(f"manifest: {args.out} ({report['ok']} ok, {report['rejected']} rejected); data version: {report['source_version']}")
     return 0
 
 
 def cmd_step_features(args: argparse.Namespace) -> int:
-    from coughreg.features import extract_features
+    from coughreg.steps import features_step
 
-    with _ArtifactFolders(args) as folders:
-        result = extract_features(folders.input(args.input), folders.output(args.out), _config(args), args.workers)
-        print(f"shards: {result.index_path} ({result.rows} recordings in {len(result.shards)} shards, {len(result.failures)} failed)")
+    report = features_step(args.input, args.out, _given(args), workers=args.workers, **_s3(args))
+    print(f"shards: {args.out} ({report['rows']} recordings in {report['shards']} shards, {len(report['failures'])} failed)")
     return 0
 
 
 def cmd_step_train(args: argparse.Namespace) -> int:
-    from coughreg.train import train
+    from coughreg.steps import train_step
 
-    with _ArtifactFolders(args) as folders:
-        result = train(folders.input(args.input), folders.output(args.out), _config(args))
-        print(f"model: {args.out} ({len(result.members)} model(s)); validation predictions: {result.predictions_path}")
+    summary = train_step(args.input, args.out, _given(args), **_s3(args))
+    print(f"model: {args.out} ({summary['members']} model(s), seed {summary['seed']})")
     return 0
 
 
 def cmd_step_evaluate(args: argparse.Namespace) -> int:
-    from coughreg.evaluate import evaluate
+    from coughreg.steps import evaluate_step
 
-    with _ArtifactFolders(args) as folders:
-        result = evaluate(folders.input(args.model), folders.input(args.features), folders.output(args.out), _config(args))
-        _print_summary(result.metrics, result.report_path, result.metrics_path, None)
+    metrics = evaluate_step(args.model, args.features, args.out, _given(args), **_s3(args))
+    _print_summary(metrics, {"report": f"{args.out}/report.html", "metrics": f"{args.out}/metrics.json"})
     return 0
 
 
 def cmd_step_export(args: argparse.Namespace) -> int:
-    from coughreg.export import export
+    from coughreg.steps import export_step
 
-    with _ArtifactFolders(args) as folders:
-        result = export(folders.input(args.model), folders.output(args.out), _config(args))
-        print(f"scorer: {result.scorer_dir}\npipeline: {result.pipeline_path}")
+    outcome = export_step(args.model, args.out, _given(args), **_s3(args))
+    print(f"scorer: {outcome['scorer']}")
     return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from coughreg.export import load_pipeline_module
-
-    path = load_pipeline_module().compile_pipeline(args.output, _config(args), args.data or "")
+    path = args.pipeline.compile_pipeline(args.output, _config(args), args.data or "", args.feature_parts)
     print(f"compiled pipeline: {path}")
     return 0
 
 
-def _print_summary(metrics: dict, report, metrics_path, scorer) -> None:
+def cmd_cache_diff(args: argparse.Namespace) -> int:
+    from coughreg.cache_keys import compare, format_comparison, read_spec
+
+    print(format_comparison(compare(read_spec(args.before), read_spec(args.after))))
+    return 0
+
+
+def _print_summary(metrics: dict, paths: dict[str, object]) -> None:
     print()
     print(f"validation {metrics['metric']}: {metrics['metric_value']:.4f}")
     print(f"validation MAE:          {metrics['validation_mae']:.4f}")
     print(f"median-baseline MAE:     {metrics['baseline_median_mae']:.4f}")
     print(f"mean-baseline MAE:       {metrics['baseline_mean_mae']:.4f}")
-    print(f"report:  {Path(report).resolve()}")
-    print(f"metrics: {Path(metrics_path).resolve()}")
-    if scorer is not None:
-        print(f"scorer:  {Path(scorer).resolve()}")
+    for name, path in paths.items():
+        print(f"{name + ':':<8} {path}")
 
 
 def cmd_run_local(args: argparse.Namespace) -> int:
@@ -180,9 +155,9 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
     if not args.data:
         raise CoughPipelineError("run-local needs --data (s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder); `make demo` runs it on generated data")
-    result = run_local(args.data, _config(args), args.out)
-    print(f"\nwhole pipeline through kfp.local in {result.seconds:.0f} s")
-    _print_summary(result.values, result.report, result.metrics, result.scorer)
+    result = run_local(args.pipeline, args.data, _config(args), args.out, cache=not args.no_cache, feature_parts=args.feature_parts)
+    print(f"\nwhole pipeline through kfp.local in {result.seconds:.0f} s (compiled: {result.pipeline})")
+    _print_summary(result.values, {"report": result.report, "metrics": result.metrics, "model": result.model, "scorer": result.scorer})
     return 0
 
 
@@ -193,9 +168,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         host=args.host, namespace=args.namespace, experiment=args.experiment, run_name=args.run_name,
         pipeline_root=args.pipeline_root, token=args.token, service_account=args.service_account,
         enable_caching=False if args.no_cache else None, feature_parts=args.feature_parts, wait=args.wait,
-        timeout_s=args.timeout, schedule=args.schedule,
+        timeout_s=args.timeout, schedule=args.schedule, out=args.out,
     )
-    outcome = submit(_config(args), args.data, options)
+    outcome = submit(args.pipeline, _config(args), args.data, options)
     for key, value in outcome.items():
         print(f"{key}: {value}")
     return 0
@@ -204,7 +179,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from coughreg.demo import run_demo
 
-    return run_demo(args)
+    return run_demo(args.pipeline, args)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -217,12 +192,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0 if (table["status"] == "ok").all() else 1
 
 
+def _step_parser(steps, name: str, help_text: str, inputs: list[tuple[str, str]]) -> argparse.ArgumentParser:
+    parser = steps.add_parser(name, help=help_text)
+    for flag, what in inputs:
+        parser.add_argument(flag, required=True, help=f"{what}: a folder or an s3:// artifact URI")
+    parser.add_argument("--out", required=True, help="a folder or an s3:// URI (uploaded when the step succeeds)")
+    _add_s3_options(parser)
+    _add_config_options(parser, step=True)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline.py", description="Cough-audio regression pipeline (KFP v2).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    config = commands.add_parser("config", help="print the resolved experiment config")
+    config = commands.add_parser("config", help="print the resolved experiment config (or one step's parameter)")
+    config.add_argument("--step", choices=["ingest", "features", "train", "evaluate", "export"], default=None,
+                        help="print only the keys this step receives (its <step>_config parameter)")
     _add_config_options(config)
     config.set_defaults(func=cmd_config)
 
@@ -238,55 +225,44 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-json", action="store_true", help="omit the <uuid>.json files")
     generate.set_defaults(func=cmd_generate)
 
-    step = commands.add_parser("step", help="run one step outside KFP")
+    step = commands.add_parser("step", help="run one step outside KFP (the same code the pipeline's component runs)")
     steps = step.add_subparsers(dest="step", required=True)
     ingest = steps.add_parser("ingest", help="data set (s3://, zip, folder) -> manifest.parquet + audio")
     ingest.add_argument("--input", required=True, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
     ingest.add_argument("--out", required=True, help="a folder or an s3:// URI")
     ingest.add_argument("--workers", type=int, default=None)
-    _add_config_options(ingest)
+    _add_config_options(ingest, step=True)
     _add_s3_options(ingest)
     ingest.set_defaults(func=cmd_step_ingest)
-
-    features = steps.add_parser("features", help="ingest folder -> log-mel Parquet shards")
-    features.add_argument("--input", required=True, help="the ingest step's output folder or s3:// artifact URI")
-    features.add_argument("--out", required=True, help="a folder or an s3:// URI")
-    _add_s3_options(features)
+    features = _step_parser(steps, "features", "ingest output -> log-mel Parquet shards", [("--input", "the ingest output")])
     features.add_argument("--workers", type=int, default=None)
-    _add_config_options(features)
     features.set_defaults(func=cmd_step_features)
-
-    train = steps.add_parser("train", help="spectrogram shards -> trained model(s) and validation predictions")
-    train.add_argument("--input", required=True, help="the features step's output folder or s3:// artifact URI")
-    train.add_argument("--out", required=True, help="a folder or an s3:// URI")
-    _add_s3_options(train)
-    _add_config_options(train)
+    train = _step_parser(steps, "train", "spectrogram shards -> trained model(s) and validation predictions",
+                         [("--input", "the features output")])
     train.set_defaults(func=cmd_step_train)
-
-    evaluate = steps.add_parser("evaluate", help="validation predictions -> metrics and the HTML report")
-    evaluate.add_argument("--model", required=True, help="the train step's output folder or s3:// artifact URI")
-    evaluate.add_argument("--features", required=True, help="the features step's output folder or s3:// artifact URI")
-    evaluate.add_argument("--out", required=True, help="a folder or an s3:// URI")
-    _add_s3_options(evaluate)
-    _add_config_options(evaluate)
+    evaluate = _step_parser(steps, "evaluate", "validation predictions -> metrics and the HTML report",
+                            [("--model", "the train output"), ("--features", "the features output it was trained on")])
     evaluate.set_defaults(func=cmd_step_evaluate)
-
-    export = steps.add_parser("export", help="trained model -> scorer folder and compiled pipeline")
-    export.add_argument("--model", required=True, help="the train step's output folder or s3:// artifact URI")
-    export.add_argument("--out", required=True, help="a folder or an s3:// URI")
-    _add_s3_options(export)
-    _add_config_options(export)
+    export = _step_parser(steps, "export", "trained model -> scorer folder", [("--model", "the train output")])
     export.set_defaults(func=cmd_step_export)
 
     compile_ = commands.add_parser("compile", help="compile the DAG to KFP IR YAML")
     compile_.add_argument("-o", "--output", type=Path, required=True)
     compile_.add_argument("--data", default=None, help="default value of the source_uri parameter")
+    compile_.add_argument("--feature-parts", type=int, default=2, help="feature extraction pods (ParallelFor)")
     _add_config_options(compile_)
     compile_.set_defaults(func=cmd_compile)
+
+    diff = commands.add_parser("cache-diff", help="which tasks of a compiled pipeline a resubmission would take from KFP's cache")
+    diff.add_argument("before", type=Path, help="the compiled pipeline of the earlier run")
+    diff.add_argument("after", type=Path, help="the compiled pipeline to submit")
+    diff.set_defaults(func=cmd_cache_diff)
 
     run_local = commands.add_parser("run-local", help="run the whole DAG through kfp.local")
     run_local.add_argument("--data", default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
     run_local.add_argument("--out", type=Path, default=Path("out"), help="where the run's artifacts go (default: out/)")
+    run_local.add_argument("--no-cache", action="store_true", help="run every step (default: reuse unchanged steps from an earlier run in --out)")
+    run_local.add_argument("--feature-parts", type=int, default=2, help="branches of the features ParallelFor")
     _add_config_options(run_local)
     run_local.set_defaults(func=cmd_run_local)
 
@@ -300,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--token", default=None, help="bearer token (default: KF_PIPELINES_TOKEN or the service account)")
     submit.add_argument("--service-account", default=None, help="Kubernetes service account the pods run as")
     submit.add_argument("--feature-parts", type=int, default=2, help="feature extraction pods (ParallelFor)")
-    submit.add_argument("--no-cache", action="store_true", help="rerun every step; per step: --set cluster.cache={train: false}")
+    submit.add_argument("--no-cache", action="store_true", help="rerun every step; per step: --set 'cluster.cache={train: false}'")
     submit.add_argument("--wait", action="store_true", help="follow the run to its end")
     submit.add_argument("--timeout", type=int, default=24 * 3600, help="seconds --wait waits")
     submit.add_argument("--schedule", default=None, metavar="CRON", help="create a recurring run, e.g. '0 0 3 * * 1'")
+    submit.add_argument("--out", type=Path, default=Path("out/submitted"), help="where the compiled pipeline.yaml is kept")
     _add_config_options(submit)
     submit.set_defaults(func=cmd_submit)
 
@@ -311,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", type=int, default=1200, help="recordings to generate")
     demo.add_argument("--seed", type=int, default=2021)
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument("--no-cache", action="store_true", help="run every step (default: reuse unchanged steps of an earlier demo)")
     demo.add_argument("--config", type=Path, default=None, help="default: configs/demo.yaml")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
@@ -323,15 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(pipeline: ModuleType | None = None, argv: list[str] | None = None) -> int:
+    """Run one command. ``pipeline`` is the module that defines the DAG (``pipeline.py`` passes itself)."""
+    from coughreg.steps import setup_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args.pipeline = pipeline
+    setup_logging(args.verbose)
+    if pipeline is None and args.command in ("compile", "run-local", "submit", "demo"):
+        raise SystemExit(f"{args.command}: run it as `python pipeline.py {args.command}` (the DAG lives there)")
     try:
         return args.func(args)
     except CoughPipelineError as exc:

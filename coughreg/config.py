@@ -4,9 +4,11 @@ Every key of a Hydrogen Torch experiment file is a field here, with the use case
 default, so a short project YAML (``configs/demo.yaml``) and the full HT file load the same way.
 Two sections are the project's own (``ingest``, ``features``); HT files simply do not have them.
 
-Resolution fills every default, replaces ``seed: -1`` by a drawn seed, lists the keys that have
-no effect with the values given (``inert``), and records where the config came from. The resolved
-config is saved as ``config.yaml`` beside every artifact and loads back through the same model.
+Resolution fills every default, lists the keys that have no effect with the values given
+(``inert``), and records where the config came from. ``seed: -1`` stays -1 here: the train step
+draws the seed when it runs and records it (``coughreg.training.seeds``), so compiling a config
+twice gives the same pipeline. Each step saves the keys that shaped its output as ``config.yaml``
+beside its artifact (``coughreg.step_config``); it loads back through the same model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import copy
 import json
 import difflib
 import logging
-import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -312,7 +313,7 @@ class ExperimentConfig(_Section):
     @property
     def seed(self) -> int:
         if self.environment.seed < 0:
-            raise ConfigError("environment.seed is -1: resolve the config (resolve_config) before using the seed")
+            raise ConfigError("environment.seed is -1: the train step draws it (coughreg.training.run_seed)")
         return self.environment.seed
 
     def to_dict(self) -> dict[str, Any]:
@@ -405,6 +406,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         ConfigError: naming the file and the key when anything is wrong.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    return config_from_dict(_read_yaml_mapping(path), source=str(path), overrides=overrides)
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -419,7 +424,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
-    return config_from_dict(raw, source=str(path), overrides=overrides)
+    return raw
 
 
 def config_from_dict(
@@ -440,8 +445,8 @@ def config_from_dict(
     return config
 
 
-def inert_keys(config: ExperimentConfig) -> dict[str, str]:
-    """Keys whose value has no effect given the rest of the config, with the reason."""
+def inert_keys(config: ExperimentConfig, keys: list[str] | None = None) -> dict[str, str]:
+    """Keys whose value has no effect given the rest of the config, with the reason (only ``keys``, when given)."""
     inert: dict[str, str] = {}
     if config.logging.logger is None:
         inert["logging.neptune_project"] = "logger is None"
@@ -461,17 +466,16 @@ def inert_keys(config: ExperimentConfig) -> dict[str, str]:
         inert["dataset.group_fold_column"] = "validation_strategy is not kfold"
     if config.dataset.data_sample == 1.0:
         inert["dataset.data_sample_choice"] = "data_sample is 1.0"
+    if keys is not None:
+        inert = {key: why for key, why in inert.items() if key in keys}
     return inert
 
 
-def resolve_config(config: ExperimentConfig) -> ExperimentConfig:
-    """Fill the run-time decisions in: the seed, the inert keys. Idempotent on a resolved config."""
+def resolve_config(config: ExperimentConfig, keys: list[str] | None = None) -> ExperimentConfig:
+    """Fill the run-time decisions in: the inert keys (among ``keys``, when given). Idempotent."""
     resolved = config.model_copy(deep=True)
     info = resolved.resolved or ResolvedInfo()
-    updates: dict[str, Any] = {"inert": inert_keys(resolved)}
-    if resolved.environment.seed < 0:
-        resolved.environment.seed = secrets.randbelow(2**31 - 1)
-        updates["seed_drawn"] = True
+    updates: dict[str, Any] = {"inert": inert_keys(resolved, keys)}
     if not info.source:
         updates["source"] = "defaults"
     resolved.resolved = info.model_copy(update=updates)
@@ -495,16 +499,41 @@ def config_to_yaml(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def config_to_parameter(config: ExperimentConfig) -> str:
-    """The config as one line of JSON (which is YAML): a KFP parameter value that survives every header and UI."""
-    return json.dumps(config.to_dict(), separators=(",", ":"))
+def save_config(config: ExperimentConfig, folder: str | Path, keys: list[str] | None = None) -> Path:
+    """Write the resolved config as ``config.yaml`` into an artifact folder, atomically.
 
-
-def save_config(config: ExperimentConfig, folder: str | Path) -> Path:
-    """Write the resolved config as ``config.yaml`` into an artifact folder, atomically."""
+    With ``keys`` (dotted), only those keys are written (and ``resolved``): the keys that shaped
+    the artifact, so the file never claims a value the step did not use.
+    """
+    data = config.to_dict()
+    if keys is not None:
+        wanted = set(keys)
+        kept: dict[str, Any] = {}
+        for section, value in data.items():
+            if section == "resolved" and value:
+                kept[section] = {**value, "inert": {k: v for k, v in value.get("inert", {}).items() if k in wanted}}
+            elif section in wanted:
+                kept[section] = value
+            elif isinstance(value, dict):
+                inner = {k: v for k, v in value.items() if f"{section}.{k}" in wanted}
+                if inner:
+                    kept[section] = inner
+        data = kept
     target = Path(folder) / CONFIG_FILE_NAME
-    atomic_write_text(target, config_to_yaml(config))
+    atomic_write_text(target, yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True))
     return target
+
+
+def load_settings(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The keys a user gave, nested, as given: a config file's (when ``path``) with ``--set`` overrides on top.
+
+    Validated like a whole config (unknown keys and bad values fail naming the key and the file), but
+    the result holds only what was written, so a step can tell a given key from a default.
+    """
+    where = str(path) if path is not None else "--set"
+    raw = _read_yaml_mapping(Path(path)) if path is not None else {}
+    config_from_dict(raw, source=where, overrides=overrides)  # validate the whole
+    return _none_strings_to_null(apply_overrides(raw, list(overrides or [])))
 
 
 def _type_name(annotation: Any) -> str:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import ModuleType
 
 from coughreg.config import PROJECT_ROOT, load_resolved_config
 from coughreg.local_s3 import LocalS3
@@ -31,7 +32,7 @@ def _demo_data(out: Path, n: int, seed: int) -> tuple[Path, dict]:
     return archive, report
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(pipeline: ModuleType, args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     config = load_resolved_config(args.config or PROJECT_ROOT / "configs" / "demo.yaml", args.overrides)
     archive, generator = _demo_data(out, args.n, args.seed)
@@ -43,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
         os.environ.update(server.credentials.env(server.endpoint_url))
         uri = f"s3://{BUCKET}/{KEY}"
         log.info("demo data served at %s from %s (signed requests only)", uri, server.endpoint_url)
-        result = run_local(uri, config, out / "run")
+        result = run_local(pipeline, uri, config, out / "run", cache=not args.no_cache)
     metrics = result.values
     floor = generator["noise_floor_mae_expected"]
     print()
@@ -53,5 +54,6 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"noise floor MAE:     {floor:.4f}  (the best any model can do on this generated data)")
     print(f"report:  {result.report}")
     print(f"metrics: {result.metrics}")
+    print(f"model:   {result.model}")
     print(f"scorer:  {result.scorer}")
     return 0

@@ -18,19 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from coughreg import report
+from coughreg import artifacts, report
 from coughreg.config import ExperimentConfig, save_config
-from coughreg.errors import CoughPipelineError
-from coughreg.features import shard_paths
 from coughreg.metrics import metric_value, regression_metrics
 from coughreg.shards import SpectrogramShardReader
+from coughreg.step_config import chain_keys, with_upstream
 from coughreg.storage import atomic_write_text
-from coughreg.train import HISTORY, MODEL_INFO, PREDICTIONS, load_members
+from coughreg.training import load_members
 
 log = logging.getLogger(__name__)
-
-METRICS_NAME = "metrics.json"
-REPORT_NAME = "report.html"
 
 
 @dataclass
@@ -52,7 +48,7 @@ def _baseline_predictions(predictions: pd.DataFrame, info: dict, labels: list[st
 
 
 def compute_metrics(predictions: pd.DataFrame, info: dict, config: ExperimentConfig) -> dict:
-    labels = config.dataset.label_columns
+    labels = info["label_columns"]
     truth = predictions[labels].to_numpy(dtype=float)
     predicted = predictions[[f"pred_{label}" for label in labels]].to_numpy(dtype=float)
     model = regression_metrics(truth, predicted)
@@ -96,7 +92,7 @@ def build_report(predictions, metrics, history, info, config, features_dir, mode
     import matplotlib.pyplot as plt
 
     report.matplotlib_agg()
-    labels = config.dataset.label_columns
+    labels = info["label_columns"]
     first = labels[0]
     truth = predictions[first].to_numpy(float)
     predicted = predictions[f"pred_{first}"].to_numpy(float)
@@ -136,9 +132,9 @@ def build_report(predictions, metrics, history, info, config, features_dir, mode
     if count:
         order = np.argsort(-np.abs(residual))
         chosen = list(dict.fromkeys([*order[: count // 2], *np.linspace(0, len(predictions) - 1, count).astype(int)]))[:count]
-        reader = SpectrogramShardReader(shard_paths(features_dir))
+        reader = SpectrogramShardReader(artifacts.shard_paths(features_dir))
         row_of = {identifier: row for row, identifier in enumerate(reader.index["id"])}
-        regressors = load_members(model_dir, config) if config.training.run_interpretations else None
+        regressors = load_members(model_dir) if config.training.run_interpretations else None
         figure, axes = plt.subplots(len(chosen), 1, figsize=(12, 2.6 * len(chosen)), squeeze=False)
         for axis, k in zip(axes[:, 0], chosen):
             identifier = predictions["id"].iloc[k]
@@ -171,24 +167,25 @@ def evaluate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
 
     Args:
         model_dir: the train step's output (``predictions.parquet``, ``model.json``, weights).
-        features_dir: the features step's output (for the spectrograms in the report).
+        features_dir: the features step's output the model was trained on (spectrograms for the report).
         out_dir: where ``metrics.json`` and ``report.html`` go.
-        config: the resolved experiment config.
+        config: the evaluate step's keys (``logging.number_of_audios``, ``training.run_interpretations``,
+            ``experiment_name``); the model is rebuilt from the config saved beside it.
     """
     model_dir, features_dir, out_dir = Path(model_dir), Path(features_dir), Path(out_dir)
-    for name in (PREDICTIONS, MODEL_INFO):
-        if not (model_dir / name).exists():
-            raise CoughPipelineError(f"{model_dir / name}: missing; run the train step into {model_dir} first")
-    predictions = pd.read_parquet(model_dir / PREDICTIONS)
-    info = json.loads((model_dir / MODEL_INFO).read_text())
-    history = json.loads((model_dir / HISTORY).read_text()) if (model_dir / HISTORY).exists() else []
+    config = with_upstream(config, "evaluate", artifacts.read_config(model_dir, "train"))
+    info = artifacts.read_model_info(model_dir)
+    artifacts.check_same_shards(info, artifacts.read_shard_index(features_dir), model_dir, features_dir)
+    predictions = pd.read_parquet(artifacts.require(model_dir, artifacts.PREDICTIONS, "train"))
+    history_path = model_dir / artifacts.HISTORY
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
     metrics = compute_metrics(predictions, info, config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / METRICS_NAME
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
-    report_path = out_dir / REPORT_NAME
+    report_path = out_dir / artifacts.REPORT
     atomic_write_text(report_path, build_report(predictions, metrics, history, info, config, features_dir, model_dir))
-    save_config(config, out_dir)
+    save_config(config, out_dir, chain_keys("evaluate"))
+    metrics_path = out_dir / artifacts.METRICS
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # last: the folder is finished
     log.info(
         "evaluation: validation MAE %.4f (median baseline %.4f, mean baseline %.4f) on %d recordings -> %s",
         metrics["validation_mae"], metrics["baseline_median_mae"], metrics["baseline_mean_mae"], metrics["validation_rows"], report_path,

@@ -1,74 +1,62 @@
-"""Step 5, export: the trained model -> a scoring pipeline that takes raw audio, and the compiled DAG.
+"""Step 5, export: the trained model -> a scoring pipeline that takes raw audio, and where it came from.
 
 The scorer is the features step's ``LogMel`` front end (the same module, the same numbers) in
 front of every trained regressor, saved as safetensors with a description and the config; when
 the backbone allows it a ``torch.export`` program (``scorer.pt2``) is written too, which needs
-nothing but torch. Beside it lands the compiled KFP pipeline (``pipeline.yaml``) of this config.
+nothing but torch. ``provenance.json`` records what made it: the pipeline and the run (its
+artifact URI), the image, the package version, and the SHA-256 of the model's weights. The
+compiled pipeline itself is written by the client that compiles it (``compile``, ``run-local``,
+``submit``), never by a step.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from coughreg.config import PROJECT_ROOT, ExperimentConfig, save_config
+from coughreg import artifacts
+from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import CoughPipelineError
 from coughreg.frontend import LogMel
 from coughreg.model import CoughScorer
-from coughreg.score import SCORER_FORMAT, SCORER_INFO, SCORER_PROGRAM, SCORER_WEIGHTS, Scorer
-from coughreg.storage import atomic_path, atomic_write_text
-from coughreg.train import MODEL_INFO, load_members
+from coughreg.score import SCORER_FORMAT, Scorer
+from coughreg.step_config import chain_keys, with_upstream
+from coughreg.storage import atomic_path, atomic_write_text, sha256_file
+from coughreg.training import load_members
 
 log = logging.getLogger(__name__)
-
-PIPELINE_FILE = "pipeline.yaml"
 
 
 @dataclass
 class ExportResult:
     scorer_dir: Path
-    pipeline_path: Path
+    provenance_path: Path
     program_path: Path | None
 
 
-def pipeline_file() -> Path:
-    """``pipeline.py`` of the checkout, or of the image's working directory (/app)."""
-    for candidate in (PROJECT_ROOT / "pipeline.py", Path.cwd() / "pipeline.py", Path("/app/pipeline.py")):
-        if candidate.exists():
-            return candidate
-    raise CoughPipelineError("pipeline.py not found beside the package or in the working directory")
+def provenance(model_dir: Path, info: dict, run: dict | None) -> dict:
+    """What made a scorer: the run that exported it, the package, and the weights' content hashes."""
+    from importlib.metadata import PackageNotFoundError, version
 
-
-def load_pipeline_module():
-    """Import ``pipeline.py`` (the DAG) as a module."""
-    candidate = pipeline_file()
-    spec = importlib.util.spec_from_file_location("coughreg_pipeline_definition", candidate)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def compile_in_subprocess(path: Path, config_path: Path) -> None:
-    """Compile the DAG in a fresh interpreter: inside a running component KFP loads only its runtime half."""
-    import os
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
-    script = pipeline_file()
-    done = subprocess.run(
-        [sys.executable, str(script), "compile", "-o", str(path), "--config", str(config_path)],
-        cwd=script.parent, env=env, capture_output=True, text=True, timeout=600,
-    )
-    if done.returncode != 0:
-        raise CoughPipelineError(f"compiling {script} failed: {done.stderr.strip().splitlines()[-1:]}")
+    try:
+        package_version = version("coughreg")
+    except PackageNotFoundError:
+        package_version = "unknown"
+    return {
+        "package": {"name": "coughreg", "version": package_version},
+        "run": run or {},
+        "model": {
+            "backbone": info["backbone"],
+            "seed": info["seed"],
+            "shard_set": info.get("shard_set"),
+            "weights_sha256": {m["weights"]: sha256_file(model_dir / m["weights"]) for m in info["members"]},
+        },
+    }
 
 
 def _export_program(scorer: CoughScorer, sample_rate: int, path: Path) -> str | None:
@@ -94,32 +82,34 @@ def _export_program(scorer: CoughScorer, sample_rate: int, path: Path) -> str | 
     return None
 
 
-def export(model_dir: str | Path, out_dir: str | Path, config: ExperimentConfig) -> ExportResult:
-    """Write the scorer folder (when ``training.build_scoring_pipelines``) and the compiled pipeline.
+def export(model_dir: str | Path, out_dir: str | Path, config: ExperimentConfig, run: dict | None = None) -> ExportResult:
+    """Write the scorer folder (when ``training.build_scoring_pipelines``) and its provenance.
 
     Args:
-        model_dir: the train step's output.
+        model_dir: the train step's output; the network is rebuilt from the config saved beside it.
         out_dir: the export artifact folder.
-        config: the resolved experiment config.
+        config: the export step's keys (``training.build_scoring_pipelines``, ``prediction.inference_chunk_*``).
+        run: what identifies the run (pipeline name, artifact URI, image), recorded in ``provenance.json``.
     """
     from safetensors.torch import save_file
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = with_upstream(config, "export", artifacts.read_config(model_dir, "train"))
+    info = artifacts.read_model_info(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipeline_path = out_dir / PIPELINE_FILE
-    config_path = save_config(config, out_dir)
-    compile_in_subprocess(pipeline_path, config_path)
+    save_config(config, out_dir, chain_keys("export"))
+    provenance_path = out_dir / artifacts.PROVENANCE
+    atomic_write_text(provenance_path, json.dumps(provenance(model_dir, info, run), indent=2))
     if not config.training.build_scoring_pipelines:
-        log.info("training.build_scoring_pipelines is false: only the compiled pipeline is exported")
-        return ExportResult(out_dir, pipeline_path, None)
+        log.info("training.build_scoring_pipelines is false: no scorer exported")
+        return ExportResult(out_dir, provenance_path, None)
 
-    info = json.loads((model_dir / MODEL_INFO).read_text())
-    regressors = load_members(model_dir, config)
+    regressors = load_members(model_dir)
     scorer = CoughScorer(LogMel.from_config(config.audio), regressors).eval()
     state = {k: v.detach().contiguous().cpu() for k, v in scorer.state_dict().items()}
-    with atomic_path(out_dir / SCORER_WEIGHTS) as tmp:
+    with atomic_path(out_dir / artifacts.SCORER_WEIGHTS) as tmp:
         save_file(state, str(tmp))
-    program_error = _export_program(scorer, config.audio.sample_rate, out_dir / SCORER_PROGRAM)
+    program_error = _export_program(scorer, config.audio.sample_rate, out_dir / artifacts.SCORER_PROGRAM)
     description = {
         "format": SCORER_FORMAT,
         "backbone": info["backbone"],
@@ -133,21 +123,22 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExperimentConfig)
         "inference_chunk_seconds": config.prediction.inference_chunk_seconds,
         "max_inference_chunk_seconds": config.prediction.max_inference_chunk_seconds,
         "feature_parameters": info["feature_parameters"],
-        "program": SCORER_PROGRAM if program_error is None else None,
+        "program": artifacts.SCORER_PROGRAM if program_error is None else None,
         "program_error": program_error,
     }
-    atomic_write_text(out_dir / SCORER_INFO, json.dumps(description, indent=2))
     atomic_write_text(out_dir / "README.md", _scorer_readme(description))
 
     # The folder must load and agree with the model it came from.
     probe = (0.1 * np.sin(2 * np.pi * 440 * np.arange(2 * config.audio.sample_rate) / config.audio.sample_rate)).astype(np.float32)
+    atomic_write_text(out_dir / artifacts.SCORER_INFO, json.dumps(description, indent=2))  # last: the folder is finished
     loaded = Scorer(out_dir, device="cpu").score_waveform(probe)
     with torch.inference_mode():
         direct = scorer(torch.from_numpy(probe)[None])[0].numpy()
     if not np.allclose(loaded, direct, atol=1e-4):
+        (out_dir / artifacts.SCORER_INFO).unlink()
         raise CoughPipelineError(f"{out_dir}: the exported scorer disagrees with the trained model ({loaded} vs {direct})")
-    log.info("export: scorer (%d models, %s) and pipeline -> %s", len(regressors), info["backbone"], out_dir)
-    return ExportResult(out_dir, pipeline_path, None if program_error else out_dir / SCORER_PROGRAM)
+    log.info("export: scorer (%d models, %s) -> %s", len(regressors), info["backbone"], out_dir)
+    return ExportResult(out_dir, provenance_path, None if program_error else out_dir / artifacts.SCORER_PROGRAM)
 
 
 def _scorer_readme(description: dict) -> str:

@@ -19,17 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from coughreg.artifacts import FEATURES_REPORT, MANIFEST, PART_REPORT, SHARD_INDEX, expected_feature_parameters, read_manifest
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import AudioDecodeError, CoughPipelineError
-from coughreg.feature_spec import feature_hash, feature_parameters
-from coughreg.ingest import MANIFEST_NAME, read_manifest
+from coughreg.feature_spec import feature_hash
 from coughreg.shards import SpectrogramShardWriter, read_shard_metadata
+from coughreg.step_config import chain_keys, config_values
 from coughreg.storage import atomic_path, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = "shards.json"
-REPORT_NAME = "features_report.json"
 
 
 @dataclass
@@ -119,20 +117,20 @@ class ShardPlan:
 def plan_shards(ingest_dir: str | Path, config: ExperimentConfig) -> ShardPlan:
     ingest_dir = Path(ingest_dir)
     manifest, manifest_meta = read_manifest(ingest_dir)
-    manifest_hash = sha256_file(ingest_dir / MANIFEST_NAME)[:16]
+    manifest_hash = sha256_file(ingest_dir / MANIFEST)[:16]
     label_columns = config.dataset.label_columns
     missing = [label for label in label_columns if label not in manifest.columns]
     if missing:
-        raise CoughPipelineError(f"{ingest_dir / MANIFEST_NAME}: label column(s) {missing} are not in the manifest")
+        raise CoughPipelineError(f"{ingest_dir / MANIFEST}: label column(s) {missing} are not in the manifest")
     group_column = config.dataset.group_fold_column
     ok = manifest[manifest["status"] == "ok"].sort_values("id", kind="stable")
     if ok.empty:
-        raise CoughPipelineError(f"{ingest_dir / MANIFEST_NAME}: no accepted recordings to featurize")
+        raise CoughPipelineError(f"{ingest_dir / MANIFEST}: no accepted recordings to featurize")
 
-    params = {**feature_parameters(config.audio), "max_seconds": float(config.prediction.max_inference_chunk_seconds)}
+    params = expected_feature_parameters(config)
     fhash = feature_hash(config.audio) + ("" if params["max_seconds"] == 600 else f"-{params['max_seconds']:g}s")
     shard_set = f"{fhash}-{manifest_hash}"
-    config_hash = hashlib.sha256(json.dumps(config.model_dump(mode="json", exclude={"resolved"}), sort_keys=True).encode()).hexdigest()[:16]
+    config_hash = hashlib.sha256(json.dumps(config_values(config, chain_keys("features")), sort_keys=True).encode()).hexdigest()[:16]
     columns = ["id", "split", "audio_path", "duration_s", *label_columns] + ([group_column] if group_column in ok.columns else [])
     records = []
     for row in ok[columns].to_dict("records"):
@@ -220,11 +218,11 @@ def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: 
         "rows": rows, "shards": len(shards), "skipped_shards": skipped, "failures": failures,
         "seconds": round(seconds, 2), "audio_seconds": round(audio_seconds, 1),
     }
-    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=2))
-    save_config(config, out_dir)
-    atomic_write_text(out_dir / INDEX_NAME, json.dumps(index, indent=2))
+    atomic_write_text(out_dir / FEATURES_REPORT, json.dumps(report, indent=2))
+    save_config(config, out_dir, chain_keys("features"))
+    atomic_write_text(out_dir / SHARD_INDEX, json.dumps(index, indent=2))  # last: the folder is finished
     log.info("features: %d rows in %d shards (%d failed) in %.1f s", rows, len(shards), len(failures), seconds)
-    return FeaturesResult(out_dir / INDEX_NAME, shards, rows, failures, skipped)
+    return FeaturesResult(out_dir / SHARD_INDEX, shards, rows, failures, skipped)
 
 
 def extract_features(
@@ -242,14 +240,11 @@ def extract_features(
     out_dir = Path(out_dir)
     plan = plan_shards(ingest_dir, config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    (out_dir / SHARD_INDEX).unlink(missing_ok=True)
     results, audio_seconds = _run_tasks(plan.tasks, out_dir, _default_workers(config, workers))
     failures = [failure for result in results for failure in result["failures"]]
     skipped = len(plan.tasks) - len(results)
     return _finish(out_dir, plan, config, failures, skipped, time.perf_counter() - started, audio_seconds)
-
-
-PART_REPORT = "part.json"
 
 
 def extract_feature_part(
@@ -303,7 +298,7 @@ def collect_feature_parts(
             f"feature parts do not cover the plan: missing {sorted(expected - set(found))[:5]}, "
             f"unexpected {sorted(set(found) - expected)[:5]}; were all parts run with the same config and manifest?"
         )
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    (out_dir / SHARD_INDEX).unlink(missing_ok=True)
     for name, source in found.items():
         target = out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -321,13 +316,3 @@ def read_shard_metadata_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path).metadata.num_rows
-
-
-def shard_paths(features_dir: str | Path) -> list[Path]:
-    """The shards of a features output folder, from its index."""
-    features_dir = Path(features_dir)
-    index_path = features_dir / INDEX_NAME
-    if not index_path.exists():
-        raise CoughPipelineError(f"{index_path}: no shard index; run the features step into {features_dir} first")
-    index = json.loads(index_path.read_text())
-    return [features_dir / name for name in index["shards"]]

@@ -26,18 +26,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from coughreg.artifacts import AUDIO_FOLDER, INGEST_REPORT, MANIFEST, QUALITY_HTML
 from coughreg.audio import is_audio_name, probe_audio
 from coughreg.config import ExperimentConfig, save_config
-from coughreg.quality import QUALITY_HTML, quality_page, quality_summary
 from coughreg.errors import AudioDecodeError, CoughPipelineError, StorageError
+from coughreg.quality import quality_page, quality_summary
 from coughreg.sources import DataSource, SourceLimits, open_source, safe_relative_name
+from coughreg.step_config import chain_keys
 from coughreg.storage import S3Options, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.parquet"
-REPORT_NAME = "ingest_report.json"
-AUDIO_FOLDER = "audio"
 COUGHVID_METADATA = "metadata_compiled.csv"
 MANIFEST_SCHEMA_VERSION = 1
 RESERVED_COLUMNS = (
@@ -188,6 +187,7 @@ def ingest(
     s3: S3Options | None = None,
     cache_dir: Path | None = None,
     workers: int | None = None,
+    source_version: str | None = None,
 ) -> IngestResult:
     """Ingest a data set into ``out_dir``: ``manifest.parquet``, ``audio/``, report and config.
 
@@ -198,6 +198,8 @@ def ingest(
         s3: endpoint, region, anonymous access; None takes everything from the environment.
         cache_dir: where S3 downloads are cached by ETag.
         workers: probe threads (None: 2 per core).
+        source_version: the content identity the run resolved for ``source_uri``; a source that
+            changed since is refused (``coughreg.data_version``).
 
     Raises:
         CoughPipelineError: the layout is unknown, a column is missing, nothing usable is left,
@@ -206,11 +208,11 @@ def ingest(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST_NAME
+    manifest_path = out_dir / MANIFEST
     manifest_path.unlink(missing_ok=True)  # an ingest in progress never shows an old manifest
     settings = config.ingest
     limits = SourceLimits(settings.max_archive_bytes, settings.max_archive_files, settings.max_compression_ratio)
-    source = open_source(source_uri, s3, cache_dir, limits)
+    source = open_source(source_uri, s3, cache_dir, limits, expected_identity=source_version)
     try:
         layout = detect_layout(source, config)
         log.info("%s: %s layout, tables %s", source.uri, layout.kind, layout.tables)
@@ -230,6 +232,7 @@ def ingest(
         b"coughreg.manifest": json.dumps({
             "schema_version": MANIFEST_SCHEMA_VERSION,
             "source": source.uri,
+            "source_version": source.identity,
             "layout": layout.kind,
             "tables": layout.tables,
             "label_columns": config.dataset.label_columns,
@@ -238,6 +241,7 @@ def ingest(
     })
     report = {
         "source": source.uri,
+        "source_version": source.identity,
         "layout": layout.kind,
         "tables": layout.tables,
         "rows": len(manifest.rows),
@@ -249,15 +253,15 @@ def ingest(
         "seconds": round(time.perf_counter() - started, 2),
     }
     report["quality"] = quality_summary(frame, config.dataset.label_columns, (config.ingest.label_min, config.ingest.label_max))
-    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=2, default=str))
+    atomic_write_text(out_dir / INGEST_REPORT, json.dumps(report, indent=2, default=str))
     atomic_write_text(out_dir / QUALITY_HTML, quality_page(report["quality"], report))
-    save_config(config, out_dir)
+    save_config(config, out_dir, chain_keys("ingest"))
     if counts.get("ok", 0) == 0:
         raise CoughPipelineError(f"{source.uri}: no usable recordings (reasons: {dict(reasons.most_common(5))})")
     if present and bad / present > settings.max_invalid_fraction:
         raise CoughPipelineError(
             f"{source.uri}: {bad} of {present} recordings present are unusable ({bad / present:.0%}), more than "
-            f"ingest.max_invalid_fraction {settings.max_invalid_fraction:.0%}; see {out_dir / REPORT_NAME}"
+            f"ingest.max_invalid_fraction {settings.max_invalid_fraction:.0%}; see {out_dir / INGEST_REPORT}"
         )
     with atomic_path(manifest_path) as tmp:
         pq.write_table(table, tmp)
@@ -432,13 +436,3 @@ def _manifest_frame(manifest: _Rows) -> pd.DataFrame:
         frame[label] = frame[label].astype("float64")
     frame = frame.sort_values(["status", "split", "id", "source_name"], kind="stable").reset_index(drop=True)
     return frame
-
-
-def read_manifest(folder: str | Path) -> tuple[pd.DataFrame, dict]:
-    """The manifest of an ingest output folder and its metadata (layout, label and group columns)."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.exists():
-        raise CoughPipelineError(f"{path}: no manifest; run the ingest step into {folder} first (or it did not finish)")
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(b"coughreg.manifest", b"{}"))
-    return table.to_pandas(), meta

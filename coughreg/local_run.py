@@ -1,4 +1,4 @@
-"""Run the whole DAG on this machine through KFP's local runner (no Docker, no cluster)."""
+"""Run the whole DAG on this machine through KFP's local runner (no Docker, no cluster), cached like the cluster."""
 
 from __future__ import annotations
 
@@ -7,37 +7,55 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-from coughreg.config import ExperimentConfig, config_to_parameter
+from coughreg import artifacts
+from coughreg.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
+
+PIPELINE_FILE = "pipeline.yaml"
 
 
 @dataclass
 class LocalRunResult:
     report: Path
     metrics: Path
+    model: Path
     scorer: Path
+    pipeline: Path
     values: dict
     seconds: float
 
 
-def run_local(source_uri: str, config: ExperimentConfig, out_dir: str | Path) -> LocalRunResult:
-    """Every step of ``pipeline.py``'s DAG as a subprocess of this Python, artifacts under ``out_dir``."""
-    from kfp import local
+def run_local(pipeline: ModuleType, source_uri: str, config: ExperimentConfig, out_dir: str | Path, cache: bool = True,
+              feature_parts: int = 2) -> LocalRunResult:
+    """Every step of the DAG as a subprocess of this Python, artifacts under ``out_dir/pipeline-root``.
 
-    from coughreg.export import load_pipeline_module
+    Args:
+        pipeline: the module that defines the DAG (``pipeline.py``: ``build_pipeline``, ``compile_pipeline``).
+        source_uri: the data set.
+        config: the experiment config.
+        out_dir: where the run's artifacts, the compiled ``pipeline.yaml`` and the step cache go.
+        cache: reuse a step's outputs from an earlier run in ``out_dir`` when its inputs are unchanged, as
+            KFP does on a cluster (``kfp.local``'s cache, under ``pipeline-root/.kfp_cache``).
+        feature_parts: branches of the features ParallelFor.
+    """
+    from kfp import local
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    pipeline = load_pipeline_module().build_pipeline(config, source_uri)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline-root"), raise_on_error=True)
-    run = pipeline(source_uri=source_uri, config_yaml=config_to_parameter(config))
+    compiled = pipeline.compile_pipeline(out_dir / PIPELINE_FILE, config, source_uri, feature_parts)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline-root"),
+               raise_on_error=True, enable_caching=cache)
+    run = pipeline.build_pipeline(config, source_uri, feature_parts)()
     report = Path(run.outputs["report"].path)
-    metrics_artifact = run.outputs["metrics"]
-    scorer = Path(run.outputs["scorer"].path)
-    metrics_file = report.parent / "evaluation" / "metrics.json"  # the evaluate task's folder
-    values = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(metrics_artifact.metadata)
-    html_copy = report.parent / "evaluation" / "report.html"  # the same page, with a name browsers open
-    return LocalRunResult(html_copy if html_copy.exists() else report, metrics_file, scorer, values, time.perf_counter() - started)
+    evaluation = report.parent / "evaluation"  # the evaluate task's folder
+    metrics_file = evaluation / artifacts.METRICS
+    values = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(run.outputs["metrics"].metadata)
+    html_copy = evaluation / artifacts.REPORT  # the same page, with a name browsers open
+    return LocalRunResult(
+        html_copy if html_copy.exists() else report, metrics_file, Path(run.outputs["model"].path),
+        Path(run.outputs["scorer"].path), compiled, values, time.perf_counter() - started,
+    )

@@ -9,6 +9,7 @@ same ``LogMel`` front end in front of an ensemble of regressors: it takes a raw 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -114,10 +115,12 @@ class CoughScorer(nn.Module):
         return torch.stack(outputs).mean(dim=0)
 
 
-def create_model(config: ExperimentConfig, label_range: tuple[float, float] | None = None) -> CoughRegressor:
-    """The regressor the config describes (weights random until trained or loaded)."""
+def create_model(
+    config: ExperimentConfig, label_range: tuple[float, float] | None = None, pretrained: bool = False
+) -> CoughRegressor:
+    """The regressor the config describes: random weights, or pretrained backbone weights when ``pretrained``."""
     low, high = label_range or (config.ingest.label_min, config.ingest.label_max)
-    return CoughRegressor(
+    model = CoughRegressor(
         backbone=config.architecture.backbone,
         num_outputs=len(config.dataset.label_columns),
         dropout=config.architecture.dropout,
@@ -126,24 +129,8 @@ def create_model(config: ExperimentConfig, label_range: tuple[float, float] | No
         label_min=low,
         label_max=high,
     )
-
-
-def _find_hf_cache_weights(backbone: str) -> list[Path]:
-    """timm's Hugging Face cache for this backbone (never downloads)."""
-    import os
-
-    roots = []
-    if os.environ.get("HF_HUB_CACHE"):
-        roots.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        roots.append(Path(os.environ["HF_HOME"]) / "hub")
-    roots.append(Path.home() / ".cache" / "huggingface" / "hub")
-    name = backbone.split(".")[0]
-    found = []
-    for root in roots:
-        for folder in sorted(root.glob(f"models--timm--{name}*")):
-            found.extend(sorted(folder.glob("snapshots/*/model.safetensors")) + sorted(folder.glob("snapshots/*/pytorch_model.bin")))
-    return found
+    model.pretrained_from = load_pretrained_backbone(model, config) if pretrained else None
+    return model
 
 
 def _weights_file(source: str | Path) -> Path:
@@ -153,7 +140,8 @@ def _weights_file(source: str | Path) -> Path:
         return download_s3_object(str(source))
     path = local_path(source)
     if path.is_dir():
-        candidates = sorted(path.rglob("model.safetensors")) + sorted(path.rglob("*.safetensors")) + sorted(path.rglob("pytorch_model.bin")) + sorted(path.rglob("*.pth"))
+        candidates = [*sorted(path.rglob("model.safetensors")), *sorted(path.rglob("*.safetensors")),
+                      *sorted(path.rglob("pytorch_model.bin")), *sorted(path.rglob("*.pth"))]
         if not candidates:
             raise CoughPipelineError(f"architecture.pretrained_weights: no weights file (*.safetensors, *.pth, pytorch_model.bin) in {path}")
         return candidates[0]
@@ -162,50 +150,89 @@ def _weights_file(source: str | Path) -> Path:
     return path
 
 
-def load_pretrained_backbone(model: CoughRegressor, config: ExperimentConfig) -> str:
-    """Load pretrained backbone weights named by the config (file, HF cache folder, s3://); never downloads.
+def _hub_cache_file(backbone: str) -> Path | None:
+    """The backbone's own weights in the local Hugging Face cache (its exact hub id), never downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
 
-    Three-channel stem weights are summed into one channel (timm's adapt_input_conv); the
-    classifier is dropped. Returns where the weights came from.
+    try:
+        hub_id = getattr(get_pretrained_cfg(backbone), "hf_hub_id", None)
+    except (RuntimeError, ValueError):
+        hub_id = None
+    if not hub_id:
+        return None
+    # Read the environment now: huggingface_hub fixes its cache folder when it is first imported.
+    cache = os.environ.get("HF_HUB_CACHE") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename, cache_dir=cache)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _fits(path: Path, backbone: str, pretrained_cfg: dict):
+    """A timm ``filter_fn`` that refuses a checkpoint whose tensors do not fit the backbone (timm itself
+    loads non-strictly once it drops the classifier, so a wrong file would load half)."""
+
+    def check(state_dict: dict, model: nn.Module) -> dict:
+        if any(key.startswith("backbone.") for key in state_dict):  # a coughreg model's own weights
+            state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        classifiers = pretrained_cfg.get("classifier") or ()
+        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+        dropped = {f"{name}.{part}" for name in classifiers for part in ("weight", "bias")}
+        first = pretrained_cfg.get("first_conv") or ()
+        stems = {f"{name}.weight" for name in ((first,) if isinstance(first, str) else first)}
+        own = model.state_dict()
+        problem = None
+        for key, value in own.items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            if key not in state_dict:
+                problem = f"'{key}' is missing from the file"
+            else:
+                theirs = tuple(state_dict[key].shape)
+                mine = tuple(value.shape)
+                same = theirs[:1] + theirs[2:] == mine[:1] + mine[2:] if key in stems else theirs == mine
+                if not same:
+                    problem = f"'{key}' has shape {theirs} in the file, {mine} in the backbone"
+            if problem:
+                break
+        if problem is None:
+            extra = sorted(k for k in state_dict if k not in own and k not in dropped)
+            problem = f"'{extra[0]}' is in the file but not in the backbone" if extra else None
+        if problem:
+            raise CoughPipelineError(
+                f"{path}: these weights do not fit backbone '{backbone}': {problem}. "
+                "Point architecture.pretrained_weights at this backbone's weights, or set architecture.pretrained=false"
+            )
+        return state_dict
+
+    return check
+
+
+def load_pretrained_backbone(model: CoughRegressor, config: ExperimentConfig) -> str:
+    """Load pretrained backbone weights with timm: from ``architecture.pretrained_weights`` (a file, a
+    folder or s3://) or the backbone's own file in the local Hugging Face cache. The stem is adapted to
+    one input channel and the classifier dropped (timm's ``load_pretrained``). Returns the file used.
 
     Raises:
-        CoughPipelineError: when weights are asked for and none are found, saying where to put them.
+        CoughPipelineError: no weights are found (saying where to put them), or they do not fit the
+            backbone (naming the file, the backbone and the first tensor that does not fit).
     """
-    from timm.models import adapt_input_conv
+    from timm.models import load_pretrained
 
+    backbone = config.architecture.backbone
     source = config.architecture.pretrained_weights
-    if source is None:
-        cached = _find_hf_cache_weights(config.architecture.backbone)
-        if not cached:
-            raise CoughPipelineError(
-                f"architecture.pretrained is true but no weights for '{config.architecture.backbone}' were found: "
-                "set architecture.pretrained_weights to a file, a Hugging Face cache folder or an s3:// URI, "
-                "put timm's weights in ~/.cache/huggingface/hub (HF_HOME), or set architecture.pretrained=false "
-                "to start from random weights"
-            )
-        path = cached[0]
-    else:
-        path = _weights_file(source)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    own = model.backbone.state_dict()
-    adapted = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.").removeprefix("backbone.")
-        if key not in own:
-            continue
-        if value.ndim == 4 and own[key].ndim == 4 and value.shape[1] != own[key].shape[1]:
-            value = adapt_input_conv(own[key].shape[1], value)
-        if value.shape == own[key].shape:
-            adapted[key] = value
-    if not adapted:
-        raise CoughPipelineError(f"{path}: no tensor matches backbone '{config.architecture.backbone}'; wrong weights file?")
-    missing = [k for k in own if k not in adapted]
-    model.backbone.load_state_dict(adapted, strict=False)
-    log.info("pretrained weights from %s: %d tensors loaded, %d left random", path, len(adapted), len(missing))
+    path = _weights_file(source) if source is not None else _hub_cache_file(backbone)
+    if path is None:
+        raise CoughPipelineError(
+            f"architecture.pretrained is true but no weights for '{backbone}' were found: "
+            "set architecture.pretrained_weights to a file, a Hugging Face cache folder or an s3:// URI, "
+            "put timm's weights in ~/.cache/huggingface/hub (HF_HOME), or set architecture.pretrained=false "
+            "to start from random weights"
+        )
+    pretrained_cfg = {**(getattr(model.backbone, "pretrained_cfg", None) or {}), "file": str(path), "source": ""}
+    load_pretrained(model.backbone, pretrained_cfg=pretrained_cfg, num_classes=0, in_chans=1,
+                    filter_fn=_fits(path, backbone, pretrained_cfg), strict=True)
+    log.info("pretrained weights for %s from %s", backbone, path)
     return str(path)

@@ -10,7 +10,6 @@ import pandas as pd
 
 from coughreg import report
 
-QUALITY_HTML = "quality_report.html"
 
 
 def _histogram(values: np.ndarray, bins: np.ndarray) -> dict:

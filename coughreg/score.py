@@ -17,17 +17,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from coughreg.artifacts import CONFIG, SCORER_INFO, SCORER_WEIGHTS
 from coughreg.audio import decode_audio
-from coughreg.config import CONFIG_FILE_NAME, load_config
+from coughreg.config import load_config
 from coughreg.errors import AudioDecodeError, CoughPipelineError
 from coughreg.frontend import LogMel
 from coughreg.model import CoughScorer, create_model
 
 log = logging.getLogger(__name__)
 
-SCORER_WEIGHTS = "scorer.safetensors"
-SCORER_INFO = "scorer.json"
-SCORER_PROGRAM = "scorer.pt2"
 SCORER_FORMAT = 1
 MIN_SECONDS = 0.35  # shorter clips are padded with silence (the backbone's strides need this much)
 
@@ -56,7 +54,7 @@ class Scorer:
         self.info = json.loads(info_path.read_text())
         if self.info.get("format") != SCORER_FORMAT:
             raise CoughPipelineError(f"{info_path}: scorer format {self.info.get('format')} is not {SCORER_FORMAT}")
-        self.config = load_config(self.folder / CONFIG_FILE_NAME)
+        self.config = load_config(self.folder / CONFIG)
         regressors = [create_model(self.config, tuple(self.info["label_range"])) for _ in range(self.info["members"])]
         self.model = CoughScorer(LogMel.from_config(self.config.audio), regressors)
         self.model.load_state_dict(load_file(str(self.folder / SCORER_WEIGHTS)))

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coughreg.data_version import etag_of, is_archive_key, source_identity
 from coughreg.errors import StorageError
 from coughreg.storage import (
     DEFAULT_CACHE,
@@ -43,6 +44,7 @@ class DataSource(abc.ABC):
     """A read-only view of a data set: ``names`` are safe posix paths relative to its root."""
 
     uri: str
+    identity: str = ""
     names: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
@@ -204,20 +206,37 @@ class _MirrorSource(FolderSource):
 
 
 def open_source(
-    uri: str, options: S3Options | None = None, cache_dir: Path | None = None, limits: SourceLimits | None = None
+    uri: str, options: S3Options | None = None, cache_dir: Path | None = None, limits: SourceLimits | None = None,
+    expected_identity: str | None = None,
 ) -> DataSource:
-    """Open ``s3://bucket/key.zip``, ``s3://bucket/prefix/``, a local zip or folder, or a ``file://`` URI."""
+    """Open ``s3://bucket/key.zip``, ``s3://bucket/prefix/``, a local zip or folder, or a ``file://`` URI.
+
+    The source's content identity (``coughreg.data_version``) is resolved first and kept as
+    ``source.identity``; with ``expected_identity`` (what the run resolved before ingest), a source
+    that changed since is refused, and an S3 object is downloaded pinned to that version.
+    """
     options = options or S3Options()
     limits = limits or SourceLimits()
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    if not is_s3_uri(uri) and not local_path(uri).exists():
+        raise StorageError(f"{uri}: no such file or folder")
+    identity = source_identity(uri, options)
+    if expected_identity and identity != expected_identity:
+        raise StorageError(
+            f"{uri}: the data changed after this run resolved its version ({expected_identity}); it is now {identity}. "
+            "Run the pipeline again to ingest the new data"
+        )
+    source = _open(uri, options, cache_dir, limits, identity)
+    source.identity = identity
+    return source
+
+
+def _open(uri: str, options: S3Options, cache_dir: Path, limits: SourceLimits, identity: str) -> DataSource:
     if is_s3_uri(uri):
-        location = parse_s3_uri(uri)
-        if location.key.lower().endswith(".zip"):
-            return ZipSource(download_s3_object(uri, cache_dir, options), uri, limits)
+        if is_archive_key(parse_s3_uri(uri).key):
+            return ZipSource(download_s3_object(uri, cache_dir, options, etag=etag_of(identity)), uri, limits)
         return _MirrorSource(download_prefix(uri, options, cache_dir), uri, limits)
     path = local_path(uri)
-    if not path.exists():
-        raise StorageError(f"{uri}: no such file or folder")
     if path.is_dir():
         return FolderSource(path, uri, limits)
     if zipfile.is_zipfile(path):

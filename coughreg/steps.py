@@ -1,30 +1,85 @@
-"""The glue between KFP components and the plain step functions: config text in, artifacts out.
+"""One entry point per step: what ``pipeline.py step X``, the KFP component and the training ranks all call.
 
-Components pass the resolved config as YAML text (a pipeline parameter), so a run carries the
-exact config it was compiled with; each step saves it again beside its outputs.
+Each step function takes its inputs and outputs as folders or ``s3://`` artifact URIs, the keys
+given for this run (``Given``: a component's ``<step>_config`` parameter, or a config file and
+``--set`` overrides), and a metrics sink (KFP's ``Metrics`` artifact, or None). It sets up logging,
+reads the upstream keys from its input artifact (``coughreg.step_config``), runs the plain step
+function, logs its figures, and publishes its outputs only when it succeeded. Settings that shape
+only how a step runs (worker counts, ``cluster.checkpoint_uri``, the image) are arguments or
+environment variables, never part of a cache key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from coughreg.config import ExperimentConfig, config_from_dict, resolve_config
+from coughreg import artifacts
+from coughreg.config import ExperimentConfig, load_settings
+from coughreg.errors import ConfigError
+from coughreg.step_config import UI_PARAMETERS, build_step_config, runtime_from_env
+from coughreg.storage import DEFAULT_CACHE, S3Options, is_s3_uri
 
 log = logging.getLogger(__name__)
 
+PIPELINE_ENV = "COUGHREG_PIPELINE"  # the pipeline's name, set on every task
+IMAGE_ENV = "COUGHREG_IMAGE"  # the task's image reference, set on every task
 
-def config_from_text(config_yaml: str) -> ExperimentConfig:
-    raw = yaml.safe_load(config_yaml) or {}
-    return resolve_config(config_from_dict(raw, source="pipeline parameter config_yaml"))
+
+@dataclass(frozen=True)
+class Given:
+    """The config keys given for one step run, nested as in the config, and where they came from."""
+
+    keys: dict = field(default_factory=dict)
+    where: str = "defaults"
+    strict: bool = False  # a KFP parameter holds the owner's keys only
+
+    @classmethod
+    def parameter(cls, name: str, text: str, typed: dict[str, Any] | None = None) -> Given:
+        """A component's ``<step>_config`` parameter (one line of JSON), with typed run parameters on top."""
+        try:
+            keys = json.loads(text) if text.strip() else {}
+        except ValueError as exc:
+            raise ConfigError(f"pipeline parameter {name}: not JSON ({exc})") from None
+        if not isinstance(keys, dict):
+            raise ConfigError(f"pipeline parameter {name}: expected a JSON object of config sections")
+        for parameter, value in (typed or {}).items():
+            section, key = UI_PARAMETERS[parameter].split(".")
+            keys.setdefault(section, {})[key] = value
+        for section, values in runtime_from_env().items():  # worker counts, checkpoint_uri: set on the task
+            keys.setdefault(section, {}).update(values)
+        return cls(keys, f"pipeline parameter {name}", strict=True)
+
+    @classmethod
+    def command_line(cls, path: str | Path | None, overrides: list[str] | None = None) -> Given:
+        """A config file (optional) and ``--set`` overrides: only what they say is given."""
+        where = " and ".join(filter(None, [str(path) if path else "", "--set" if overrides else ""])) or "defaults"
+        return cls(load_settings(path, overrides), where)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Timestamped log lines on standard error, set up once per process."""
+    root = logging.getLogger()
+    if not getattr(setup_logging, "done", False):
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "matplotlib", "torch.distributed"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        setup_logging.done = True
+    if verbose:
+        root.setLevel(logging.DEBUG)
 
 
 def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
-    """Numbers of a flat dict into a KFP ``Metrics`` artifact (None: skipped)."""
+    """Numbers of a flat dict into a KFP ``Metrics`` artifact (None: nothing to log to)."""
     if metrics is None:
         return
     for key, value in values.items():
@@ -32,29 +87,83 @@ def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
             metrics.log_metric(key, float(value))
 
 
-def _copy_html(source: Path, target: str | None) -> None:
-    import shutil
+class _Staging:
+    """Inputs and outputs may be ``s3://`` artifact URIs (a previous run's): inputs are mirrored into the
+    download cache, outputs written to a local folder and uploaded when the step succeeded."""
 
-    if target:
+    def __init__(self, s3: S3Options | None, cache_dir: Path | None) -> None:
+        self.s3 = s3 or S3Options()
+        self.cache_dir = Path(cache_dir or DEFAULT_CACHE)
+        self.uploads: list[tuple[Path, str]] = []
+
+    def input(self, value: str | Path) -> Path:
+        from coughreg.sources import download_prefix
+
+        return download_prefix(str(value), self.s3, self.cache_dir) if is_s3_uri(str(value)) else Path(value)
+
+    def output(self, value: str | Path) -> Path:
+        if not is_s3_uri(str(value)):
+            return Path(value)
+        local = Path(tempfile.mkdtemp(prefix="coughreg-step-"))
+        self.uploads.append((local, str(value)))
+        return local
+
+    def publish(self) -> None:
+        from coughreg.storage import upload_folder
+
+        for local, uri in self.uploads:
+            upload_folder(local, uri, self.s3)
+            shutil.rmtree(local, ignore_errors=True)
+            log.info("published %s", uri)
+
+
+@contextlib.contextmanager
+def _staged(s3: S3Options | None = None, cache_dir: Path | None = None) -> Iterator[_Staging]:
+    staging = _Staging(s3, cache_dir)
+    try:
+        yield staging
+        staging.publish()  # only a step that succeeded publishes its outputs
+    finally:
+        for local, _ in staging.uploads:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def _copy_html(source: Path, target: str | None) -> None:
+    if target and source.exists():
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
 
 
-def run_ingest_step(source_uri: str, config_yaml: str, out_dir: str, metrics: Any = None, html_path: str | None = None) -> dict:
-    from coughreg.errors import CoughPipelineError
-    from coughreg.ingest import REPORT_NAME, ingest
-    from coughreg.quality import QUALITY_HTML
+# ---------------------------------------------------------------- 0. data version
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        ingest(source_uri, Path(out_dir), config_from_text(config_yaml))
-    finally:  # a failed ingest still shows its data-quality report
-        if (Path(out_dir) / QUALITY_HTML).exists():
-            _copy_html(Path(out_dir) / QUALITY_HTML, html_path)
-    report_path = Path(out_dir) / REPORT_NAME
-    if not report_path.exists():
-        raise CoughPipelineError(f"{report_path}: the ingest wrote no report")
-    report = json.loads(report_path.read_text())
+
+def source_version_step(source_uri: str, s3: S3Options | None = None) -> str:
+    """The content identity of the data set at ``source_uri`` (``coughreg.data_version``)."""
+    from coughreg.data_version import source_identity
+
+    setup_logging()
+    identity = source_identity(source_uri, s3)
+    log.info("%s: %s", source_uri, identity)
+    return identity
+
+
+# ---------------------------------------------------------------- 1. ingest
+
+
+def ingest_step(source_uri: str, out: str | Path, given: Given, *, source_version: str | None = None, metrics: Any = None,
+                html: str | None = None, s3: S3Options | None = None, cache_dir: Path | None = None,
+                workers: int | None = None) -> dict:
+    from coughreg.ingest import ingest
+
+    setup_logging()
+    config = build_step_config("ingest", given.keys, None, given.where, strict=given.strict)
+    with _staged(s3, cache_dir) as staging:
+        out_dir = staging.output(out)
+        try:
+            ingest(source_uri, out_dir, config, s3, cache_dir, workers, source_version=source_version)
+        finally:  # a failed ingest still shows its data-quality report
+            _copy_html(out_dir / artifacts.QUALITY_HTML, html)
+        report = artifacts.read_json(out_dir, artifacts.INGEST_REPORT, "ingest")
     log_metrics(metrics, {"recordings_ok": report["ok"], "recordings_rejected": report["rejected"],
                           "metadata_rows_without_recording": report["metadata_rows_without_recording"],
                           "unusable_fraction_of_present": report["unusable_fraction_of_present"],
@@ -62,80 +171,145 @@ def run_ingest_step(source_uri: str, config_yaml: str, out_dir: str, metrics: An
     return report
 
 
-def run_feature_part_step(ingest_dir: str, config_yaml: str, part: int, parts: int, out_dir: str) -> None:
-    from coughreg.features import extract_feature_part
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extract_feature_part(Path(ingest_dir), Path(out_dir), config_from_text(config_yaml), part, parts)
+# ---------------------------------------------------------------- 2. features
 
 
-def run_collect_features_step(ingest_dir: str, part_dirs: list[str], config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
-    from coughreg.features import REPORT_NAME, collect_feature_parts
+def _features_config(ingest_dir: Path, given: Given, named: str | Path) -> ExperimentConfig:
+    upstream = artifacts.read_config(ingest_dir, "ingest")
+    return build_step_config("features", given.keys, upstream, given.where, f"the ingest output {named}", given.strict)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    collect_feature_parts(Path(ingest_dir), [Path(p) for p in part_dirs], Path(out_dir), config_from_text(config_yaml))
-    report = json.loads((Path(out_dir) / REPORT_NAME).read_text())
+
+def _features_metrics(out_dir: Path, metrics: Any) -> dict:
+    report = artifacts.read_json(out_dir, artifacts.FEATURES_REPORT, "features")
     log_metrics(metrics, {"spectrograms": report["rows"], "shards": report["shards"], "failed_recordings": len(report["failures"]),
                           "audio_hours": report["audio_seconds"] / 3600})
     return report
 
 
-def run_train_step(features_dir: str, config_yaml: str, out_dir: str, metrics: Any = None) -> dict:
-    import os
+def features_step(ingest: str | Path, out: str | Path, given: Given, *, metrics: Any = None, s3: S3Options | None = None,
+                  cache_dir: Path | None = None, workers: int | None = None) -> dict:
+    """Every shard on this machine (one process per core): the features step outside a ParallelFor."""
+    from coughreg.features import extract_features
 
+    setup_logging()
+    with _staged(s3, cache_dir) as staging:
+        ingest_dir, out_dir = staging.input(ingest), staging.output(out)
+        extract_features(ingest_dir, out_dir, _features_config(ingest_dir, given, ingest), workers)
+        return _features_metrics(out_dir, metrics)
+
+
+def feature_part_step(ingest: str | Path, out: str | Path, given: Given, part: int, parts: int, *,
+                      workers: int | None = None) -> None:
+    """One of ``parts`` slices of the shard plan: a branch of the ParallelFor."""
+    from coughreg.features import extract_feature_part
+
+    setup_logging()
+    extract_feature_part(Path(ingest), Path(out), _features_config(Path(ingest), given, ingest), part, parts, workers)
+
+
+def collect_features_step(ingest: str | Path, parts: list[str], out: str | Path, given: Given, *, metrics: Any = None) -> dict:
+    """The parts' shards gathered into one features folder with its index."""
+    from coughreg.features import collect_feature_parts
+
+    setup_logging()
+    collect_feature_parts(Path(ingest), [Path(p) for p in parts], Path(out), _features_config(Path(ingest), given, ingest))
+    return _features_metrics(Path(out), metrics)
+
+
+# ---------------------------------------------------------------- 3. train
+
+
+def train_step(features: str | Path, out: str | Path, given: Given, *, metrics: Any = None, identity: str | None = None,
+               processes: int | None = None, s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
+    """Train on the shards of a features folder; on several GPUs, one DistributedDataParallel rank per GPU.
+
+    Args:
+        identity: what names this run's output across retries (the KFP artifact URI); a drawn seed
+            derives from it (``coughreg.training.run_seed``).
+        processes: ranks to start (default: one per GPU of ``environment.gpus`` when there are several
+            and that many are present; 1 otherwise).
+    """
+    from coughreg.training import run_seed
+
+    setup_logging()
+    with _staged(s3, cache_dir) as staging:
+        features_dir, out_dir = staging.input(features), staging.output(out)
+        upstream = artifacts.read_config(features_dir, "features")
+        config = build_step_config("train", given.keys, upstream, given.where, f"the features output {features}", given.strict)
+        if identity is None and is_s3_uri(str(out)):
+            identity = str(out)
+        processes = processes or _ranks(config)
+        if processes > 1:
+            from coughreg.training.distributed import launch
+
+            config = run_seed(config, out_dir, identity)  # drawn once, before the ranks
+            launch(_train_rank, (str(features_dir), str(out_dir), config), processes)
+        else:
+            from coughreg.training import train
+
+            train(features_dir, out_dir, config, identity)
+        history = artifacts.read_json(out_dir, artifacts.HISTORY, "train")
+        info = artifacts.read_model_info(out_dir)
+    last = {k: v for k, v in history[-1].items() if k not in ("fold", "seed", "epoch")} if history else {}
+    summary = {"members": len(info["members"]), "seed": info["seed"], **last}
+    log_metrics(metrics, summary)
+    return summary
+
+
+def _ranks(config: ExperimentConfig) -> int:
     import torch
 
-    from coughreg.train import HISTORY, MODEL_INFO, train
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_text(config_yaml)
     gpus = len(config.environment.gpus)
     if gpus > 1 and torch.cuda.device_count() >= gpus and "WORLD_SIZE" not in os.environ:
-        launch_distributed_training(features_dir, config, out_dir, gpus)
-        history = json.loads((Path(out_dir) / HISTORY).read_text())
-        members = json.loads((Path(out_dir) / MODEL_INFO).read_text())["members"]
-    else:
-        result = train(Path(features_dir), Path(out_dir), config)
-        history, members = result.history, result.members
-    last = {k: v for k, v in history[-1].items() if k not in ("fold", "seed", "epoch")} if history else {}
-    log_metrics(metrics, {"members": len(members), **last})
-    return last
+        return gpus
+    return 1
 
 
-def launch_distributed_training(features_dir: str, config, out_dir: str, processes: int) -> None:
-    """DistributedDataParallel over ``processes`` GPUs: the train step again, under torchrun."""
-    import subprocess
-    import sys
-    import tempfile
+def _train_rank(features_dir: str, out_dir: str, config: ExperimentConfig) -> None:
+    """One rank of a distributed training run (started by ``coughreg.training.distributed.launch``)."""
+    from coughreg.training import train
 
-    from coughreg.config import save_config
-    from coughreg.errors import CoughPipelineError
-    from coughreg.export import pipeline_file
-
-    with tempfile.TemporaryDirectory() as folder:
-        config_path = save_config(config, folder)
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   str(pipeline_file()), "step", "train", "--input", str(features_dir), "--out", str(out_dir),
-                   "--config", str(config_path)]
-        log.info("training on %d processes: %s", processes, " ".join(command))
-        done = subprocess.run(command, check=False)
-    if done.returncode != 0:
-        raise CoughPipelineError(f"distributed training failed (exit {done.returncode}); see the log above")
+    setup_logging()
+    train(features_dir, out_dir, config)
 
 
-def run_evaluate_step(model_dir: str, features_dir: str, config_yaml: str, out_dir: str, report_path: str | None = None,
-                      metrics: Any = None) -> dict:
+# ---------------------------------------------------------------- 4. evaluate
+
+
+def evaluate_step(model: str | Path, features: str | Path, out: str | Path, given: Given, *, metrics: Any = None,
+                  html: str | None = None, s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
     from coughreg.evaluate import evaluate
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = evaluate(Path(model_dir), Path(features_dir), Path(out_dir), config_from_text(config_yaml))
-    _copy_html(result.report_path, report_path)
+    setup_logging()
+    with _staged(s3, cache_dir) as staging:
+        model_dir, features_dir, out_dir = staging.input(model), staging.input(features), staging.output(out)
+        upstream = artifacts.read_config(model_dir, "train")
+        config = build_step_config("evaluate", given.keys, upstream, given.where, f"the model {model}", given.strict)
+        result = evaluate(model_dir, features_dir, out_dir, config)
+        _copy_html(result.report_path, html)
     log_metrics(metrics, result.metrics)
     return result.metrics
 
 
-def run_export_step(model_dir: str, config_yaml: str, out_dir: str) -> str:
+# ---------------------------------------------------------------- 5. export
+
+
+def run_identity(artifact_uri: str | None) -> dict:
+    """What names the run an artifact belongs to: its URI (which holds the run's id), the pipeline, the image, the pod."""
+    values = {"artifact_uri": artifact_uri, "pipeline": os.environ.get(PIPELINE_ENV), "image": os.environ.get(IMAGE_ENV),
+              "pod": os.environ.get("KFP_POD_NAME")}
+    return {k: v for k, v in values.items() if v}
+
+
+def export_step(model: str | Path, out: str | Path, given: Given, *, artifact_uri: str | None = None,
+                s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
     from coughreg.export import export
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return str(export(Path(model_dir), Path(out_dir), config_from_text(config_yaml)).scorer_dir)
+    setup_logging()
+    with _staged(s3, cache_dir) as staging:
+        model_dir, out_dir = staging.input(model), staging.output(out)
+        upstream = artifacts.read_config(model_dir, "train")
+        config = build_step_config("export", given.keys, upstream, given.where, f"the model {model}", given.strict)
+        result = export(model_dir, out_dir, config, run_identity(artifact_uri or str(out)))
+    return {"scorer": str(out if is_s3_uri(str(out)) else result.scorer_dir),
+            "program": result.program_path is not None}

@@ -119,12 +119,15 @@ def describe_client_error(exc: Exception, uri: str) -> StorageError:
 
 
 def download_s3_object(
-    uri: str, cache_dir: Path | None = None, options: S3Options | None = None, client=None
+    uri: str, cache_dir: Path | None = None, options: S3Options | None = None, client=None, etag: str | None = None
 ) -> Path:
     """Download one object into a local cache keyed by its ETag; a rerun reuses the cached file.
 
-    Downloads are multipart and parallel (boto3's transfer manager) and land under a temporary
-    name first, so an interrupted download never looks complete.
+    Downloads go through boto3's transfer manager: parallel ranged GETs, each part retried on its
+    own when a connection drops, every request pinned to the ETag (``IfMatch``) so an object
+    replaced mid-download fails instead of mixing versions. With ``etag``, the object must still be
+    that version. The file lands under a temporary name first, so an interrupted download never
+    looks complete.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -132,9 +135,12 @@ def download_s3_object(
     options = options or S3Options()
     client = client or s3_client(options)
     try:
-        head = client.head_object(Bucket=location.bucket, Key=location.key)
+        head = client.head_object(Bucket=location.bucket, Key=location.key, **({"IfMatch": f'"{etag}"'} if etag else {}))
     except (ClientError, BotoCoreError) as exc:
-        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+        if code in ("PreconditionFailed", "412"):
+            raise StorageError(f"{uri}: the object is no longer version {etag} (it was replaced); run again") from None
+        if code in ("404", "NoSuchKey", "NotFound"):
             try:
                 client.head_bucket(Bucket=location.bucket)
             except ClientError as bucket_exc:
@@ -144,19 +150,20 @@ def download_s3_object(
             except BotoCoreError as bucket_exc:
                 raise describe_client_error(bucket_exc, f"s3://{location.bucket}") from None
         raise describe_client_error(exc, uri) from None
-    etag = str(head.get("ETag", "")).strip('"') or "no-etag"
+    quoted = str(head.get("ETag", ""))
+    etag = quoted.strip('"') or "no-etag"
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     key_digest = hashlib.sha256(f"{location.bucket}/{location.key}".encode()).hexdigest()[:16]
     name = Path(location.key).name or "object"
     target = cache_dir / "s3" / key_digest / etag.replace("/", "_") / name
-    if target.exists() and target.stat().st_size == head.get("ContentLength", -1):
+    size = int(head.get("ContentLength", 0))
+    if target.exists() and target.stat().st_size == size:
         log.info("%s: cached (ETag %s) at %s", uri, etag, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    size = int(head.get("ContentLength", 0))
     log.info("%s: downloading %.1f MB", uri, size / 2**20)
     with atomic_path(target) as tmp:
-        _ranged_download(client, location, etag, size, tmp, options)
+        _transfer(client, location, quoted or None, size, tmp, options)
         if tmp.stat().st_size != size:
             raise StorageError(f"{uri}: download incomplete ({tmp.stat().st_size} of {size} bytes)")
     return target
@@ -165,48 +172,38 @@ def download_s3_object(
 PART_BYTES = 16 * 2**20
 
 
-def _ranged_download(client, location: S3Location, etag: str, size: int, path: Path, options: S3Options) -> None:
-    """Parallel ranged GETs written in place: memory stays at (threads x 1 MiB) whatever the object's size.
-
-    Each part is retried on its own (a cut connection costs one part, not the download), and every
-    request names the ETag, so an object replaced mid-download fails instead of mixing versions.
-    """
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
+def _transfer(client, location: S3Location, etag: str | None, size: int, path: Path, options: S3Options) -> None:
+    """boto3's transfer manager, told the size and ETag we saw: no second HEAD, and every GET pinned to that version."""
+    from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
+    from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
+    from s3transfer.manager import TransferManager
+    from s3transfer.subscribers import BaseSubscriber
 
-    with open(path, "wb") as handle:
-        handle.truncate(size)
-    ranges = [(start, min(start + PART_BYTES, size) - 1) for start in range(0, size, PART_BYTES)]
+    class KnownObject(BaseSubscriber):
+        def on_queued(self, future, **kwargs):
+            future.meta.provide_transfer_size(size)
+            if etag:
+                future.meta.provide_object_etag(etag)
 
-    def fetch(span: tuple[int, int]) -> None:
-        start, end = span
-        for attempt in range(1, options.max_attempts + 1):
-            position = start
-            try:
-                response = client.get_object(
-                    Bucket=location.bucket, Key=location.key, Range=f"bytes={start}-{end}", IfMatch=f'"{etag}"'
-                )
-                with open(path, "r+b") as handle:
-                    for block in response["Body"].iter_chunks(2**20):
-                        os.pwrite(handle.fileno(), block, position)
-                        position += len(block)
-                if position == end + 1:
-                    return
-                error: Exception = StorageError(f"short read ({position - start} of {end - start + 1} bytes)")
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                    raise StorageError(f"{location.uri}: the object changed during the download; run again") from None
-                raise describe_client_error(exc, location.uri) from None
-            except (BotoCoreError, OSError) as exc:  # a cut connection mid-body: retry this part
-                error = exc
-            log.warning("%s: bytes %d-%d, attempt %d failed (%s); retrying", location.uri, start, end, attempt, error)
-            time.sleep(min(2.0, 0.1 * 2**attempt))
-        raise StorageError(f"{location.uri}: bytes {start}-{end} failed {options.max_attempts} times: {error}")
-
-    with ThreadPoolExecutor(max(1, options.max_concurrency)) as pool:
-        list(pool.map(fetch, ranges))
+    config = TransferConfig(
+        multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=max(1, options.max_concurrency),
+        num_download_attempts=options.max_attempts, use_threads=True,
+    )
+    try:
+        with TransferManager(client, config) as manager:
+            manager.download(location.bucket, location.key, str(path), subscribers=[KnownObject()]).result()
+    except (S3DownloadFailedError, ClientError) as exc:
+        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+        if code in ("PreconditionFailed", "412") or "did not match expected ETag" in str(exc):
+            raise StorageError(f"{location.uri}: the object changed during the download; run again") from None
+        if isinstance(exc, ClientError):
+            raise describe_client_error(exc, location.uri) from None
+        raise StorageError(f"{location.uri}: download failed: {exc}") from None
+    except RetriesExceededError as exc:
+        raise StorageError(f"{location.uri}: download failed {options.max_attempts} times: {exc.last_exception}") from None
+    except BotoCoreError as exc:
+        raise describe_client_error(exc, location.uri) from None
 
 
 def list_s3_prefix(uri: str, options: S3Options | None = None, client=None) -> Iterator[dict]:

@@ -123,7 +123,7 @@ def tiny_run(coughvid_zip, tmp_path_factory):
     """ingest -> features -> train on the generated fixture, once per session (plain Python, no KFP)."""
     from coughreg.features import extract_features
     from coughreg.ingest import ingest
-    from coughreg.train import train
+    from coughreg.training import train
 
     root = tmp_path_factory.mktemp("tiny_run")
     config = load_resolved_config(HT_YAML, TINY)

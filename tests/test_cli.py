@@ -7,8 +7,7 @@ import os
 import subprocess
 import sys
 
-from coughreg.ingest import read_manifest
-from coughreg.features import shard_paths
+from coughreg.artifacts import read_manifest, shard_paths
 from tests.conftest import PROJECT
 
 
@@ -61,7 +60,13 @@ def test_rerun_one_step_from_s3_artifacts(s3_env, bucket, tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr
     keys = {o["Key"] for o in s3_env.client().list_objects_v2(Bucket=bucket, Prefix="iteration-2/model/")["Contents"]}
     assert {"iteration-2/model/model.json", "iteration-2/model/predictions.parquet", "iteration-2/model/fold0_seed0/model.safetensors"} <= keys
+    # export reads everything that made the model from the model's folder: no --config, no repeated --set
     done = _run("step", "export", "--model", f"s3://{bucket}/iteration-2/model/", "--out", str(tmp_path / "scorer"),
-                "--config", str(config_path), "--cache-dir", str(tmp_path / "cache"))
+                "--cache-dir", str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "scorer" / "scorer.safetensors").exists()
+    # the training config again, without the --set it was trained with: refused, naming both values
+    done = _run("step", "export", "--model", f"s3://{bucket}/iteration-2/model/", "--out", str(tmp_path / "scorer-2"),
+                "--config", str(config_path), "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode == 2
+    assert f"training.epochs: the model s3://{bucket}/iteration-2/model/ was made with 1, {config_path} says 2" in done.stderr

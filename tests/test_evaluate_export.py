@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -12,13 +13,13 @@ import torch
 
 from coughreg.evaluate import evaluate
 from coughreg.export import export
-from coughreg.features import log_mel_of_file, shard_paths
+from coughreg.artifacts import read_manifest, shard_paths
+from coughreg.features import log_mel_of_file
 from coughreg.frontend import feature_parameters
-from coughreg.ingest import read_manifest
 from coughreg.metrics import constant_baselines, regression_metrics
 from coughreg.score import chunk_bounds, load_scorer
 from coughreg.shards import SpectrogramShardReader
-from coughreg.train import load_members
+from coughreg.training import load_members
 from tests.conftest import REAL_COUGHS
 
 
@@ -67,7 +68,7 @@ def exported(tiny_run, tmp_path_factory):
 def test_the_scorer_agrees_with_the_model_on_the_shards(exported, tiny_run):
     """Raw audio through the scorer = the trained model on the features step's spectrogram."""
     scorer = load_scorer(exported.scorer_dir, device="cpu")
-    regressors = load_members(tiny_run["model"], tiny_run["config"])
+    regressors = load_members(tiny_run["model"])
     reader = SpectrogramShardReader(shard_paths(tiny_run["features"]))
     manifest, _ = read_manifest(tiny_run["ingest"])
     paths = manifest.set_index("id")["audio_path"]
@@ -93,11 +94,14 @@ def test_the_front_end_is_the_features_front_end(exported, tiny_run):
 
 def test_the_exported_folder(exported, tiny_run):
     folder = exported.scorer_dir
-    for name in ("scorer.safetensors", "scorer.json", "config.yaml", "pipeline.yaml", "README.md"):
+    for name in ("scorer.safetensors", "scorer.json", "config.yaml", "provenance.json", "README.md"):
         assert (folder / name).exists(), name
     info = json.loads((folder / "scorer.json").read_text())
     assert info["label_columns"] == ["cough_detected"] and info["sample_rate"] == 48000
-    assert "cough-regression" in (folder / "pipeline.yaml").read_text()
+    provenance = json.loads((folder / "provenance.json").read_text())
+    weights = tiny_run["model"] / "fold0_seed0" / "model.safetensors"
+    assert provenance["model"]["weights_sha256"]["fold0_seed0/model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert provenance["package"]["name"] == "coughreg" and provenance["model"]["seed"] == 1234
 
 
 def test_the_torch_export_program_needs_only_torch(exported):

@@ -13,9 +13,10 @@ import torch
 from coughreg.audio import decode_audio
 from coughreg.config import load_resolved_config
 from coughreg.errors import CoughPipelineError
-from coughreg.features import INDEX_NAME, extract_features, log_mel_of_file, shard_paths
+from coughreg.artifacts import SHARD_INDEX, read_manifest, shard_paths
+from coughreg.features import extract_features, log_mel_of_file
 from coughreg.frontend import LogMel, feature_parameters
-from coughreg.ingest import ingest, read_manifest
+from coughreg.ingest import ingest
 from coughreg.shards import SpectrogramShardReader, SpectrogramShardWriter, read_shard_metadata
 from coughreg.synth import encode_audio
 from tests.conftest import HT_YAML, REAL_COUGHS
@@ -127,7 +128,7 @@ def test_features_of_an_ingested_data_set(coughvid_zip, config, tmp_path):
         assert meta["cough_detected"] == by_id.loc[meta["id"], "cough_detected"]
         assert meta["group"] == by_id.loc[meta["id"], "datetime"]
         assert spectrogram.shape == (128, meta["n_frames"])
-    index = json.loads((tmp_path / "features" / INDEX_NAME).read_text())
+    index = json.loads((tmp_path / "features" / SHARD_INDEX).read_text())
     assert index["feature_parameters"]["mel_frequency_bins"] == 128 and index["rows"] == 24
     assert (tmp_path / "features" / "config.yaml").exists()
 
@@ -223,7 +224,7 @@ def test_a_killed_run_leaves_no_shard_that_reads_as_complete(coughvid_zip, tmp_p
     process.wait()
     written = list((tmp_path / "features").rglob("part-*.parquet"))
     assert 3 <= len(written) < 12
-    assert not (tmp_path / "features" / INDEX_NAME).exists()  # the index is what says "done"
+    assert not (tmp_path / "features" / SHARD_INDEX).exists()  # the index is what says "done"
     for path in written:
         assert read_shard_metadata(path)["feature_hash"]  # every file under a shard's name is whole
         assert pq.ParquetFile(path).metadata.num_rows == 2

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from coughreg.errors import CoughPipelineError, StorageError
-from coughreg.ingest import MANIFEST_NAME, REASON_NO_METADATA, REASON_NO_RECORDING, ingest, read_manifest
+from coughreg.artifacts import MANIFEST, read_manifest
+from coughreg.ingest import REASON_NO_METADATA, REASON_NO_RECORDING, ingest
 from coughreg.synth import SAMPLE_RATE, encode_audio
 from tests.conftest import REAL_COUGHS, REAL_METADATA
 
@@ -45,8 +47,9 @@ def test_ingest_a_coughvid_zip_from_s3(s3_env, bucket, coughvid_zip, config, tmp
             assert stored == archive.read(row.source_name)  # kept as they came
             assert hashlib.sha256(stored).hexdigest() == row.sha256
             assert row.audio_path.endswith(f"{row.id}.{row.source_name.rsplit('.', 1)[1]}")
-    saved = (tmp_path / "ingest" / "config.yaml").read_text()
-    assert "seed: 1234" in saved
+    saved = yaml.safe_load((tmp_path / "ingest" / "config.yaml").read_text())
+    assert set(saved) == {"dataset", "ingest", "resolved"}  # the keys that shaped the manifest, and no others
+    assert saved["dataset"]["label_columns"] == ["cough_detected"] and "selected_folds" not in saved["dataset"]
     report = json.loads((tmp_path / "ingest" / "ingest_report.json").read_text())
     assert report["ok"] == 24 and report["rejected"] == 0
 
@@ -70,7 +73,7 @@ def test_wrong_keys_fail_the_ingest_with_the_uri(s3_server, bucket, coughvid_zip
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     with pytest.raises(StorageError, match=f"s3://{bucket}/d.zip: access denied"):
         ingest(f"s3://{bucket}/d.zip", tmp_path / "ingest", config)
-    assert not (tmp_path / "ingest" / MANIFEST_NAME).exists()
+    assert not (tmp_path / "ingest" / MANIFEST).exists()
 
 
 def test_real_recordings_through_the_hydrogen_torch_layout(config, tmp_path):
@@ -195,7 +198,7 @@ def test_too_many_unusable_recordings_fail_the_step_and_leave_no_manifest(config
     pd.DataFrame(rows).to_csv(root / "metadata_compiled.csv", index=False)
     with pytest.raises(CoughPipelineError, match=r"7 of 10 recordings present are unusable"):
         ingest(str(root), tmp_path / "ingest", config)
-    assert not (tmp_path / "ingest" / MANIFEST_NAME).exists()
+    assert not (tmp_path / "ingest" / MANIFEST).exists()
     assert json.loads((tmp_path / "ingest" / "ingest_report.json").read_text())["rejected"] == 7
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+import pipeline
 from coughreg.config import load_config, load_resolved_config
 from coughreg.local_run import run_local
 from coughreg.score import load_scorer
@@ -37,8 +38,12 @@ def _producers(task: dict) -> set[str]:
 
 def test_five_steps_wired_in_order(compiled):
     tasks = compiled["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest", "plan-feature-parts", "for-loop-1", "collect-features", "train", "evaluate", "export"}
+    assert set(tasks) == {"source-version", "ingest", "plan-feature-parts", "for-loop-1", "collect-features", "train",
+                          "evaluate", "export"}
     assert _producers(tasks["ingest"]) == set()
+    version = tasks["ingest"]["inputs"]["parameters"]["source_version"]["taskOutputParameter"]
+    assert version["producerTask"] == "source-version"  # the data's version is a parameter, not an artifact
+    assert tasks["source-version"]["cachingOptions"] == {}  # it looks every time
     assert _producers(tasks["collect-features"]) == {"ingest", "for-loop-1"}
     assert _producers(tasks["train"]) == {"collect-features"}
     assert _producers(tasks["evaluate"]) == {"train", "collect-features"}
@@ -69,7 +74,7 @@ def test_train_requests_one_nvidia_gpu(compiled):
 
 def test_kubernetes_settings(compiled):
     platform = compiled["platform"]
-    for executor in ("exec-ingest", "exec-train"):
+    for executor in ("exec-source-version", "exec-ingest", "exec-train"):
         secret = platform[executor]["secretAsEnv"][0]
         assert secret["secretName"] == "coughreg-s3"
         assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -77,7 +82,7 @@ def test_kubernetes_settings(compiled):
     assert platform["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     tasks = compiled["root"]["dag"]["tasks"]
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 3 and tasks["ingest"]["retryPolicy"]["backoffDuration"] == "30s"
-    assert all(task["cachingOptions"].get("enableCache", False) for task in tasks.values() if "cachingOptions" in task)
+    assert all(task["cachingOptions"].get("enableCache", False) for name, task in tasks.items() if name not in ("source-version", "for-loop-1"))
     resources = compiled["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert resources["resourceMemoryRequest"] == "32Gi" and resources["resourceCpuRequest"] == "8"
     dumped = yaml.safe_dump(compiled)
@@ -85,10 +90,8 @@ def test_kubernetes_settings(compiled):
 
 
 def test_node_selector_and_per_step_cache(tmp_path):
-    from coughreg.export import load_pipeline_module
-
     config = load_resolved_config(HT_YAML, ["cluster.gpu_node_selector={accelerator: nvidia-h100}", "cluster.cache={train: false}"])
-    path = load_pipeline_module().compile_pipeline(tmp_path / "p.yaml", config)
+    path = pipeline.compile_pipeline(tmp_path / "p.yaml", config)
     spec, platform = yaml.safe_load_all(path.read_text())
     train = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
     assert train["nodeSelector"]["labels"] == {"accelerator": "nvidia-h100"}
@@ -96,19 +99,25 @@ def test_node_selector_and_per_step_cache(tmp_path):
     assert spec["root"]["dag"]["tasks"]["evaluate"]["cachingOptions"]["enableCache"] is True
 
 
-def test_the_config_travels_as_a_parameter(compiled):
+def test_each_step_gets_its_own_keys_and_the_ui_gets_typed_parameters(compiled):
     parameters = compiled["root"]["inputDefinitions"]["parameters"]
-    assert set(parameters) == {"source_uri", "config_yaml", "feature_parts"}
-    config = yaml.safe_load(parameters["config_yaml"]["defaultValue"])
-    assert config["environment"]["seed"] == 9 and config["architecture"]["backbone"] == "resnet50"
+    assert set(parameters) == {"source_uri", "backbone", "epochs", "learning_rate", "batch_size", "feature_parts",
+                               "ingest_config", "features_config", "train_config", "evaluate_config", "export_config"}
+    assert parameters["backbone"]["parameterType"] == "STRING" and parameters["backbone"]["defaultValue"] == "resnet50"
+    assert parameters["epochs"]["parameterType"] == "NUMBER_INTEGER" and parameters["learning_rate"]["parameterType"] == "NUMBER_DOUBLE"
+    train = json.loads(parameters["train_config"]["defaultValue"])
+    assert train["environment"]["seed"] == 9 and "backbone" not in train["architecture"]  # the typed parameter carries it
+    assert set(json.loads(parameters["ingest_config"]["defaultValue"])) == {"dataset", "ingest"}
+    assert "cluster" not in json.dumps([p.get("defaultValue") for p in parameters.values()])
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert set(tasks["train"]["inputs"]["parameters"]) == {"train_config", "backbone", "epochs", "learning_rate", "batch_size"}
+    assert set(tasks["evaluate"]["inputs"]["parameters"]) == {"evaluate_config"}
     outputs = compiled["root"]["outputDefinitions"]["artifacts"]
-    assert set(outputs) == {"report", "metrics", "scorer"}
+    assert set(outputs) == {"report", "metrics", "model", "scorer"}
 
 
 def test_no_gpus_means_no_request(tmp_path):
-    from coughreg.export import load_pipeline_module
-
-    path = load_pipeline_module().compile_pipeline(tmp_path / "cpu.yaml", load_resolved_config(HT_YAML, ["environment.gpus=[]"]))
+    path = pipeline.compile_pipeline(tmp_path / "cpu.yaml", load_resolved_config(HT_YAML, ["environment.gpus=[]"]))
     spec = next(yaml.safe_load_all(path.read_text()))
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"].get("resources", {})
 
@@ -117,7 +126,7 @@ def test_no_gpus_means_no_request(tmp_path):
 def test_the_whole_dag_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, tmp_path):
     s3_env.client().upload_file(str(coughvid_zip), bucket, "ht/covid19-cough-audio-classification.zip")
     config = load_resolved_config(HT_YAML, TINY)
-    result = run_local(f"s3://{bucket}/ht/covid19-cough-audio-classification.zip", config, tmp_path / "run")
+    result = run_local(pipeline, f"s3://{bucket}/ht/covid19-cough-audio-classification.zip", config, tmp_path / "run")
 
     metrics = json.loads(result.metrics.read_text())
     assert metrics["validation_rows"] >= 4 and np.isfinite(metrics["validation_mae"])
@@ -125,7 +134,10 @@ def test_the_whole_dag_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, t
     page = result.report.read_text()
     assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
 
-    assert (result.scorer / "pipeline.yaml").exists()
+    assert result.pipeline == tmp_path / "run" / "pipeline.yaml" and result.pipeline.exists()  # compiled by the client
+    provenance = json.loads((result.scorer / "provenance.json").read_text())
+    assert provenance["run"]["pipeline"] == "cough-regression" and str(tmp_path / "run") in provenance["run"]["artifact_uri"]
+    assert (result.model / "model.json").exists()
     scorer = load_scorer(result.scorer, device="cpu")
     table = scorer.score_files(sorted(REAL_COUGHS.glob("*.mp3")))
     assert len(table) == 10 and (table["status"] == "ok").all()

@@ -79,7 +79,8 @@ def test_anonymous_access_to_a_public_bucket_sends_no_signature(public_s3, cough
     """--no-sign-request semantics: unsigned requests (no Authorization header) to a public endpoint."""
     import boto3
 
-    from coughreg.ingest import ingest, read_manifest
+    from coughreg.artifacts import read_manifest
+    from coughreg.ingest import ingest
     from tests.tcp_proxy import FaultProxy
 
     owner = boto3.client("s3", endpoint_url=public_s3, region_name="us-east-1",

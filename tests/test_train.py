@@ -12,16 +12,10 @@ import torch
 from coughreg.config import load_resolved_config
 from coughreg.errors import CoughPipelineError
 from coughreg.model import create_model
-from coughreg.train import (
-    LengthBucketBatchSampler,
-    assign_folds,
-    create_loss,
-    create_optimizer,
-    create_scheduler,
-    load_members,
-    selected_folds,
-    train,
-)
+from coughreg.training import load_members, train
+from coughreg.training.data import LengthBucketBatchSampler
+from coughreg.training.factories import create_loss, create_optimizer, create_scheduler
+from coughreg.training.folds import assign_folds, selected_folds
 from tests.conftest import HT_YAML, REAL_METADATA, TINY
 
 
@@ -117,7 +111,7 @@ def test_a_tiny_training_run(tiny_run):
     assert [h["epoch"] for h in history] == [1, 2] and np.isfinite(history[-1]["validation_mae"])
     assert (model_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "seed: 1234" in (model_dir / "config.yaml").read_text()
-    members = load_members(model_dir, tiny_run["config"])
+    members = load_members(model_dir)
     assert len(members) == 1 and not members[0].training
 
 
@@ -150,12 +144,12 @@ def test_pretrained_weights_from_a_file(tiny_run, tmp_path):
     result = train(tiny_run["features"], tmp_path / "model", config)
     assert result.members[0]["pretrained_from"] == str(tmp_path / "weights.safetensors")
     stem = next(k for k in rgb.state_dict() if k.endswith("conv_stem.weight"))
-    trained = load_members(tmp_path / "model", config)[0].backbone.state_dict()[stem]
+    trained = load_members(tmp_path / "model")[0].backbone.state_dict()[stem]
     torch.testing.assert_close(trained, rgb.state_dict()[stem].sum(dim=1, keepdim=True))
 
 
 def test_dataset_normalization_statistics_come_from_the_training_rows(tiny_run, tmp_path):
-    from coughreg.features import shard_paths
+    from coughreg.artifacts import shard_paths
     from coughreg.shards import SpectrogramShardReader
 
     config = load_resolved_config(HT_YAML, [*TINY, "audio.spectrogram_normalization=Dataset", "training.epochs=0"])
@@ -167,7 +161,7 @@ def test_dataset_normalization_statistics_come_from_the_training_rows(tiny_run, 
     values = np.concatenate([reader.spectrogram(i).astype(np.float64).ravel() for i in rows])
     assert member["normalization"]["mean"] == pytest.approx(values.mean(), rel=1e-4)
     assert member["normalization"]["std"] == pytest.approx(values.std(), rel=1e-3)
-    model = load_members(tmp_path / "model", config)[0]
+    model = load_members(tmp_path / "model")[0]
     assert float(model.normalizer.mean) == pytest.approx(values.mean(), rel=1e-4)  # stored with the model
 
 

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 
 from coughreg.config import load_resolved_config, save_config
 from coughreg.errors import CoughPipelineError
-from coughreg.features import shard_paths
+from coughreg.artifacts import shard_paths
 from coughreg.shards import SpectrogramShardReader
-from coughreg.train import ModelEma, load_members, mix_batch, train, truncate_groups
+from coughreg.training import load_members, train
+from coughreg.training.folds import truncate_groups
+from coughreg.training.mixing import mix_batch
 from tests.conftest import HT_YAML, PROJECT, REAL_METADATA, TINY
 
 
@@ -173,21 +175,27 @@ def test_distributed_data_parallel_under_torchrun(tiny_run, tmp_path):
     assert len(steps) == 2 and all("step 2/2" in line for line in steps)  # 19 rows / batch 4: 4 batches, 2 per rank
 
 
-def test_model_ema_warms_up_and_follows_the_weights():
+def test_the_weight_average_warms_up_and_follows_the_weights():
+    from coughreg.training.member import create_ema
+
     model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
-    ema = ModelEma(model, decay=0.99)
-    start = model[0].weight.detach().clone()
+    ema = create_ema(model, decay=0.99)
     with torch.no_grad():
         model[0].weight.add_(1.0)
     model[1].num_batches_tracked += 5
-    ema.update(model)
-    share = 1 - 2 / 11  # first update: the warm-up decay (1 + 1) / (10 + 1), not 0.99
-    torch.testing.assert_close(ema.module[0].weight, start + share)
+    ema.update(model, step=1)  # the first step takes the weights as they are
+    torch.testing.assert_close(ema.module[0].weight, model[0].weight)
+    before = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model, step=2)
+    decay = 1 - 2 ** -0.75  # warm-up: 1 - (1 + 1) ** -3/4 at the second step, not 0.99
+    torch.testing.assert_close(ema.module[0].weight, decay * before + (1 - decay) * model[0].weight)
     assert int(ema.module[1].num_batches_tracked) == 5  # counters are copied, not averaged
-    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
-    restored = ModelEma(model, decay=0.99)
+    assert not ema.module.training
+    restored = create_ema(model, decay=0.99)
     restored.load_state_dict(ema.state_dict())
-    assert restored.updates == 1 and torch.equal(restored.module[0].weight, ema.module[0].weight)
+    assert torch.equal(restored.module[0].weight, ema.module[0].weight)
 
 
 def test_the_weight_average_is_what_is_validated_and_saved(tiny_run, tmp_path):
@@ -198,7 +206,7 @@ def test_the_weight_average_is_what_is_validated_and_saved(tiny_run, tmp_path):
     averaged = load_file(str(tmp_path / "ema" / "fold0_seed0" / "model.safetensors"))
     assert any(not torch.equal(plain[k], averaged[k]) for k in plain)
     # the saved weights reproduce the validation predictions written beside them, clip by clip
-    (member,) = load_members(tmp_path / "ema", config)
+    (member,) = load_members(tmp_path / "ema")
     reader = SpectrogramShardReader(shard_paths(tiny_run["features"]))
     predictions = pd.read_parquet(result.predictions_path)
     rows = reader.index.reset_index().set_index("id").loc[predictions["id"], "index"].to_numpy()

@@ -1,0 +1,137 @@
+"""The artifact folders the steps hand each other: their names, their readers, what each was made with.
+
+    ingest   -> manifest.parquet (written last), audio/, ingest_report.json, quality_report.html
+    features -> shards.json (the shard index, written last), shards/<set>/part-*.parquet, features_report.json
+    train    -> model.json (written last), fold<k>_seed<i>/model.safetensors, predictions.parquet,
+                folds.parquet, history.json, training_curves.png
+    evaluate -> metrics.json, report.html
+    export   -> scorer.json, scorer.safetensors, scorer.pt2, provenance.json, README.md
+
+Every folder also holds ``config.yaml``: the keys that shaped it (its step's and its upstream
+steps', see ``coughreg.step_config``). A later step reads its upstream keys from there, never
+from its own config, and refuses a folder that does not fit with a message naming both values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from coughreg.config import CONFIG_FILE_NAME, ExperimentConfig, load_config
+from coughreg.errors import CoughPipelineError
+from coughreg.feature_spec import feature_parameters
+
+CONFIG = CONFIG_FILE_NAME
+
+MANIFEST = "manifest.parquet"
+INGEST_REPORT = "ingest_report.json"
+QUALITY_HTML = "quality_report.html"
+AUDIO_FOLDER = "audio"
+
+SHARD_INDEX = "shards.json"
+FEATURES_REPORT = "features_report.json"
+PART_REPORT = "part.json"
+
+MODEL_INFO = "model.json"
+PREDICTIONS = "predictions.parquet"
+FOLDS = "folds.parquet"
+HISTORY = "history.json"
+CURVES = "training_curves.png"
+
+METRICS = "metrics.json"
+REPORT = "report.html"
+
+SCORER_INFO = "scorer.json"
+SCORER_WEIGHTS = "scorer.safetensors"
+SCORER_PROGRAM = "scorer.pt2"
+PROVENANCE = "provenance.json"
+
+# What marks each step's folder as finished (each step writes it last).
+FINISHED = {"ingest": MANIFEST, "features": SHARD_INDEX, "train": MODEL_INFO, "evaluate": METRICS, "export": SCORER_INFO}
+
+
+def require(folder: str | Path, name: str, step: str) -> Path:
+    """The path of ``name`` in a step's output folder; a clear error when it is not there."""
+    path = Path(folder) / name
+    if not path.exists():
+        raise CoughPipelineError(f"{path}: missing; {folder} is not a finished {step} output (run the {step} step into it first)")
+    return path
+
+
+def read_config(folder: str | Path, step: str) -> ExperimentConfig:
+    """The config an artifact was made with (its ``config.yaml``)."""
+    require(folder, FINISHED[step], step)
+    return load_config(require(folder, CONFIG, step))
+
+
+def read_json(folder: str | Path, name: str, step: str) -> dict:
+    path = require(folder, name, step)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CoughPipelineError(f"{path}: unreadable ({exc}); rerun the {step} step") from None
+
+
+def read_manifest(folder: str | Path):
+    """The manifest of an ingest folder as a DataFrame, and its metadata (source, layout, label and group columns)."""
+    import pyarrow.parquet as pq
+
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise CoughPipelineError(f"{path}: no manifest; run the ingest step into {folder} first (or it did not finish)")
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(b"coughreg.manifest", b"{}"))
+    return table.to_pandas(), meta
+
+
+def read_shard_index(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not (folder / SHARD_INDEX).exists():
+        raise CoughPipelineError(f"{folder / SHARD_INDEX}: no shard index; run the features step into {folder} first")
+    return read_json(folder, SHARD_INDEX, "features")
+
+
+def shard_paths(folder: str | Path) -> list[Path]:
+    """The shards of a features folder, from its index."""
+    return [Path(folder) / name for name in read_shard_index(folder)["shards"]]
+
+
+def read_model_info(folder: str | Path) -> dict:
+    return read_json(folder, MODEL_INFO, "train")
+
+
+def expected_feature_parameters(config: ExperimentConfig) -> dict:
+    """The shard parameters a config asks for: the front end's and the length limit features honours."""
+    return {**feature_parameters(config.audio), "max_seconds": float(config.prediction.max_inference_chunk_seconds)}
+
+
+def _config_key(parameter: str) -> str:
+    if parameter == "max_seconds":
+        return "prediction.max_inference_chunk_seconds"
+    return f"audio.{parameter}" if parameter in ExperimentConfig.model_fields["audio"].annotation.model_fields else parameter
+
+
+def check_shards_fit(index: dict, config: ExperimentConfig, folder: str | Path) -> None:
+    """Refuse shards made with other audio parameters than the config asks for, naming both values."""
+    made = index.get("feature_parameters", {})
+    asked = expected_feature_parameters(config)
+    differences = [
+        f"{_config_key(key)}: the shards were made with {made.get(key)!r}, the config says {value!r}"
+        for key, value in asked.items()
+        if made.get(key) != value
+    ]
+    if differences:
+        raise CoughPipelineError(
+            f"{folder}: these shards do not fit the config:\n  " + "\n  ".join(differences)
+            + "\nRun the features step with these values, or train with the values the shards were made with."
+        )
+
+
+def check_same_shards(model_info: dict, index: dict, model_dir: str | Path, features_dir: str | Path) -> None:
+    """A model is evaluated on the shard set it was trained on."""
+    trained_on, given = model_info.get("shard_set"), index.get("shard_set")
+    if trained_on is not None and trained_on != given:
+        raise CoughPipelineError(
+            f"{features_dir}: shard set {given} is not the one {model_dir} was trained on ({trained_on}); "
+            "pass the features folder of the same run"
+        )

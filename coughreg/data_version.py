@@ -1,0 +1,97 @@
+"""The content identity of a data set URI: what makes new data a cache miss and unchanged data a hit.
+
+KFP reuses a cached ingest when its inputs are unchanged, and a URI alone does not change when
+new recordings land under it. So a small uncached step resolves the URI to an identity first and
+passes it to ingest as a parameter:
+
+- an S3 object (a zip): its ETag, VersionId (on versioned buckets) and size, from one HEAD;
+- an S3 prefix: a SHA-256 over the listing (key, ETag and size of every object);
+- a local file: a SHA-256 of its content and its size;
+- a local folder: a SHA-256 over its listing (relative path, size and modification time of every
+  file), as make and rsync judge a tree.
+
+Ingest checks that the source it reads still has the identity it was given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from coughreg.errors import StorageError
+from coughreg.storage import S3Options, describe_client_error, is_s3_uri, list_s3_prefix, local_path, parse_s3_uri, s3_client, sha256_file
+
+
+def is_archive_key(key: str) -> bool:
+    """An S3 key read as one object (a zip); any other key is a prefix of objects."""
+    return key.lower().endswith(".zip")
+
+
+def source_identity(uri: str, options: S3Options | None = None) -> str:
+    """A short text that changes exactly when the data set's content does.
+
+    Raises:
+        StorageError: the URI cannot be read (named, with what to check).
+    """
+    if is_s3_uri(uri):
+        location = parse_s3_uri(uri)
+        if is_archive_key(location.key):
+            return _s3_object_identity(location.bucket, location.key, uri, options)
+        return _s3_prefix_identity(uri if uri.endswith("/") else uri + "/", options)
+    path = local_path(uri)
+    if path.is_file():
+        return f"file sha256={sha256_file(path)} size={path.stat().st_size}"
+    if path.is_dir():
+        return _folder_identity(path)
+    raise StorageError(f"{uri}: no such file or folder")
+
+
+def etag_of(identity: str) -> str | None:
+    """The ETag an S3 object identity names (None for other kinds)."""
+    for part in identity.split():
+        if part.startswith("etag="):
+            return part[len("etag="):]
+    return None
+
+
+def _s3_object_identity(bucket: str, key: str, uri: str, options: S3Options | None) -> str:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = s3_client(options)
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as exc:
+        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            try:
+                client.head_bucket(Bucket=bucket)
+            except (ClientError, BotoCoreError) as bucket_exc:
+                raise describe_client_error(bucket_exc, f"s3://{bucket}") from None
+        raise describe_client_error(exc, uri) from None
+    etag = str(head.get("ETag", "")).strip('"')
+    version = head.get("VersionId") or "-"
+    return f"s3-object etag={etag} version={version} size={int(head.get('ContentLength', 0))}"
+
+
+def _s3_prefix_identity(uri: str, options: S3Options | None) -> str:
+    digest = hashlib.sha256()
+    count = 0
+    for obj in list_s3_prefix(uri, options):
+        if obj["Key"].endswith("/"):
+            continue
+        digest.update(f"{obj['Key']}\t{str(obj.get('ETag', '')).strip(chr(34))}\t{obj.get('Size', 0)}\n".encode())
+        count += 1
+    if not count:
+        raise StorageError(f"{uri}: no objects under this prefix")
+    return f"s3-prefix sha256={digest.hexdigest()} objects={count}"
+
+
+def _folder_identity(root: Path) -> str:
+    digest = hashlib.sha256()
+    count = 0
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        info = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\t{info.st_size}\t{info.st_mtime_ns}\n".encode())
+        count += 1
+    return f"folder sha256={digest.hexdigest()} files={count}"

@@ -1,0 +1,125 @@
+"""Per-epoch checkpoints of one member, so an interrupted step resumes where it stopped.
+
+A checkpoint (weights, optimizer, scheduler, grad scaler, weight average, every random state,
+history, best epoch) is written atomically after every epoch, and also to
+``cluster.checkpoint_uri`` when set (a retried pod starts with an empty folder). It is keyed by a
+fingerprint of everything that shapes the member, so a checkpoint of another config or data is
+never resumed. It holds tensors, numbers, strings, lists and dicts only and is read with
+``torch.load(weights_only=True)``: loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coughreg.config import ExperimentConfig
+from coughreg.errors import CoughPipelineError, StorageError
+from coughreg.step_config import chain_keys, config_values
+from coughreg.storage import atomic_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    """Every random generator's state, as tensors and plain values."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
+
+
+def fingerprint(config: ExperimentConfig, train_rows: np.ndarray, batch_size: int) -> str:
+    """What shapes a member: the train step's keys and its upstream keys, its rows, its batch size."""
+    payload = json.dumps(
+        {"config": config_values(config, chain_keys("train")), "rows": train_rows.tolist(), "batch": batch_size},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def remote_location(base: str | None, key: str, member: str) -> str | None:
+    """Where a member's checkpoint also lives outside the pod: keyed by everything that shapes it."""
+    if not base:
+        return None
+    return f"{base.rstrip('/')}/{key[:16]}/{member}/{CHECKPOINT}"
+
+
+def fetch(remote: str, local: Path) -> None:
+    """Copy a stored checkpoint into the member's folder; nothing stored yet is a first run."""
+    from coughreg.storage import download_s3_object, is_s3_uri, local_path
+
+    try:
+        source = download_s3_object(remote) if is_s3_uri(remote) else local_path(remote)
+    except StorageError as exc:
+        if "no such object" in str(exc):
+            return
+        raise
+    if source.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(local) as tmp:
+            shutil.copyfile(source, tmp)
+        log.info("checkpoint fetched from %s", remote)
+
+
+def store(local: Path, remote: str) -> None:
+    from coughreg.storage import is_s3_uri, local_path, upload_file
+
+    if is_s3_uri(remote):
+        upload_file(local, remote)  # one PUT: the object is replaced whole or not at all
+    else:
+        with atomic_path(local_path(remote)) as tmp:
+            shutil.copyfile(local, tmp)
+
+
+def _tensors(value):
+    """numpy arrays -> tensors, recursively (a weights-only checkpoint holds no numpy objects)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, dict):
+        return {k: _tensors(v) for k, v in value.items()}
+    return value
+
+
+def save(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically: a killed write leaves the previous one."""
+    state = {**state, "validation": _tensors(state["validation"]), "best": _tensors(state["best"])}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path: Path, device: torch.device) -> dict:
+    """Read a checkpoint without running code; numpy arrays come back as numpy arrays."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe file is refused the same way
+        raise CoughPipelineError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]}); delete it to start afresh") from None
+    for holder, key in ((state, "validation"), (state["best"], "validation")):
+        if isinstance(holder.get(key), torch.Tensor):
+            holder[key] = holder[key].cpu().numpy()
+    return state

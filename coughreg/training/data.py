@@ -1,0 +1,145 @@
+"""Training input: rows of the spectrogram shards as padded batches of clips of similar length."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from coughreg.config import ExperimentConfig
+from coughreg.model import PAD_DB
+from coughreg.shards import SpectrogramShardReader
+from coughreg.training.distributed import distributed_context
+
+class SpectrogramDataset(Dataset):
+    """Rows of the shards as (log-mel float32 (mels, frames), labels); opens the shards per process."""
+
+    def __init__(self, paths: list[Path], rows: np.ndarray, labels: np.ndarray, crop_frames: int | None, seed: int) -> None:
+        self.paths = [str(p) for p in paths]
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.float32)
+        self.crop_frames = crop_frames
+        self.seed = seed
+        self.epoch = 0
+        self._reader: SpectrogramShardReader | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _open(self) -> SpectrogramShardReader:
+        if self._reader is None or self._pid != os.getpid():  # a fork must not share the parent's handles
+            self._reader = SpectrogramShardReader([Path(p) for p in self.paths])
+            self._pid = os.getpid()
+        return self._reader
+
+    def __getitem__(self, i: int):
+        spectrogram = self._open().spectrogram(int(self.rows[i]))  # (mels, frames) float16
+        frames = spectrogram.shape[1]
+        if self.crop_frames is not None and frames > self.crop_frames:
+            rng = np.random.default_rng((self.seed, self.epoch, int(self.rows[i])))
+            start = int(rng.integers(0, frames - self.crop_frames + 1))
+            spectrogram = spectrogram[:, start : start + self.crop_frames]
+        return torch.from_numpy(spectrogram.astype(np.float32)), torch.tensor(self.labels[i]), i
+
+
+def collate_spectrograms(batch):
+    """Pad to the batch's longest clip with digital silence; lengths let the model ignore padding."""
+    spectrograms, labels, indices = zip(*batch)
+    frames = max(s.shape[1] for s in spectrograms)
+    padded = torch.full((len(batch), spectrograms[0].shape[0], frames), PAD_DB)  # (batch, mels, frames)
+    for k, spectrogram in enumerate(spectrograms):
+        padded[k, :, : spectrogram.shape[1]] = spectrogram
+    lengths = torch.tensor([s.shape[1] for s in spectrograms])
+    return padded, lengths, torch.stack(labels), torch.tensor(indices)
+
+
+class LengthBucketBatchSampler(Sampler):
+    """Batches of similar length, so little of each batch is padding; random order in training.
+
+    Training: the rows are cut into pools, each pool sorted by length and cut into batches, and
+    the batches shuffled (a new order every epoch, from the seed). When ``blocks`` (each row's
+    Parquet row group) is given, a pool is ``pool_blocks`` randomly chosen row groups, so every
+    row group is read once per epoch instead of once per row (a shuffle buffer, as streaming
+    loaders do); otherwise a pool is ``pool_batches`` batches of randomly chosen rows.
+    Inference: sorted by length, in order, and only clips of the same length share a batch: no
+    padding ever reaches a prediction (a convolution's receptive field reaches past the masked
+    pooling into the padding), so validation predictions are what the exported scorer gives for
+    each clip alone.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, train: bool, drop_last: bool, seed: int,
+                 pool_batches: int = 32, blocks: np.ndarray | None = None, pool_blocks: int = 16) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.train = train
+        self.drop_last = drop_last
+        self.seed = seed
+        self.pool_batches = pool_batches
+        self.blocks = None if blocks is None else np.asarray(blocks)
+        self.pool_blocks = pool_blocks
+        self.epoch = 0
+        self.rank, self.world, _ = distributed_context()
+
+    def _pools(self, rng: np.random.Generator) -> list[np.ndarray]:
+        n = len(self.lengths)
+        if self.blocks is None:
+            order = rng.permutation(n)
+            size = self.batch_size * self.pool_batches
+            return [order[i : i + size] for i in range(0, n, size)]
+        ids = np.unique(self.blocks)
+        chosen = rng.permutation(ids)
+        pools = []
+        for i in range(0, len(chosen), self.pool_blocks):
+            members = np.flatnonzero(np.isin(self.blocks, chosen[i : i + self.pool_blocks]))
+            pools.append(rng.permutation(members))
+        return pools
+
+    def _batches(self) -> list[np.ndarray]:
+        if not self.train:
+            order = np.argsort(self.lengths, kind="stable")
+            same_length = np.split(order, np.flatnonzero(np.diff(self.lengths[order])) + 1)
+            return [group[i : i + self.batch_size] for group in same_length for i in range(0, len(group), self.batch_size)]
+        rng = np.random.default_rng((self.seed, self.epoch))
+        batches = []
+        for pool in self._pools(rng):
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            pool_batches = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+            rng.shuffle(pool_batches)
+            batches.extend(b for b in pool_batches if len(b) == self.batch_size or not self.drop_last)
+        if self.world > 1:  # DistributedDataParallel: every rank the same number of different batches
+            usable = len(batches) // self.world * self.world
+            batches = batches[self.rank : usable : self.world]
+        return batches
+
+    def __iter__(self):
+        for batch in self._batches():
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def create_loader(
+    dataset: SpectrogramDataset, lengths: np.ndarray, config: ExperimentConfig, train: bool, device: torch.device, seed: int,
+    batch_size: int | None = None, blocks: np.ndarray | None = None,
+) -> DataLoader:
+    # Reading float16 from memory-mapped shards is cheap: leave two cores to the training process itself.
+    workers = min(config.environment.number_of_workers, max(0, (os.cpu_count() or 1) - 2))
+    batch_size = batch_size or config.training.batch_size
+    drop_last = train and config.training.drop_last_batch and len(dataset) > batch_size
+    sampler = LengthBucketBatchSampler(lengths, batch_size, train, drop_last, seed, blocks=blocks)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_spectrograms,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+

@@ -1,0 +1,103 @@
+"""The optimisation factories (timm's ``train.py`` style): loss, optimizer, schedule, precision, device."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from coughreg.config import ExperimentConfig
+from coughreg.errors import CoughPipelineError
+from coughreg.training.distributed import distributed_context
+
+def create_loss(name: str) -> nn.Module:
+    if name == "MAE":
+        return nn.L1Loss()
+    if name == "MSE":
+        return nn.MSELoss()
+    if name == "Huber":
+        return nn.HuberLoss(delta=0.1)  # labels live in 0..1: quadratic only for small errors
+    if name == "RMSE":
+
+        class RMSELoss(nn.Module):
+            def forward(self, prediction, target):
+                return torch.sqrt(nn.functional.mse_loss(prediction, target) + 1e-8)
+
+        return RMSELoss()
+    raise CoughPipelineError(f"training.loss_function: unknown loss {name!r}")
+
+
+def create_optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
+    """The config's optimizer; parameters under ``differential_learning_rate_layers`` get their own rate."""
+    training = config.training
+    prefixes = tuple(training.differential_learning_rate_layers)
+    differential = [p for n, p in model.named_parameters() if prefixes and n.startswith(prefixes)]
+    special = {id(p) for p in differential}
+    rest = [p for p in model.parameters() if id(p) not in special]
+    if prefixes and not differential:
+        raise CoughPipelineError(
+            f"training.differential_learning_rate_layers {list(prefixes)} match no parameter "
+            "(use module names such as 'backbone' or 'head')"
+        )
+    groups = [{"params": rest, "lr": training.learning_rate}]
+    if differential:
+        groups.append({"params": differential, "lr": training.differential_learning_rate})
+    if training.optimizer == "AdamW":
+        return torch.optim.AdamW(groups, weight_decay=training.weight_decay)
+    if training.optimizer == "Adam":
+        return torch.optim.Adam(groups, weight_decay=training.weight_decay)
+    return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=training.weight_decay)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, config: ExperimentConfig, steps_per_epoch: int):
+    """Per optimizer step: linear warm-up for ``warmup_epochs``, then Cosine, Linear or Constant."""
+    total = max(1, config.training.epochs * steps_per_epoch)
+    warmup = int(round(config.training.warmup_epochs * steps_per_epoch))
+    schedule = config.training.schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "Cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "Linear":
+            return 1.0 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs whose oneDNN kernels run bf16 natively (AVX512-BF16 or AMX), where it pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The mixed-precision type for a device: bf16 (fp16 on GPUs without bf16) on CUDA, bf16 on CPUs
+    with native bf16 units, none elsewhere (emulated bf16 is slower than fp32)."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def select_device(config: ExperimentConfig) -> torch.device:
+    """The GPU of this rank, the first of ``environment.gpus``, or the CPU when there is no usable GPU."""
+    _, world, local_rank = distributed_context()
+    if world > 1 and config.environment.gpus and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if config.environment.gpus and torch.cuda.is_available():
+        return torch.device("cuda", int(config.environment.gpus[0]) if config.environment.gpus[0].isdigit() else 0)
+    return torch.device("cpu")
+
+
