@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -38,7 +37,7 @@ from coughreg.evaluate import evaluate  # noqa: E402
 from coughreg.features import extract_features  # noqa: E402
 from coughreg.ingest import ingest  # noqa: E402
 from coughreg.synth import generate_coughvid_zip, posterior_median  # noqa: E402
-from coughreg.train import train  # noqa: E402
+from coughreg.training import train  # noqa: E402
 
 
 def main() -> None:

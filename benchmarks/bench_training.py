@@ -35,7 +35,8 @@ sys.path.insert(0, str(PROJECT))
 from coughreg.config import load_resolved_config  # noqa: E402
 from coughreg.model import CoughRegressor  # noqa: E402
 from coughreg.shards import SpectrogramShardReader, SpectrogramShardWriter  # noqa: E402
-from coughreg.train import SpectrogramDataset, autocast_dtype, create_loader  # noqa: E402
+from coughreg.training.data import SpectrogramDataset, create_loader  # noqa: E402
+from coughreg.training.factories import autocast_dtype  # noqa: E402
 
 
 def write_shards(folder: Path, clips: int, rows_per_shard: int = 512) -> tuple[list[Path], np.ndarray]:

@@ -80,8 +80,9 @@ def _walk(pipeline: _Pipeline, tasks: dict, scope: dict, prefix: str, materials:
             if iterator:
                 items = parameters.get(iterator["items"].get("inputParameter", ""), iterator["items"])
                 parameters[iterator["itemInput"]] = {"item of": items}
-            inner = _walk(pipeline, definition["dag"]["tasks"], {"parameters": parameters, "artifacts": artifacts},
-                          f"{prefix}{name}/", materials)
+            producers = _producers(inputs, prefix, scope)
+            inner = _walk(pipeline, definition["dag"]["tasks"],
+                          {"parameters": parameters, "artifacts": artifacts, "producers": producers}, f"{prefix}{name}/", materials)
             return _digest({"dag": inner})
         material = {
             "container": pipeline.executor(component),
@@ -89,14 +90,26 @@ def _walk(pipeline: _Pipeline, tasks: dict, scope: dict, prefix: str, materials:
             "artifacts": artifacts,
             "outputs": definition.get("outputDefinitions", {}),
             "caching": bool(task.get("cachingOptions", {}).get("enableCache", False)),
+            "after": sorted(_producers(inputs, prefix, scope)),
         }
-        key = _digest({k: v for k, v in material.items() if k != "caching"})
+        key = _digest({k: v for k, v in material.items() if k not in ("caching", "after")})
         materials[f"{prefix}{name}"] = {**material, "key": key}
         return key
 
     for name in tasks:
         key_of(name)
     return keys
+
+
+def _producers(inputs: dict, prefix: str, scope: dict) -> set[str]:
+    """The tasks whose artifacts a task reads (a new artifact from any of them is a new input)."""
+    found = set()
+    for spec in inputs.get("artifacts", {}).values():
+        if "taskOutputArtifact" in spec:
+            found.add(f"{prefix}{spec['taskOutputArtifact']['producerTask']}")
+        elif "componentInputArtifact" in spec:
+            found |= scope.get("producers", set())
+    return found
 
 
 def _digest(value: Any) -> str:
@@ -111,19 +124,24 @@ def read_spec(path: str | Path) -> dict:
 def compare(before: dict, after: dict) -> list[dict]:
     """Per task of ``after``: whether a resubmission reuses it from the cache or runs it again, and why."""
     old, new = task_materials(before), task_materials(after)
-    rows = []
-    for name, material in new.items():
+    rows, running = [], set()
+    for name, material in new.items():  # in the DAG's order: producers first
         previous = old.get(name)
+        reran = sorted(p for p in material["after"] if p in running or any(r.startswith(p + "/") for r in running))
         if not material["caching"]:
             verdict, why = "runs", "caching is off for this task"
         elif previous is None:
             verdict, why = "runs", "a new task"
+        elif reran:
+            verdict, why = "runs", f"new input artifacts from {', '.join(reran)}"
         elif previous["key"] == material["key"]:
             runtime = sorted({v["known at run time"] for v in material["parameters"].values()
                               if isinstance(v, dict) and "known at run time" in v})
             verdict, why = "cached", f"if the output of {', '.join(runtime)} is the same" if runtime else ""
         else:
             verdict, why = "runs", _why(previous, material)
+        if verdict == "runs":
+            running.add(name)
         rows.append({"task": name, "before": previous["key"][:12] if previous else "-", "after": material["key"][:12],
                      "verdict": verdict, "why": why})
     return rows

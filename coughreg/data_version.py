@@ -19,7 +19,7 @@ import hashlib
 from pathlib import Path
 
 from coughreg.errors import StorageError
-from coughreg.storage import S3Options, describe_client_error, is_s3_uri, list_s3_prefix, local_path, parse_s3_uri, s3_client, sha256_file
+from coughreg.storage import S3Options, head_object, is_s3_uri, list_s3_prefix, local_path, parse_s3_uri, s3_client, sha256_file
 
 
 def is_archive_key(key: str) -> bool:
@@ -36,7 +36,7 @@ def source_identity(uri: str, options: S3Options | None = None) -> str:
     if is_s3_uri(uri):
         location = parse_s3_uri(uri)
         if is_archive_key(location.key):
-            return _s3_object_identity(location.bucket, location.key, uri, options)
+            return _s3_object_identity(uri, options)
         return _s3_prefix_identity(uri if uri.endswith("/") else uri + "/", options)
     path = local_path(uri)
     if path.is_file():
@@ -54,19 +54,8 @@ def etag_of(identity: str) -> str | None:
     return None
 
 
-def _s3_object_identity(bucket: str, key: str, uri: str, options: S3Options | None) -> str:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    client = s3_client(options)
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-    except (ClientError, BotoCoreError) as exc:
-        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            try:
-                client.head_bucket(Bucket=bucket)
-            except (ClientError, BotoCoreError) as bucket_exc:
-                raise describe_client_error(bucket_exc, f"s3://{bucket}") from None
-        raise describe_client_error(exc, uri) from None
+def _s3_object_identity(uri: str, options: S3Options | None) -> str:
+    head = head_object(s3_client(options), parse_s3_uri(uri))
     etag = str(head.get("ETag", "")).strip('"')
     version = head.get("VersionId") or "-"
     return f"s3-object etag={etag} version={version} size={int(head.get('ContentLength', 0))}"

@@ -79,12 +79,20 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
-    """Numbers of a flat dict into a KFP ``Metrics`` artifact (None: nothing to log to)."""
+    """Numbers of a flat dict into a KFP ``Metrics`` artifact (None: nothing to log to).
+
+    The numbers are also written to the artifact's file: an artifact with a file is one the
+    pipeline root holds (and a cached step's artifact that ``kfp.local`` finds again).
+    """
     if metrics is None:
         return
-    for key, value in values.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(key, float(value))
+    numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key, value in numbers.items():
+        metrics.log_metric(key, value)
+    if getattr(metrics, "path", None):
+        from coughreg.storage import atomic_write_text
+
+        atomic_write_text(Path(metrics.path), json.dumps(numbers, indent=2))
 
 
 class _Staging:

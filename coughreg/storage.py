@@ -129,27 +129,10 @@ def download_s3_object(
     that version. The file lands under a temporary name first, so an interrupted download never
     looks complete.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     location = parse_s3_uri(uri)
     options = options or S3Options()
     client = client or s3_client(options)
-    try:
-        head = client.head_object(Bucket=location.bucket, Key=location.key, **({"IfMatch": f'"{etag}"'} if etag else {}))
-    except (ClientError, BotoCoreError) as exc:
-        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
-        if code in ("PreconditionFailed", "412"):
-            raise StorageError(f"{uri}: the object is no longer version {etag} (it was replaced); run again") from None
-        if code in ("404", "NoSuchKey", "NotFound"):
-            try:
-                client.head_bucket(Bucket=location.bucket)
-            except ClientError as bucket_exc:
-                if bucket_exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
-                    raise StorageError(f"s3://{location.bucket}: bucket does not exist") from None
-                raise describe_client_error(bucket_exc, f"s3://{location.bucket}") from None
-            except BotoCoreError as bucket_exc:
-                raise describe_client_error(bucket_exc, f"s3://{location.bucket}") from None
-        raise describe_client_error(exc, uri) from None
+    head = head_object(client, location, **({"IfMatch": f'"{etag}"'} if etag else {}))
     quoted = str(head.get("ETag", ""))
     etag = quoted.strip('"') or "no-etag"
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
@@ -167,6 +150,28 @@ def download_s3_object(
         if tmp.stat().st_size != size:
             raise StorageError(f"{uri}: download incomplete ({tmp.stat().st_size} of {size} bytes)")
     return target
+
+
+def head_object(client, location: S3Location, **kwargs) -> dict:
+    """HEAD one object; a missing object and a missing bucket are told apart, a replaced version (412) is named."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return client.head_object(Bucket=location.bucket, Key=location.key, **kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+        if code in ("PreconditionFailed", "412"):
+            raise StorageError(f"{location.uri}: the object is no longer the version this run resolved (it was replaced); run again") from None
+        if code in ("404", "NoSuchKey", "NotFound"):
+            try:
+                client.head_bucket(Bucket=location.bucket)
+            except ClientError as bucket_exc:
+                if bucket_exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                    raise StorageError(f"s3://{location.bucket}: bucket does not exist") from None
+                raise describe_client_error(bucket_exc, f"s3://{location.bucket}") from None
+            except BotoCoreError as bucket_exc:
+                raise describe_client_error(bucket_exc, f"s3://{location.bucket}") from None
+        raise describe_client_error(exc, location.uri) from None
 
 
 PART_BYTES = 16 * 2**20

@@ -213,3 +213,20 @@ def test_the_weight_average_is_what_is_validated_and_saved(tiny_run, tmp_path):
     with torch.inference_mode():
         scored = [float(member(torch.from_numpy(reader.spectrogram(int(r)).astype(np.float32))[None])) for r in rows]
     np.testing.assert_allclose(scored, predictions["pred_cough_detected"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_train_step_launches_one_rank_per_process(tiny_run, tmp_path, capfd):
+    """What the train step does on a node with several GPUs, here with two CPU ranks (gloo) started by the step itself."""
+    from coughreg.step_config import step_parameter
+    from coughreg.steps import Given, train_step
+
+    config = _config("training.epochs=2")
+    summary = train_step(tiny_run["features"], tmp_path / "ddp", Given.parameter("train_config", step_parameter(config, "train")),
+                         processes=2)
+    logged = capfd.readouterr().err
+    assert "distributed training: rank 0 of 2 (gloo)" in logged and "rank 1 of 2" in logged
+    steps = [line for line in logged.splitlines() if "epoch 1 step" in line]
+    assert len(steps) == 2 and all("step 2/2" in line for line in steps)  # 19 rows / batch 4: 4 batches, 2 per rank
+    assert summary["members"] == 1 and summary["seed"] == 1234
+    assert pd.read_parquet(tmp_path / "ddp" / "predictions.parquet")["pred_cough_detected"].between(0, 1).all()
