@@ -70,7 +70,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from coughreg.config import config_reference
+    from coughreg.step_config import config_reference
 
     sys.stdout.write(config_reference())
     return 0

@@ -14,7 +14,6 @@ beside its artifact (``coughreg.step_config``); it loads back through the same m
 from __future__ import annotations
 
 import copy
-import json
 import difflib
 import logging
 from pathlib import Path
@@ -165,8 +164,8 @@ class EnvironmentConfig(_Section):
         True, description="Autocast in training: bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with native bf16 units."
     )
     number_of_seeds_per_run: int = Field(1, ge=1, description="Models trained with different seeds and averaged.")
-    number_of_workers: int = Field(4, ge=0, description="Data loader workers.")
-    seed: int = Field(-1, ge=-1, description="Random seed; -1 draws one and records it.")
+    number_of_workers: int = Field(4, ge=0, description="Data loader workers (how training runs: not part of its cache key).")
+    seed: int = Field(-1, ge=-1, description="Random seed; -1: the train step draws one when it runs and records it.")
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -249,7 +248,7 @@ class FeaturesConfig(_Section):
 
     shard_rows: int = Field(512, ge=1, description="Recordings per Parquet shard.")
     row_group_rows: int = Field(32, ge=1, description="Recordings per Parquet row group (the unit of a streaming read).")
-    workers: int = Field(0, ge=0, description="Worker processes; 0 = one per CPU core.")
+    workers: int = Field(0, ge=0, description="Worker processes; 0 = one per CPU core (not part of the cache key).")
 
 
 class Toleration(_Section):
@@ -534,26 +533,3 @@ def load_settings(path: str | Path | None, overrides: list[str] | None = None) -
     raw = _read_yaml_mapping(Path(path)) if path is not None else {}
     config_from_dict(raw, source=where, overrides=overrides)  # validate the whole
     return _none_strings_to_null(apply_overrides(raw, list(overrides or [])))
-
-
-def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace("coughreg.config.", "").replace("|", "\\|")  # a bare | would end the table cell
-
-
-def config_reference() -> str:
-    """Every key of the config model, with type, default and meaning, as a Markdown table (for the README)."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    defaults = ExperimentConfig().model_dump(mode="json")
-    for section, field in ExperimentConfig.model_fields.items():
-        annotation = field.annotation
-        if section == "resolved":
-            continue
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for name, inner in annotation.model_fields.items():
-                default = json.dumps(defaults[section][name])
-                meaning = (inner.description or "").replace("|", "\\|")
-                lines.append(f"| `{section}.{name}` | `{_type_name(inner.annotation)}` | `{default}` | {meaning} |")
-        else:
-            lines.append(f"| `{section}` | `{_type_name(annotation)}` | `{json.dumps(defaults[section])}` | the run's name |")
-    return "\n".join(lines) + "\n"

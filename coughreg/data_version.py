@@ -19,7 +19,16 @@ import hashlib
 from pathlib import Path
 
 from coughreg.errors import StorageError
-from coughreg.storage import S3Options, head_object, is_s3_uri, list_s3_prefix, local_path, parse_s3_uri, s3_client, sha256_file
+from coughreg.storage import (
+    S3Options,
+    head_object,
+    is_s3_uri,
+    list_s3_prefix,
+    local_path,
+    parse_s3_uri,
+    s3_client,
+    sha256_file,
+)
 
 
 def is_archive_key(key: str) -> bool:

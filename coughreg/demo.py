@@ -10,8 +10,8 @@ from pathlib import Path
 from types import ModuleType
 
 from coughreg.config import PROJECT_ROOT, load_resolved_config
-from coughreg.local_s3 import LocalS3
 from coughreg.local_run import run_local
+from coughreg.local_s3 import LocalS3
 from coughreg.synth import generate_coughvid_zip
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from coughreg.artifacts import FEATURES_REPORT, MANIFEST, PART_REPORT, SHARD_INDEX, expected_feature_parameters, read_manifest
+from coughreg.artifacts import (
+    FEATURES_REPORT,
+    MANIFEST,
+    PART_REPORT,
+    SHARD_INDEX,
+    expected_feature_parameters,
+    read_manifest,
+)
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import AudioDecodeError, CoughPipelineError
 from coughreg.feature_spec import feature_hash

@@ -11,7 +11,6 @@ import pandas as pd
 from coughreg import report
 
 
-
 def _histogram(values: np.ndarray, bins: np.ndarray) -> dict:
     counts, edges = np.histogram(values[np.isfinite(values)], bins=bins)
     return {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()}

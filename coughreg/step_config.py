@@ -247,3 +247,32 @@ def _check_agreement(step: str, flat: dict, upstream: ExperimentConfig, chain: d
 def with_upstream(config: ExperimentConfig, step: str, upstream: ExperimentConfig) -> ExperimentConfig:
     """``config``'s own keys for ``step`` on top of the upstream keys an artifact was made with."""
     return build_step_config(step, step_settings(config, step), upstream, where=f"the {step} step's config")
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("coughreg.config.", "").replace("|", "\\|")  # a bare | would end the table cell
+
+
+def config_reference() -> str:
+    """Every key of the config model, with type, default, the step it goes to and its meaning, as a Markdown table (for the README)."""
+    def goes_to(key: str) -> str:
+        if key in RUNTIME:
+            return f"{RUNTIME[key][0]} (env)"
+        return owner(key) or "cluster"
+
+    lines = ["| key | type | default | step | meaning |", "| --- | --- | --- | --- | --- |"]
+    defaults = ExperimentConfig().model_dump(mode="json")
+    for section, field in ExperimentConfig.model_fields.items():
+        annotation = field.annotation
+        if section == "resolved":
+            continue
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for name, inner in annotation.model_fields.items():
+                default = json.dumps(defaults[section][name])
+                meaning = (inner.description or "").replace("|", "\\|")
+                key = f"{section}.{name}"
+                lines.append(f"| `{key}` | `{_type_name(inner.annotation)}` | `{default}` | {goes_to(key)} | {meaning} |")
+        else:
+            lines.append(f"| `{section}` | `{_type_name(annotation)}` | `{json.dumps(defaults[section])}` | {goes_to(section)} | the run's name |")
+    return "\n".join(lines) + "\n"

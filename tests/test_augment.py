@@ -9,8 +9,8 @@ import torchaudio
 
 from coughreg.augment import FLOOR_DB, SpectrogramAugmenter, enabled, mel_band_centers
 from coughreg.config import load_resolved_config
-from coughreg.feature_spec import AMIN
 from coughreg.errors import ConfigError
+from coughreg.feature_spec import AMIN
 from tests.conftest import HT_YAML
 
 

@@ -163,7 +163,7 @@ def test_cli_prints_the_resolved_config_and_names_bad_keys(tmp_path):
 
 
 def test_the_readme_config_reference_is_generated_from_the_model():
-    from coughreg.config import config_reference
+    from coughreg.step_config import config_reference
 
     readme = (PROJECT / "README.md").read_text()
     section = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
+from coughreg.artifacts import read_manifest, shard_paths
 from coughreg.evaluate import evaluate
 from coughreg.export import export
-from coughreg.artifacts import read_manifest, shard_paths
 from coughreg.features import log_mel_of_file
 from coughreg.frontend import feature_parameters
 from coughreg.metrics import constant_baselines, regression_metrics

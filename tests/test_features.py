@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from coughreg.artifacts import SHARD_INDEX, read_manifest, shard_paths
 from coughreg.audio import decode_audio
 from coughreg.config import load_resolved_config
 from coughreg.errors import CoughPipelineError
-from coughreg.artifacts import SHARD_INDEX, read_manifest, shard_paths
 from coughreg.features import extract_features, log_mel_of_file
 from coughreg.frontend import LogMel, feature_parameters
 from coughreg.ingest import ingest

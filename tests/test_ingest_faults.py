@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from coughreg.errors import CoughPipelineError, StorageError
 from coughreg.artifacts import read_manifest
+from coughreg.errors import CoughPipelineError, StorageError
 from coughreg.ingest import REASON_NO_METADATA, REASON_NO_RECORDING, ingest
 from coughreg.synth import encode_audio
 

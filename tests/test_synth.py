@@ -14,7 +14,14 @@ import pytest
 from scipy.stats import ks_2samp
 
 from coughreg.audio import decode_audio, probe_audio
-from coughreg.synth import COUGHVID_COLUMNS, LABEL_NOISE_SD, generate_coughvid_zip, noise_floor, posterior_median, sample_labels
+from coughreg.synth import (
+    COUGHVID_COLUMNS,
+    LABEL_NOISE_SD,
+    generate_coughvid_zip,
+    noise_floor,
+    posterior_median,
+    sample_labels,
+)
 from tests.conftest import REAL_METADATA
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from coughreg.artifacts import shard_paths
 from coughreg.config import load_resolved_config, save_config
 from coughreg.errors import CoughPipelineError
-from coughreg.artifacts import shard_paths
 from coughreg.shards import SpectrogramShardReader
 from coughreg.training import load_members, train
 from coughreg.training.folds import truncate_groups

@@ -14,6 +14,7 @@ from coughreg.model import PAD_DB
 from coughreg.shards import SpectrogramShardReader
 from coughreg.training.distributed import distributed_context
 
+
 class SpectrogramDataset(Dataset):
     """Rows of the shards as (log-mel float32 (mels, frames), labels); opens the shards per process."""
 

@@ -11,6 +11,7 @@ from coughreg.config import ExperimentConfig
 from coughreg.errors import CoughPipelineError
 from coughreg.training.distributed import distributed_context
 
+
 def create_loss(name: str) -> nn.Module:
     if name == "MAE":
         return nn.L1Loss()

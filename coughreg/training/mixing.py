@@ -8,6 +8,7 @@ import torch
 from coughreg.config import ExperimentConfig
 from coughreg.feature_spec import AMIN
 
+
 def mix_batch(spectrograms, lengths, labels, config: ExperimentConfig, rng: np.random.Generator):
     """Mixup (in the power domain: the spectrogram of two clips played together) or Cutmix (a span of
     time from another clip), ``mix_iterations`` times with probability ``mix_probability``.
