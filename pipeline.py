@@ -39,31 +39,35 @@ from components.ingest import ingest, source_version
 from components.train import train
 from coughreg.config import ExperimentConfig
 from coughreg.images import CPU_IMAGE, GPU_IMAGE
-from coughreg.step_config import UI_PARAMETERS, config_values, runtime_env, step_parameter
+from coughreg.step_config import STEPS, runtime_env, step_arguments
 from coughreg.steps import IMAGE_ENV, PIPELINE_ENV
 
 PIPELINE_NAME = "cough-regression"
 S3_KEYS = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
 
 
-def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts: int = 2):
-    """The DAG for one config: each step's keys are a parameter whose default is this config's values."""
+def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts: int = 2, local: bool = False):
+    """The DAG for one config: each step's keys are a parameter whose default is this config's values.
+
+    ``local``: for kfp.local, which hashes a task's environment into its cache key and retries like a
+    cluster: runtime settings stay in the caller's environment (``runtime_env``) and nothing retries.
+    """
     cluster = config.cluster
     gpus = len(config.environment.gpus)
-    typed = {name: config_values(config, [key])[key] for name, key in UI_PARAMETERS.items()}
+    given = {name: value for step in STEPS for name, value in step_arguments(config, step).items()}  # the defaults
 
     def step(task, name: str, display: str, image: str = CPU_IMAGE, cpu: str = cluster.cpu_request,
              memory: str = cluster.memory_request):
         task.set_display_name(display).set_caching_options(cluster.cache.get(name, True))
         task.set_cpu_request(cpu).set_memory_request(memory)
         # How the step runs (worker counts, checkpoint_uri, names) travels as env, which no cache key holds.
-        for variable, value in {PIPELINE_ENV: PIPELINE_NAME, IMAGE_ENV: image, **runtime_env(config, name)}.items():
+        for variable, value in {PIPELINE_ENV: PIPELINE_NAME, IMAGE_ENV: image, **({} if local else runtime_env(config, name))}.items():
             task.set_env_variable(variable, value)
         return task
 
     def reads_s3(task):
         kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env=S3_KEYS, optional=True)
-        return task.set_retry(num_retries=cluster.retries, backoff_duration="30s", backoff_factor=2.0)
+        return task.set_retry(num_retries=0 if local else cluster.retries, backoff_duration="30s", backoff_factor=2.0)
 
     class Outputs(NamedTuple):
         report: HTML
@@ -74,16 +78,16 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
     @dsl.pipeline(name=PIPELINE_NAME, description="Cough recordings in S3 -> log-mel shards -> timm regressor -> scorer")
     def cough_regression(
         source_uri: str = source_uri,
-        backbone: str = typed["backbone"],
-        epochs: int = typed["epochs"],
-        learning_rate: float = typed["learning_rate"],
-        batch_size: int = typed["batch_size"],
+        backbone: str = given["backbone"],
+        epochs: int = given["epochs"],
+        learning_rate: float = given["learning_rate"],
+        batch_size: int = given["batch_size"],
         feature_parts: int = feature_parts,
-        ingest_config: str = step_parameter(config, "ingest"),
-        features_config: str = step_parameter(config, "features"),
-        train_config: str = step_parameter(config, "train", exclude=tuple(UI_PARAMETERS.values())),
-        evaluate_config: str = step_parameter(config, "evaluate"),
-        export_config: str = step_parameter(config, "export"),
+        ingest_config: str = given["ingest_config"],
+        features_config: str = given["features_config"],
+        train_config: str = given["train_config"],
+        evaluate_config: str = given["evaluate_config"],
+        export_config: str = given["export_config"],
     ) -> Outputs:
         version_task = source_version(source_uri=source_uri)
         step(version_task, "ingest", "1a. Resolve the data's version", cpu="500m", memory="1Gi")
@@ -131,9 +135,10 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
     return cough_regression
 
 
-def compile_pipeline(path: str | Path, config: ExperimentConfig, source_uri: str = "", feature_parts: int = 2) -> Path:
+def compile_pipeline(path: str | Path, config: ExperimentConfig, source_uri: str = "", feature_parts: int = 2,
+                     local: bool = False) -> Path:
     """Compile the DAG for this config to KFP IR YAML."""
-    compiler.Compiler().compile(build_pipeline(config, source_uri, feature_parts), str(path))
+    compiler.Compiler().compile(build_pipeline(config, source_uri, feature_parts, local), str(path))
     return Path(path)
 
 

@@ -85,9 +85,6 @@ def read_manifest(folder: str | Path):
 
 
 def read_shard_index(folder: str | Path) -> dict:
-    folder = Path(folder)
-    if not (folder / SHARD_INDEX).exists():
-        raise CoughPipelineError(f"{folder / SHARD_INDEX}: no shard index; run the features step into {folder} first")
     return read_json(folder, SHARD_INDEX, "features")
 
 

@@ -118,7 +118,15 @@ def _digest(value: Any) -> str:
 
 def read_spec(path: str | Path) -> dict:
     """The pipeline spec of a compiled YAML (the first document; the second holds Kubernetes settings)."""
-    return next(yaml.safe_load_all(Path(path).read_text()))
+    from coughreg.errors import CoughPipelineError
+
+    try:
+        spec = next(yaml.safe_load_all(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, StopIteration) as exc:
+        raise CoughPipelineError(f"{path}: cannot read a compiled pipeline ({exc})") from None
+    if not isinstance(spec, dict) or not {"root", "components", "deploymentSpec"} <= set(spec):
+        raise CoughPipelineError(f"{path}: not a compiled KFP pipeline (no root DAG); compile one with `pipeline.py compile`")
+    return spec
 
 
 def compare(before: dict, after: dict) -> list[dict]:

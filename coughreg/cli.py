@@ -58,12 +58,14 @@ def _s3(args: argparse.Namespace) -> dict:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
     from coughreg.config import config_to_yaml
-    from coughreg.step_config import step_parameter
+    from coughreg.step_config import step_arguments
 
     config = _config(args)
     if args.step:
-        print(step_parameter(config, args.step))
+        sys.stdout.write(yaml.safe_dump(step_arguments(config, args.step), sort_keys=False, width=10**6))
     else:
         sys.stdout.write(config_to_yaml(config))
     return 0
@@ -107,7 +109,8 @@ def cmd_step_train(args: argparse.Namespace) -> int:
     from coughreg.steps import train_step
 
     summary = train_step(args.input, args.out, _given(args), **_s3(args))
-    print(f"model: {args.out} ({summary['members']} model(s), seed {summary['seed']})")
+    if summary:  # one line from rank 0 when ranks were started by hand (torchrun)
+        print(f"model: {args.out} ({summary['members']} model(s), seed {summary['seed']})")
     return 0
 
 

@@ -70,17 +70,20 @@ def _s3_object_identity(uri: str, options: S3Options | None) -> str:
     return f"s3-object etag={etag} version={version} size={int(head.get('ContentLength', 0))}"
 
 
-def _s3_prefix_identity(uri: str, options: S3Options | None) -> str:
+def prefix_listing(uri: str, options: S3Options | None = None, client=None) -> tuple[list[dict], str]:
+    """Every object under an ``s3://bucket/prefix/`` and a SHA-256 over the listing (key, ETag, size)."""
     digest = hashlib.sha256()
-    count = 0
-    for obj in list_s3_prefix(uri, options):
-        if obj["Key"].endswith("/"):
-            continue
+    objects = [obj for obj in list_s3_prefix(uri, options, client) if not obj["Key"].endswith("/")]
+    for obj in objects:
         digest.update(f"{obj['Key']}\t{str(obj.get('ETag', '')).strip(chr(34))}\t{obj.get('Size', 0)}\n".encode())
-        count += 1
-    if not count:
+    if not objects:
         raise StorageError(f"{uri}: no objects under this prefix")
-    return f"s3-prefix sha256={digest.hexdigest()} objects={count}"
+    return objects, digest.hexdigest()
+
+
+def _s3_prefix_identity(uri: str, options: S3Options | None) -> str:
+    objects, digest = prefix_listing(uri, options)
+    return f"s3-prefix sha256={digest} objects={len(objects)}"
 
 
 def _folder_identity(root: Path) -> str:

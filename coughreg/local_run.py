@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from types import ModuleType
 
 from coughreg import artifacts
 from coughreg.config import ExperimentConfig
+from coughreg.step_config import RUNTIME, STEPS, runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,24 @@ class LocalRunResult:
     pipeline: Path
     values: dict
     seconds: float
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Runtime settings for the steps (subprocesses inherit them): kfp.local keys its cache by a task's own
+    environment, so settings there would make a new worker count rerun every step."""
+    saved = {env: os.environ.get(env) for _, env in RUNTIME.values()}
+    for env in saved:
+        os.environ.pop(env, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for env, value in saved.items():
+            if value is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = value
 
 
 def run_local(pipeline: ModuleType, source_uri: str, config: ExperimentConfig, out_dir: str | Path, cache: bool = True,
@@ -46,10 +67,11 @@ def run_local(pipeline: ModuleType, source_uri: str, config: ExperimentConfig, o
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    compiled = pipeline.compile_pipeline(out_dir / PIPELINE_FILE, config, source_uri, feature_parts)
+    compiled = pipeline.compile_pipeline(out_dir / PIPELINE_FILE, config, source_uri, feature_parts, local=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline-root"),
                raise_on_error=True, enable_caching=cache)
-    run = pipeline.build_pipeline(config, source_uri, feature_parts)()
+    with _environment({k: v for step in STEPS for k, v in runtime_env(config, step).items()}):
+        run = pipeline.build_pipeline(config, source_uri, feature_parts, local=True)()
     report = Path(run.outputs["report"].path)
     evaluation = report.parent / "evaluation"  # the evaluate task's folder
     metrics_file = evaluation / artifacts.METRICS

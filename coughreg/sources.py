@@ -11,19 +11,19 @@ import abc
 import logging
 import posixpath
 import stat
+import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coughreg.data_version import etag_of, is_archive_key, source_identity
+from coughreg.data_version import etag_of, is_archive_key, prefix_listing, source_identity
 from coughreg.errors import StorageError
 from coughreg.storage import (
     DEFAULT_CACHE,
     S3Options,
     download_s3_object,
     is_s3_uri,
-    list_s3_prefix,
     local_path,
     parse_s3_uri,
     s3_client,
@@ -159,13 +159,17 @@ class FolderSource(DataSource):
 
 
 def download_prefix(uri: str, options: S3Options, cache_dir: Path) -> Path:
-    """Mirror an ``s3://bucket/prefix/`` into the cache (each object cached by its ETag)."""
+    """Mirror an ``s3://bucket/prefix/`` into the cache: one folder of links per version of the listing.
+
+    Each object is downloaded once per ETag (and pinned to the ETag the listing showed); the mirror
+    folder is named by the listing's digest, so an object deleted from the prefix is never seen again.
+    """
+    import os
+
     location = parse_s3_uri(uri if uri.endswith("/") else uri + "/")
     client = s3_client(options)
-    objects = [obj for obj in list_s3_prefix(location.uri, options, client) if not obj["Key"].endswith("/")]
-    if not objects:
-        raise StorageError(f"{uri}: no objects under this prefix")
-    mirror = cache_dir / "prefix" / location.bucket / location.key
+    objects, digest = prefix_listing(location.uri, options, client)
+    mirror = cache_dir / "prefix" / location.bucket / location.key / digest[:16]
     mirror.mkdir(parents=True, exist_ok=True)
 
     def fetch(obj: dict) -> None:
@@ -173,12 +177,14 @@ def download_prefix(uri: str, options: S3Options, cache_dir: Path) -> Path:
         if relative is None:
             log.warning("s3://%s/%s: unsafe key name, skipped", location.bucket, obj["Key"])
             return
-        cached = download_s3_object(f"s3://{location.bucket}/{obj['Key']}", cache_dir, options, client)
+        etag = str(obj.get("ETag", "")).strip('"') or None
+        cached = download_s3_object(f"s3://{location.bucket}/{obj['Key']}", cache_dir, options, client, etag=etag)
         target = mirror / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        target.symlink_to(cached)
+        link = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.link")
+        link.unlink(missing_ok=True)
+        link.symlink_to(cached)
+        os.replace(link, target)  # atomic: processes mirroring the same prefix never see half a link
 
     log.info("%s: %d objects", uri, len(objects))
     with ThreadPoolExecutor(options.max_concurrency) as pool:
@@ -193,7 +199,7 @@ class _MirrorSource(FolderSource):
         DataSource.__init__(self, uri=uri)
         self.root = root
         for path in sorted(root.rglob("*")):
-            if path.is_dir() and not path.is_symlink():
+            if (path.is_dir() and not path.is_symlink()) or path.name.endswith(".link"):
                 continue
             relative = path.relative_to(root).as_posix()
             self.names.append(relative)

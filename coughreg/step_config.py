@@ -172,6 +172,14 @@ def step_parameter(config: ExperimentConfig, step: str, exclude: tuple[str, ...]
     return json.dumps(step_settings(config, step, exclude), sort_keys=True, separators=(",", ":"))
 
 
+def step_arguments(config: ExperimentConfig, step: str) -> dict[str, Any]:
+    """The parameters a step's task receives: ``<step>_config``, and for train the typed run parameters."""
+    if step != "train":
+        return {f"{step}_config": step_parameter(config, step)}
+    typed = {name: config_values(config, [key])[key] for name, key in UI_PARAMETERS.items()}
+    return {"train_config": step_parameter(config, "train", exclude=tuple(UI_PARAMETERS.values())), **typed}
+
+
 def build_step_config(
     step: str,
     given: dict[str, Any],
@@ -179,6 +187,7 @@ def build_step_config(
     where: str,
     made_by: str = "the input artifact",
     strict: bool = False,
+    overrides: list[str] | None = None,
 ) -> ExperimentConfig:
     """The config a step runs with: upstream keys from its input artifact, then its own keys.
 
@@ -190,6 +199,7 @@ def build_step_config(
         where: names ``given`` in messages (a parameter name or a file).
         made_by: names the input artifact in messages.
         strict: refuse keys the step does not own (a parameter holds the owner's keys only).
+        overrides: the ``--set`` overrides among ``given``, recorded with ``where`` under ``resolved``.
 
     Raises:
         ConfigError: a key is unknown or invalid, or a key an upstream step owns disagrees with
@@ -214,6 +224,7 @@ def build_step_config(
         chain = config_values(upstream, [k for k in all_keys() if owner(k) in UPSTREAM[step]])
         _check_agreement(step, flat, upstream, chain, where, made_by)
     merged = nest({**chain, **own})
+    merged["resolved"] = {"source": where, "overrides": list(overrides or [])}
     try:
         config = ExperimentConfig.model_validate(merged)
     except ValidationError as exc:
@@ -224,6 +235,8 @@ def build_step_config(
 def _check_agreement(step: str, flat: dict, upstream: ExperimentConfig, chain: dict, where: str, made_by: str) -> None:
     """Upstream keys given again must say what the artifact was made with."""
     given_upstream = {k: v for k, v in flat.items() if owner(k) in UPSTREAM[step]}
+    if given_upstream.get("environment.seed") == -1:  # "draw one" agrees with the seed the train step drew
+        del given_upstream["environment.seed"]
     if not given_upstream:
         return
     try:
@@ -246,7 +259,9 @@ def _check_agreement(step: str, flat: dict, upstream: ExperimentConfig, chain: d
 
 def with_upstream(config: ExperimentConfig, step: str, upstream: ExperimentConfig) -> ExperimentConfig:
     """``config``'s own keys for ``step`` on top of the upstream keys an artifact was made with."""
-    return build_step_config(step, step_settings(config, step), upstream, where=f"the {step} step's config")
+    info = config.resolved
+    where = info.source if info and info.source and info.source != "defaults" else f"the {step} step's config"
+    return build_step_config(step, step_settings(config, step), upstream, where, overrides=info.overrides if info else None)
 
 
 def _type_name(annotation: Any) -> str:

@@ -41,6 +41,7 @@ class Given:
     keys: dict = field(default_factory=dict)
     where: str = "defaults"
     strict: bool = False  # a KFP parameter holds the owner's keys only
+    overrides: tuple[str, ...] = ()
 
     @classmethod
     def parameter(cls, name: str, text: str, typed: dict[str, Any] | None = None) -> Given:
@@ -49,8 +50,8 @@ class Given:
             keys = json.loads(text) if text.strip() else {}
         except ValueError as exc:
             raise ConfigError(f"pipeline parameter {name}: not JSON ({exc})") from None
-        if not isinstance(keys, dict):
-            raise ConfigError(f"pipeline parameter {name}: expected a JSON object of config sections")
+        if not isinstance(keys, dict) or not all(isinstance(v, dict) or k == "experiment_name" for k, v in keys.items()):
+            raise ConfigError(f"pipeline parameter {name}: expected a JSON object of config sections, each an object of keys")
         for parameter, value in (typed or {}).items():
             section, key = UI_PARAMETERS[parameter].split(".")
             keys.setdefault(section, {})[key] = value
@@ -62,7 +63,11 @@ class Given:
     def command_line(cls, path: str | Path | None, overrides: list[str] | None = None) -> Given:
         """A config file (optional) and ``--set`` overrides: only what they say is given."""
         where = " and ".join(filter(None, [str(path) if path else "", "--set" if overrides else ""])) or "defaults"
-        return cls(load_settings(path, overrides), where)
+        return cls(load_settings(path, overrides), where, overrides=tuple(overrides or ()))
+
+    def build(self, step: str, upstream: ExperimentConfig | None, made_by: str = "the input artifact") -> ExperimentConfig:
+        """The step's config: these keys on top of the upstream keys its input was made with."""
+        return build_step_config(step, self.keys, upstream, self.where, made_by, self.strict, list(self.overrides))
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -164,7 +169,7 @@ def ingest_step(source_uri: str, out: str | Path, given: Given, *, source_versio
     from coughreg.ingest import ingest
 
     setup_logging()
-    config = build_step_config("ingest", given.keys, None, given.where, strict=given.strict)
+    config = given.build("ingest", None)
     with _staged(s3, cache_dir) as staging:
         out_dir = staging.output(out)
         try:
@@ -184,7 +189,7 @@ def ingest_step(source_uri: str, out: str | Path, given: Given, *, source_versio
 
 def _features_config(ingest_dir: Path, given: Given, named: str | Path) -> ExperimentConfig:
     upstream = artifacts.read_config(ingest_dir, "ingest")
-    return build_step_config("features", given.keys, upstream, given.where, f"the ingest output {named}", given.strict)
+    return given.build("features", upstream, f"the ingest output {named}")
 
 
 def _features_metrics(out_dir: Path, metrics: Any) -> dict:
@@ -243,7 +248,7 @@ def train_step(features: str | Path, out: str | Path, given: Given, *, metrics: 
     with _staged(s3, cache_dir) as staging:
         features_dir, out_dir = staging.input(features), staging.output(out)
         upstream = artifacts.read_config(features_dir, "features")
-        config = build_step_config("train", given.keys, upstream, given.where, f"the features output {features}", given.strict)
+        config = given.build("train", upstream, f"the features output {features}")
         if identity is None and is_s3_uri(str(out)):
             identity = str(out)
         processes = processes or _ranks(config)
@@ -254,8 +259,12 @@ def train_step(features: str | Path, out: str | Path, given: Given, *, metrics: 
             launch(_train_rank, (str(features_dir), str(out_dir), config), processes)
         else:
             from coughreg.training import train
+            from coughreg.training.distributed import is_main_process
 
             train(features_dir, out_dir, config, identity)
+            if not is_main_process():  # one of ranks started by hand (torchrun): rank 0 writes and publishes
+                staging.uploads.clear()
+                return {}
         history = artifacts.read_json(out_dir, artifacts.HISTORY, "train")
         info = artifacts.read_model_info(out_dir)
     last = {k: v for k, v in history[-1].items() if k not in ("fold", "seed", "epoch")} if history else {}
@@ -292,7 +301,7 @@ def evaluate_step(model: str | Path, features: str | Path, out: str | Path, give
     with _staged(s3, cache_dir) as staging:
         model_dir, features_dir, out_dir = staging.input(model), staging.input(features), staging.output(out)
         upstream = artifacts.read_config(model_dir, "train")
-        config = build_step_config("evaluate", given.keys, upstream, given.where, f"the model {model}", given.strict)
+        config = given.build("evaluate", upstream, f"the model {model}")
         result = evaluate(model_dir, features_dir, out_dir, config)
         _copy_html(result.report_path, html)
     log_metrics(metrics, result.metrics)
@@ -317,7 +326,7 @@ def export_step(model: str | Path, out: str | Path, given: Given, *, artifact_ur
     with _staged(s3, cache_dir) as staging:
         model_dir, out_dir = staging.input(model), staging.output(out)
         upstream = artifacts.read_config(model_dir, "train")
-        config = build_step_config("export", given.keys, upstream, given.where, f"the model {model}", given.strict)
+        config = given.build("export", upstream, f"the model {model}")
         result = export(model_dir, out_dir, config, run_identity(artifact_uri or str(out)))
     return {"scorer": str(out if is_s3_uri(str(out)) else result.scorer_dir),
             "program": result.program_path is not None}

@@ -191,8 +191,9 @@ def _transfer(client, location: S3Location, etag: str | None, size: int, path: P
             if etag:
                 future.meta.provide_object_etag(etag)
 
+    # multipart_threshold=1: every object takes the ranged path, whose GETs carry IfMatch (a plain GET would not)
     config = TransferConfig(
-        multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=max(1, options.max_concurrency),
+        multipart_threshold=1, multipart_chunksize=PART_BYTES, max_concurrency=max(1, options.max_concurrency),
         num_download_attempts=options.max_attempts, use_threads=True,
     )
     try:

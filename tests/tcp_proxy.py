@@ -26,6 +26,7 @@ class FaultProxy:
         self._armed_sent = 0
         self.bytes_down = 0
         self.requests: list[bool] = []  # one per HTTP request seen: did it carry an Authorization header?
+        self.request_heads: list[str] = []  # the request line and headers of each, lower-cased
         self.cuts_done = 0
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -61,8 +62,10 @@ class FaultProxy:
                     break
                 keep = len(data)
                 if not downstream and data[:8].split(b" ")[0] in (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"):
+                    head = data.split(b"\r\n\r\n")[0].lower()
                     with self._lock:
-                        self.requests.append(b"\r\nauthorization:" in data.split(b"\r\n\r\n")[0].lower())
+                        self.requests.append(b"\r\nauthorization:" in head)
+                        self.request_heads.append(head.decode("latin-1"))
                 if downstream:
                     with self._lock:
                         if self._cuts:

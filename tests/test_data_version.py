@@ -44,6 +44,18 @@ def test_a_prefix_changes_when_an_object_is_added(s3_env, bucket):
     assert source_identity(f"s3://{bucket}/release/").endswith("objects=3")
 
 
+def test_a_prefix_read_after_a_deletion_no_longer_shows_the_deleted_object(s3_env, bucket, tmp_path):
+    from coughreg.sources import open_source
+
+    client = s3_env.client()
+    for name in ("metadata_compiled.csv", "a.webm", "b.webm"):
+        client.put_object(Bucket=bucket, Key=f"release/{name}", Body=name.encode())
+    assert open_source(f"s3://{bucket}/release/", cache_dir=tmp_path / "cache").names == ["a.webm", "b.webm", "metadata_compiled.csv"]
+    client.delete_object(Bucket=bucket, Key="release/b.webm")
+    again = open_source(f"s3://{bucket}/release/", cache_dir=tmp_path / "cache")  # the same download cache
+    assert again.names == ["a.webm", "metadata_compiled.csv"] and again.identity.endswith("objects=2")
+
+
 def test_local_files_and_folders(tmp_path):
     archive = tmp_path / "data.zip"
     archive.write_bytes(b"one")

@@ -152,10 +152,19 @@ def two_local_runs(coughvid_zip, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_local_run_with_only_other_worker_counts_is_taken_whole_from_the_cache(two_local_runs, coughvid_zip):
+    out, _, second = two_local_runs
+    config = load_resolved_config(HT_YAML, [*TINY, "training.learning_rate=0.003", "features.workers=1",
+                                            "environment.number_of_workers=1"])
+    third = run_local(pipeline, str(coughvid_zip), config, out)
+    latest = sorted((out / "pipeline-root").glob("cough-regression-*"))[-1]
+    assert {path.name for path in latest.iterdir()} == {"source-version"} and third.model == second.model
+
+
+@pytest.mark.slow
 def test_a_second_local_run_reuses_ingest_and_features_from_the_cache(two_local_runs):
     out, first, second = two_local_runs
     runs = sorted((out / "pipeline-root").glob("cough-regression-*"))
-    assert len(runs) == 2
     ran = {path.name for path in runs[1].iterdir()}
     assert ran == {"source-version", "train", "evaluate", "export"}  # ingest and the features came from the cache
     assert {path.name for path in runs[0].iterdir()} >= {"ingest", "collect-features", "train"}
@@ -239,3 +248,16 @@ def test_a_random_seed_is_drawn_by_the_train_step_and_recorded(tiny_run, tmp_pat
     again = train_step(tiny_run["features"], tmp_path / "c", given)  # restarted into the same folder: the same seed
     assert again["seed"] == local["seed"]
     assert pd.read_parquet(tmp_path / "c" / "predictions.parquet")["pred_cough_detected"].notna().all()
+
+
+def test_given_keys_are_checked(tmp_path):
+    from coughreg.errors import ConfigError
+    from coughreg.step_config import build_step_config
+
+    with pytest.raises(ConfigError, match="pipeline parameter train_config: expected a JSON object of config sections"):
+        Given.parameter("train_config", '{"training": 5}')
+    with pytest.raises(ConfigError, match="'audio.hop_size' belong to another step \\(features\\)"):
+        Given.parameter("train_config", '{"audio": {"hop_size": 256}}').build("train", None)
+    upstream = load_resolved_config(HT_YAML, [*TINY, "environment.seed=51"])
+    config = build_step_config("evaluate", {"environment": {"seed": -1}}, upstream, "the run's config")  # -1: "drawn"
+    assert config.environment.seed == 51

@@ -30,6 +30,19 @@ def test_a_changed_object_is_downloaded_again(s3_env, bucket, tmp_path):
     assert first != second and second.read_bytes() == b"two!"
 
 
+def test_every_get_is_pinned_to_the_version_seen(s3_env, bucket, tmp_path, fault_proxy):
+    """Small objects too: a GET without If-Match could mix in an object replaced meanwhile."""
+    client = s3_env.client()
+    first = client.put_object(Bucket=bucket, Key="small.zip", Body=b"small zip")
+    path = download_s3_object(f"s3://{bucket}/small.zip", tmp_path / "cache", S3Options(endpoint_url=fault_proxy.endpoint_url))
+    assert path.read_bytes() == b"small zip"
+    gets = [head for head in fault_proxy.request_heads if head.startswith("get ")]
+    assert gets and all(f"if-match: {first['ETag']}" in head for head in gets)
+    client.put_object(Bucket=bucket, Key="small.zip", Body=b"replaced")  # a run that resolved the first version
+    with pytest.raises(StorageError, match="no longer the version this run resolved"):
+        download_s3_object(f"s3://{bucket}/small.zip", tmp_path / "other-cache", etag=first["ETag"].strip('"'))
+
+
 def test_wrong_keys_are_refused_without_leaking_the_secret(s3_server, bucket, tmp_path, monkeypatch):
     s3_server.client().put_object(Bucket=bucket, Key="a.zip", Body=b"x")
     wrong = Credentials(s3_server.credentials.access_key_id, "not-the-secret-1234")

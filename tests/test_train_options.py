@@ -160,7 +160,7 @@ def test_a_retried_pod_resumes_from_the_checkpoint_in_s3(s3_env, bucket, tiny_ru
 @pytest.mark.slow
 def test_distributed_data_parallel_under_torchrun(tiny_run, tmp_path):
     """Two processes with the gloo backend on the CPU: the same code path as several GPUs with NCCL."""
-    config = _config("training.epochs=2")
+    config = _config("training.epochs=2", "environment.seed=-1")  # every rank must train with rank 0's seed
     save_config(config, tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pipeline.py", "step",
                "train", "--input", str(tiny_run["features"]), "--out", str(tmp_path / "ddp"), "--config", str(tmp_path / "config.yaml")]
@@ -173,6 +173,8 @@ def test_distributed_data_parallel_under_torchrun(tiny_run, tmp_path):
     assert predictions["pred_cough_detected"].between(0, 1).all() and len(predictions) >= 4
     steps = [line for line in done.stderr.splitlines() if "epoch 1 step" in line]
     assert len(steps) == 2 and all("step 2/2" in line for line in steps)  # 19 rows / batch 4: 4 batches, 2 per rank
+    seeds = {line.split(": seed ")[1].split(",")[0] for line in done.stderr.splitlines() if "environment.seed is -1" in line}
+    assert len(seeds) == 1 and info["seed"] == int(seeds.pop())
 
 
 def test_the_weight_average_warms_up_and_follows_the_weights():
@@ -230,3 +232,37 @@ def test_the_train_step_launches_one_rank_per_process(tiny_run, tmp_path, capfd)
     assert len(steps) == 2 and all("step 2/2" in line for line in steps)  # 19 rows / batch 4: 4 batches, 2 per rank
     assert summary["members"] == 1 and summary["seed"] == 1234
     assert pd.read_parquet(tmp_path / "ddp" / "predictions.parquet")["pred_cough_detected"].between(0, 1).all()
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_is_named_in_one_line(tiny_run, tmp_path):
+    from coughreg.step_config import step_parameter
+    from coughreg.steps import Given, train_step
+
+    config = _config("training.differential_learning_rate_layers=[no_such_layer]")
+    with pytest.raises(CoughPipelineError) as error:
+        train_step(tiny_run["features"], tmp_path / "ddp", Given.parameter("train_config", step_parameter(config, "train")),
+                   processes=2)
+    message = str(error.value)
+    assert message.startswith("distributed training failed on rank") and "no_such_layer" in message
+    assert "Traceback" not in message and "\n" not in message
+
+
+def test_a_finished_member_is_kept_only_for_the_same_config_and_data(tiny_run, tmp_path, caplog):
+    from coughreg.training.checkpoints import fingerprint
+
+    config = _config("training.epochs=1")
+    rows = np.arange(10)
+    assert fingerprint(config, "set-a", rows, 4) != fingerprint(config, "set-b", rows, 4)  # other data, other key
+    train(tiny_run["features"], tmp_path / "model", config)
+    first = load_file(str(tmp_path / "model" / "fold0_seed0" / "model.safetensors"))
+    changed = _config("training.epochs=1", "training.learning_rate=0.05")
+    with caplog.at_level("INFO"):
+        train(tiny_run["features"], tmp_path / "model", changed)  # rerun into the same folder with another rate
+    assert "trained with another config or data; training this member again" in caplog.text
+    second = load_file(str(tmp_path / "model" / "fold0_seed0" / "model.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train(tiny_run["features"], tmp_path / "model", changed)  # and once more, unchanged: kept
+    assert "already trained, kept" in caplog.text

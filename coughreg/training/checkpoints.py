@@ -54,10 +54,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
 
 
-def fingerprint(config: ExperimentConfig, train_rows: np.ndarray, batch_size: int) -> str:
-    """What shapes a member: the train step's keys and its upstream keys, its rows, its batch size."""
+def fingerprint(config: ExperimentConfig, shard_set: str, train_rows: np.ndarray, batch_size: int) -> str:
+    """What shapes a member: the train step's keys and its upstream keys, the data (the shard set, named by
+    the hashes of its feature parameters and its manifest), its rows, its batch size."""
     payload = json.dumps(
-        {"config": config_values(config, chain_keys("train")), "rows": train_rows.tolist(), "batch": batch_size},
+        {"config": config_values(config, chain_keys("train")), "data": shard_set, "rows": train_rows.tolist(), "batch": batch_size},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -43,7 +43,10 @@ def launch(function, args: tuple, processes: int) -> None:
     try:
         elastic_launch(config, function)(*args)
     except ChildFailedError as exc:
-        raise CoughPipelineError(f"distributed training failed: {exc.get_first_failure()[1].message}") from None
+        rank, failure = exc.get_first_failure()
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)
+        first = message.splitlines()[0].removeprefix("CoughPipelineError: ") if message else "see the log above"
+        raise CoughPipelineError(f"distributed training failed on rank {rank}: {first}") from None
 
 
 def start_process_group(use_cuda: bool) -> bool:

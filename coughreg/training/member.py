@@ -52,17 +52,22 @@ class TrainingRun:
     label_range: tuple[float, float]
     out_dir: Path
     seed: int
+    shard_set: str = ""
 
 
 def train_member(run: TrainingRun, fold: int, seed_index: int, train_rows: np.ndarray, validation_rows: np.ndarray):
     """One model -> (its description, its validation predictions (rows, labels), its history)."""
     config = run.config
     member_dir = run.out_dir / f"fold{fold}_seed{seed_index}"
+    batch_size = config.training.batch_size
     if (member_dir / MEMBER_DONE).exists():
         done = json.loads((member_dir / MEMBER_DONE).read_text())
-        log.info("fold %d seed %d: already trained, kept (%s)", fold, done["member"]["seed"], member_dir)
-        return done["member"], np.load(member_dir / MEMBER_VALIDATION), done["history"]
-    batch_size = config.training.batch_size
+        made_with = checkpoints.fingerprint(config, run.shard_set, train_rows, done["member"].get("batch_size", batch_size))
+        if done.get("fingerprint") == made_with:
+            log.info("fold %d seed %d: already trained, kept (%s)", fold, done["member"]["seed"], member_dir)
+            return done["member"], np.load(member_dir / MEMBER_VALIDATION), done["history"]
+        log.warning("%s: trained with another config or data; training this member again", member_dir)
+        (member_dir / MEMBER_DONE).unlink()
     while True:
         try:
             return _fit(run, fold, seed_index, train_rows, validation_rows, member_dir, batch_size)
@@ -141,7 +146,7 @@ def _fit(run: TrainingRun, fold, seed_index, train_rows, validation_rows, member
     history: list[dict] = []
     best = {"value": None, "epoch": None, "state": None, "validation": None}
     start_epoch, validation = 1, None
-    key = checkpoints.fingerprint(config, train_rows, batch_size)
+    key = checkpoints.fingerprint(config, run.shard_set, train_rows, batch_size)
     checkpoint_path = member_dir / checkpoints.CHECKPOINT
     remote = checkpoints.remote_location(config.cluster.checkpoint_uri, key, member_dir.name)
     if not checkpoint_path.exists() and remote is not None:
@@ -229,7 +234,8 @@ def _fit(run: TrainingRun, fold, seed_index, train_rows, validation_rows, member
         with atomic_path(member_dir / MEMBER_VALIDATION) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, validation)
-        atomic_write_text(member_dir / MEMBER_DONE, json.dumps({"member": member, "history": history}, indent=2))
+        done = {"member": member, "history": history, "fingerprint": key}
+        atomic_write_text(member_dir / MEMBER_DONE, json.dumps(done, indent=2))
         checkpoint_path.unlink(missing_ok=True)
     return member, validation, history
 

@@ -54,6 +54,20 @@ def run_seed(config: ExperimentConfig, out_dir: str | Path, identity: str | None
     if config.environment.seed >= 0:
         return config
     record = Path(out_dir) / SEED_RECORD
+    if _ranks_started():  # ranks started by hand (torchrun): rank 0 decides, the others take its seed
+        seed, how = _from_rank_zero(lambda: _draw(record, identity))
+    else:
+        seed, how = _draw(record, identity)
+    if is_main_process():
+        atomic_write_text(record, json.dumps({"seed": seed, "how": how}))
+    log.info("environment.seed is -1: seed %d, %s", seed, how)
+    resolved = config.model_copy(deep=True)
+    resolved.environment.seed = seed
+    resolved.resolved = resolved.resolved.model_copy(update={"seed_drawn": True}) if resolved.resolved else None
+    return resolved
+
+
+def _draw(record: Path, identity: str | None) -> tuple[int, str]:
     if record.exists():
         seed = int(json.loads(record.read_text())["seed"])
         how = f"the seed drawn for this folder ({record})"
@@ -63,13 +77,18 @@ def run_seed(config: ExperimentConfig, out_dir: str | Path, identity: str | None
     else:
         seed = secrets.randbelow(2**31 - 1)
         how = "drawn at random"
-    if is_main_process():
-        atomic_write_text(record, json.dumps({"seed": seed, "how": how}))
-    log.info("environment.seed is -1: seed %d, %s", seed, how)
-    resolved = config.model_copy(deep=True)
-    resolved.environment.seed = seed
-    resolved.resolved = resolved.resolved.model_copy(update={"seed_drawn": True}) if resolved.resolved else None
-    return resolved
+    return seed, how
+
+
+def _ranks_started() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _from_rank_zero(decide):
+    """What rank 0 decides, on every rank."""
+    box = [decide() if is_main_process() else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def train(features_dir: str | Path, out_dir: str | Path, config: ExperimentConfig, identity: str | None = None) -> TrainResult:
@@ -119,7 +138,8 @@ def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig) -> Train
     crop_frames = int(config.audio.training_chunk_seconds * frames_per_second) + 1
     label_range = (config.ingest.label_min, config.ingest.label_max)
 
-    run = TrainingRun(config, paths, table, reader, device, amp_dtype, amp_inference, crop_frames, label_range, out_dir, seed)
+    run = TrainingRun(config, paths, table, reader, device, amp_dtype, amp_inference, crop_frames, label_range, out_dir, seed,
+                      index.get("shard_set", ""))
     members, history, predictions = [], [], []
     for fold in fold_list:
         train_rows, validation_rows = fold_rows(labelled, fold, config, seed)
