@@ -1,8 +1,10 @@
 """Cough-audio regression on Kubeflow Pipelines: the DAG (and, below it, the command line).
 
 Steps, each a container, artifacts passed through the pipeline root (S3 on a cluster):
-    1. ingest    - resolve the data set's version (uncached: new data reruns ingest), then fetch a
-                   COUGHVID or Hydrogen Torch data set from S3 (zip or prefix) or disk
+    0. preflight - the config, the data (its version: uncached, so new data reruns ingest), the output
+                   locations, the GPUs and the pretrained weights (fetched once, passed on by SHA-256)
+                   are checked before anything is downloaded; never retried
+    1. ingest    - a COUGHVID or Hydrogen Torch data set from S3 (zip or prefix) or disk, that version
                    -> manifest.parquet + the accepted recordings + a data-quality report
     2. features  - recordings -> log-mel Parquet spectrogram shards, fanned out over
                    `feature_parts` pods (ParallelFor), then collected into one shard index
@@ -14,8 +16,9 @@ Each step receives only the config keys that shape its output (`<step>_config`, 
 coughreg/step_config.py), so KFP's cache reruns a step only when one of them changes; the backbone,
 epochs, learning rate and batch size are typed run parameters. Kubernetes settings come from the
 config's `cluster` section and are never parameters: S3 credentials reach the steps that read S3
-as env from a Secret, training requests one nvidia.com/gpu per entry of `environment.gpus` with its
-node selector and tolerations, network and GPU steps retry with backoff, caching is per step.
+as env from a Secret; training requests one nvidia.com/gpu per entry of `environment.gpus` with its
+node selector and tolerations and gets a memory-backed /dev/shm; ingest unpacks on an ephemeral
+volume; every step has a timeout, retries with backoff (for preemption) and its own cache switch.
 
 Usage:
     python pipeline.py compile -o pipeline.yaml [--config FILE] [--set section.key=value]...
@@ -25,6 +28,7 @@ Usage:
     python pipeline.py demo | config | generate | score | cache-diff
 """
 
+import json
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -35,14 +39,17 @@ from kfp.dsl import HTML, Metrics, Model
 from components.evaluate import evaluate
 from components.export import export
 from components.features import collect_features, feature_part, plan_feature_parts
-from components.ingest import ingest, source_version
+from components.ingest import ingest
+from components.preflight import preflight
 from components.train import train
 from coughreg.config import ExperimentConfig
 from coughreg.images import CPU_IMAGE, GPU_IMAGE
+from coughreg.resources import CPU_REQUEST_ENV, GPUS_REQUESTED_ENV
 from coughreg.step_config import STEPS, runtime_env, step_arguments
-from coughreg.steps import IMAGE_ENV, PIPELINE_ENV
+from coughreg.steps import GPU_NODE_SELECTOR_ENV, IMAGE_ENV, PIPELINE_ENV
 
 PIPELINE_NAME = "cough-regression"
+SCRATCH = "/scratch"  # ingest's ephemeral volume
 S3_KEYS = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
 
 
@@ -57,17 +64,21 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
     given = {name: value for step in STEPS for name, value in step_arguments(config, step).items()}  # the defaults
 
     def step(task, name: str, display: str, image: str = CPU_IMAGE, cpu: str = cluster.cpu_request,
-             memory: str = cluster.memory_request):
+             memory: str = cluster.memory_request, retries: int = cluster.retries):
         task.set_display_name(display).set_caching_options(cluster.cache.get(name, True))
         task.set_cpu_request(cpu).set_memory_request(memory)
-        # How the step runs (worker counts, checkpoint_uri, names) travels as env, which no cache key holds.
-        for variable, value in {PIPELINE_ENV: PIPELINE_NAME, IMAGE_ENV: image, **({} if local else runtime_env(config, name))}.items():
+        if retries and not local:  # for preemption; a step retries its own I/O, the preflight catches config errors
+            task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0)
+        if name in cluster.timeouts:
+            kubernetes.set_timeout(task, cluster.timeouts[name])
+        # How the step runs (CPUs, worker counts, checkpoint_uri, names) travels as env, which no cache key holds.
+        env = {PIPELINE_ENV: PIPELINE_NAME, IMAGE_ENV: image, **({} if local else {CPU_REQUEST_ENV: cpu, **runtime_env(config, name)})}
+        for variable, value in env.items():
             task.set_env_variable(variable, value)
         return task
 
     def reads_s3(task):
-        kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env=S3_KEYS, optional=True)
-        return task.set_retry(num_retries=0 if local else cluster.retries, backoff_duration="30s", backoff_factor=2.0)
+        return kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env=S3_KEYS, optional=True)
 
     class Outputs(NamedTuple):
         report: HTML
@@ -89,12 +100,22 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
         evaluate_config: str = given["evaluate_config"],
         export_config: str = given["export_config"],
     ) -> Outputs:
-        version_task = source_version(source_uri=source_uri)
-        step(version_task, "ingest", "1a. Resolve the data's version", cpu="500m", memory="1Gi")
-        reads_s3(version_task).set_caching_options(False)  # it must look every time: new data reruns ingest
+        preflight_task = preflight(
+            source_uri=source_uri, ingest_config=ingest_config, features_config=features_config, train_config=train_config,
+            backbone=backbone, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+            evaluate_config=evaluate_config, export_config=export_config,
+        )
+        reads_s3(step(preflight_task, "preflight", "0. Preflight checks", cpu="1", memory="2Gi", retries=0))
+        preflight_task.set_caching_options(False)  # it must look every time: new data reruns ingest
+        preflight_task.set_env_variable(GPU_NODE_SELECTOR_ENV, json.dumps(cluster.gpu_node_selector if gpus else {}))
 
-        ingest_task = ingest(source_uri=source_uri, source_version=version_task.output, ingest_config=ingest_config)
+        ingest_task = ingest(source_uri=source_uri, source_version=preflight_task.outputs["source_version"],
+                             ingest_config=ingest_config)
         reads_s3(step(ingest_task, "ingest", "1. Ingest recordings"))
+        kubernetes.add_ephemeral_volume(ingest_task, volume_name="scratch", mount_path=SCRATCH, access_modes=["ReadWriteOnce"],
+                                        size=cluster.scratch_size, storage_class_name=cluster.scratch_storage_class)
+        if not local:  # downloads and temporary files on the scratch volume, not the node's disk
+            ingest_task.set_env_variable("COUGHREG_CACHE", f"{SCRATCH}/cache").set_env_variable("TMPDIR", SCRATCH)
 
         plan_task = step(plan_feature_parts(parts=feature_parts), "features", "2a. Plan feature parts", cpu="500m", memory="1Gi")
         with dsl.ParallelFor(items=plan_task.output) as part:
@@ -110,12 +131,16 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
 
         train_task = train(
             spectrograms=features_task.outputs["spectrograms"], train_config=train_config, backbone=backbone, epochs=epochs,
-            learning_rate=learning_rate, batch_size=batch_size,
+            learning_rate=learning_rate, batch_size=batch_size, weights_uri=preflight_task.outputs["weights_uri"],
+            weights_sha256=preflight_task.outputs["weights_sha256"],
         )
-        step(train_task, "train", "3. Train (GPU)", GPU_IMAGE, cluster.train_cpu_request, cluster.train_memory_request)
-        reads_s3(train_task)  # pretrained weights and checkpoints may live in s3://; a preempted node retries
+        reads_s3(step(train_task, "train", "3. Train (GPU)", GPU_IMAGE, cluster.train_cpu_request, cluster.train_memory_request))
+        kubernetes.empty_dir_mount(train_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=cluster.shm_size)  # data loader workers hand batches over in /dev/shm
         if gpus:
             train_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+            if not local:  # a pod that got GPUs and cannot use them fails; a laptop trains on its CPU
+                train_task.set_env_variable(GPUS_REQUESTED_ENV, str(gpus))
             for label, value in cluster.gpu_node_selector.items():
                 kubernetes.add_node_selector(train_task, label_key=label, label_value=value)
             for toleration in cluster.gpu_tolerations:

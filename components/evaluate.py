@@ -6,7 +6,7 @@ from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 from coughreg.images import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def evaluate(
     model: Input[Model],
     spectrograms: Input[Dataset],

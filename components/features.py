@@ -8,7 +8,7 @@ from kfp.dsl import Dataset, Input, Metrics, Output
 from coughreg.images import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def plan_feature_parts(parts: int) -> List[int]:
     """The part numbers the ParallelFor fans out over (each part takes every parts-th shard)."""
     if parts < 1:
@@ -16,7 +16,7 @@ def plan_feature_parts(parts: int) -> List[int]:
     return list(range(parts))
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def feature_part(dataset: Input[Dataset], features_config: str, part: int, parts: int, spectrograms: Output[Dataset]):
     """Decode, resample and log-mel one slice of the recordings into Parquet spectrogram shards."""
     from coughreg.steps import Given, feature_part_step
@@ -24,7 +24,7 @@ def feature_part(dataset: Input[Dataset], features_config: str, part: int, parts
     feature_part_step(dataset.path, spectrograms.path, Given.parameter("features_config", features_config), part, parts)
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def collect_features(
     dataset: Input[Dataset], parts: Input[List[Dataset]], features_config: str, spectrograms: Output[Dataset], stats: Output[Metrics]
 ):

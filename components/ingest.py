@@ -1,4 +1,4 @@
-"""KFP components for step 1: resolve the data set's version, then ingest it (see ``coughreg.ingest``)."""
+"""KFP component for step 1: ingest the data set, at the version the preflight step resolved (see ``coughreg.ingest``)."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Metrics, Output
@@ -6,15 +6,7 @@ from kfp.dsl import HTML, Dataset, Metrics, Output
 from coughreg.images import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
-def source_version(source_uri: str) -> str:
-    """The data set's content identity (S3 ETag and VersionId, a listing digest, a content hash): new data reruns ingest."""
-    from coughreg.steps import source_version_step
-
-    return source_version_step(source_uri)
-
-
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def ingest(
     source_uri: str,
     source_version: str,

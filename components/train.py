@@ -6,7 +6,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from coughreg.images import GPU_IMAGE
 
 
-@dsl.component(base_image=GPU_IMAGE)
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train(
     spectrograms: Input[Dataset],
     train_config: str,
@@ -14,6 +14,8 @@ def train(
     epochs: int,
     learning_rate: float,
     batch_size: int,
+    weights_uri: str,
+    weights_sha256: str,
     model: Output[Model],
     training: Output[Metrics],
 ):
@@ -21,5 +23,7 @@ def train(
     from coughreg.steps import Given, train_step
 
     typed = {"backbone": backbone, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
-    train_step(spectrograms.path, model.path, Given.parameter("train_config", train_config, typed), metrics=training,
-               identity=model.uri)
+    given = Given.parameter("train_config", train_config, typed)
+    if weights_uri:  # the pretrained weights the preflight step fetched, and their SHA-256
+        given = given.with_keys({"architecture": {"pretrained_weights": weights_uri, "pretrained_sha256": weights_sha256}})
+    train_step(spectrograms.path, model.path, given, metrics=training, identity=model.uri)

@@ -54,10 +54,10 @@ def _walk(pipeline: _Pipeline, tasks: dict, scope: dict, prefix: str, materials:
             return {"value": spec["runtimeValue"].get("constant")}
         if "taskOutputParameter" in spec:
             out = spec["taskOutputParameter"]
-            resolved = {"output": out["outputParameterKey"], "of": key_of(out["producerTask"])}
             if not tasks[out["producerTask"]].get("cachingOptions", {}).get("enableCache", False):
-                resolved["known at run time"] = f"{prefix}{out['producerTask']}"  # an uncached task: its value decides
-            return resolved
+                # An uncached task runs every time: the value it gives then is what counts, not how it was made.
+                return {"output": out["outputParameterKey"], "known at run time": f"{prefix}{out['producerTask']}"}
+            return {"output": out["outputParameterKey"], "of": key_of(out["producerTask"])}
         return {"spec": spec}
 
     def resolve_artifact(spec: dict) -> Any:

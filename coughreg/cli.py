@@ -130,6 +130,20 @@ def cmd_step_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from coughreg.step_config import RUNTIME, STEPS, config_values, nest, step_settings
+    from coughreg.steps import Given, preflight_step
+
+    config = _config(args)
+    givens = {step: Given(step_settings(config, step), f"the config's {step} keys") for step in STEPS}
+    runtime = {key: value for key, value in config_values(config, list(RUNTIME)).items() if value is not None}
+    givens["ingest"] = givens["ingest"].with_keys(nest(runtime))  # worker counts, checkpoint_uri, weights_uri
+    outcome = preflight_step(args.data or "", givens, s3=_s3(args)["s3"])
+    for key, value in outcome.items():
+        print(f"{key}: {value}")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     path = args.pipeline.compile_pipeline(args.output, _config(args), args.data or "", args.feature_parts)
     print(f"compiled pipeline: {path}")
@@ -248,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_step_evaluate)
     export = _step_parser(steps, "export", "trained model -> scorer folder", [("--model", "the train output")])
     export.set_defaults(func=cmd_step_export)
+
+    check = commands.add_parser("preflight", help="the pipeline's first step here: config, data, locations, GPUs, weights")
+    check.add_argument("--data", default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
+    _add_s3_options(check)
+    _add_config_options(check)
+    check.set_defaults(func=cmd_preflight)
 
     compile_ = commands.add_parser("compile", help="compile the DAG to KFP IR YAML")
     compile_.add_argument("-o", "--output", type=Path, required=True)

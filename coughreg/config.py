@@ -45,9 +45,17 @@ class ArchitectureConfig(_Section):
     backbone: str = Field("resnet50", description="timm model name; the network takes one input channel.")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the regression head.")
     pool: Literal["Average", "Max", "GeM"] = Field("Average", description="Global pooling over mels and frames.")
-    pretrained: bool = Field(True, description="Start from pretrained backbone weights (from a file, cache or s3://).")
+    pretrained: bool = Field(
+        True, description="Start from pretrained backbone weights: pretrained_weights, the local Hugging Face cache, "
+        "or timm's download from the hub (HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN)."
+    )
     pretrained_weights: str | None = Field(
-        None, description="Where pretrained weights are: a file, a Hugging Face cache folder or an s3:// URI."
+        None, description="Project key: where pretrained weights are: a file, a Hugging Face cache folder or an s3:// URI."
+    )
+    pretrained_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="Project key: the SHA-256 the pretrained weights must have; weights that differ are refused "
+        "(the pipeline's preflight step fills it in).",
     )
 
 
@@ -278,6 +286,23 @@ class ClusterConfig(_Section):
     features_cpu_request: str = Field("4", description="CPU request of each feature part (one process per core).")
     train_cpu_request: str = Field("8", description="CPU request of training (data loader workers).")
     train_memory_request: str = Field("32Gi", description="Memory request of training.")
+    shm_size: str = Field(
+        "4Gi", description="Memory-backed /dev/shm of the training pod (data loader workers hand batches over in it; "
+        "Kubernetes gives 64Mi otherwise)."
+    )
+    scratch_size: str = Field(
+        "50Gi", description="Ephemeral volume for what ingest downloads and unpacks (a PVC made with the pod, deleted with it)."
+    )
+    scratch_storage_class: str | None = Field(None, description="Storage class of the scratch volume; None: the cluster's default.")
+    timeouts: dict[Literal["preflight", "ingest", "features", "train", "evaluate", "export"], int] = Field(
+        default_factory=lambda: {"preflight": 1800, "ingest": 6 * 3600, "features": 6 * 3600, "train": 72 * 3600,
+                                 "evaluate": 2 * 3600, "export": 3600},
+        description="Seconds each step's pod may run (activeDeadlineSeconds); a step not named has no limit.",
+    )
+    weights_uri: str | None = Field(
+        None, description="Where the preflight step keeps fetched pretrained weights by SHA-256 (s3:// or a folder); "
+        "None: weights/ beside the runs in the pipeline root.",
+    )
 
 
 class ResolvedInfo(_Section):

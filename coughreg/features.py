@@ -30,6 +30,7 @@ from coughreg.artifacts import (
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import AudioDecodeError, CoughPipelineError
 from coughreg.feature_spec import feature_hash
+from coughreg.resources import available_cpus
 from coughreg.shards import SpectrogramShardWriter, read_shard_metadata
 from coughreg.step_config import chain_keys, config_values
 from coughreg.storage import atomic_path, atomic_write_text, sha256_file
@@ -197,7 +198,7 @@ def _run_tasks(tasks: list[dict], out_dir: Path, workers: int) -> tuple[list[dic
 
 
 def _default_workers(config: ExperimentConfig, workers: int | None) -> int:
-    return workers or config.features.workers or os.cpu_count() or 1
+    return workers or config.features.workers or available_cpus()
 
 
 def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: list[dict], skipped: int,

@@ -1,8 +1,45 @@
-"""Container image names, built in one place: the Makefile, the Dockerfile build and every component use these."""
+"""Container image references, built in one place: the Makefile, the Docker build and every component use these.
 
+A reference is immutable: its tag carries the package version and a digest of everything the image is
+built from (the pins, the Dockerfile, the sources), so changed code is a new tag, and so a new KFP cache
+key, and a tag never names two different images. ``COUGHREG_CPU_IMAGE`` / ``COUGHREG_GPU_IMAGE`` override
+the whole reference (for example pinned by digest: ``registry/coughreg@sha256:...``); ``COUGHREG_REGISTRY``
+sets the registry; ``COUGHREG_IMAGE_TAG`` replaces the tag (then keeping it immutable is yours to do).
+"""
+
+from __future__ import annotations
+
+import hashlib
 import os
+from pathlib import Path
+
+VERSION = "0.1.0"
+ROOT = Path(__file__).resolve().parent.parent
+# What an image is built from (docker/Dockerfile copies these).
+BUILD_INPUTS = ("requirements.txt", "pyproject.toml", "docker/Dockerfile", "pipeline.py", "coughreg", "components")
+
+
+def source_digest(root: Path = ROOT) -> str | None:
+    """SHA-256 over the image's build inputs (names and contents); None outside a checkout."""
+    if not (root / "requirements.txt").exists():
+        return None
+    digest = hashlib.sha256()
+    for name in BUILD_INPUTS:
+        path = root / name
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
+        for file in files:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _tag() -> str:
+    if os.environ.get("COUGHREG_IMAGE_TAG"):
+        return os.environ["COUGHREG_IMAGE_TAG"]
+    digest = source_digest()
+    return f"{VERSION}-{digest[:12]}" if digest else VERSION
+
 
 REGISTRY = os.environ.get("COUGHREG_REGISTRY", "ghcr.io/coughreg")
-VERSION = os.environ.get("COUGHREG_IMAGE_TAG", "0.1.0")
-CPU_IMAGE = f"{REGISTRY}/coughreg:{VERSION}-cpu"
-GPU_IMAGE = f"{REGISTRY}/coughreg:{VERSION}-cuda"
+TAG = _tag()
+CPU_IMAGE = os.environ.get("COUGHREG_CPU_IMAGE") or f"{REGISTRY}/coughreg:{TAG}-cpu"
+GPU_IMAGE = os.environ.get("COUGHREG_GPU_IMAGE") or f"{REGISTRY}/coughreg:{TAG}-cuda"

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
 import shutil
 import time
@@ -31,6 +30,7 @@ from coughreg.audio import is_audio_name, probe_audio
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import AudioDecodeError, CoughPipelineError, StorageError
 from coughreg.quality import quality_page, quality_summary
+from coughreg.resources import available_cpus
 from coughreg.sources import DataSource, SourceLimits, open_source, safe_relative_name
 from coughreg.step_config import chain_keys
 from coughreg.storage import S3Options, atomic_path, atomic_write_text
@@ -216,7 +216,7 @@ def ingest(
     try:
         layout = detect_layout(source, config)
         log.info("%s: %s layout, tables %s", source.uri, layout.kind, layout.tables)
-        manifest = _build_manifest(source, layout, config, out_dir, workers or 2 * (os.cpu_count() or 1))
+        manifest = _build_manifest(source, layout, config, out_dir, workers or 2 * available_cpus())
     finally:
         source.close()
 

@@ -13,7 +13,9 @@ from types import ModuleType
 
 from coughreg import artifacts
 from coughreg.config import ExperimentConfig
+from coughreg.errors import CoughPipelineError
 from coughreg.step_config import RUNTIME, STEPS, runtime_env
+from coughreg.steps import ERROR_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class LocalRunResult:
 def _environment(values: dict[str, str]):
     """Runtime settings for the steps (subprocesses inherit them): kfp.local keys its cache by a task's own
     environment, so settings there would make a new worker count rerun every step."""
-    saved = {env: os.environ.get(env) for _, env in RUNTIME.values()}
+    saved = {env: os.environ.get(env) for env in [*(env for _, env in RUNTIME.values()), ERROR_FILE_ENV]}
     for env in saved:
         os.environ.pop(env, None)
     os.environ.update(values)
@@ -70,8 +72,17 @@ def run_local(pipeline: ModuleType, source_uri: str, config: ExperimentConfig, o
     compiled = pipeline.compile_pipeline(out_dir / PIPELINE_FILE, config, source_uri, feature_parts, local=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline-root"),
                raise_on_error=True, enable_caching=cache)
-    with _environment({k: v for step in STEPS for k, v in runtime_env(config, step).items()}):
-        run = pipeline.build_pipeline(config, source_uri, feature_parts, local=True)()
+    error_file = out_dir / "last-error.json"
+    error_file.unlink(missing_ok=True)
+    settings = {k: v for step in (*STEPS, "preflight") for k, v in runtime_env(config, step).items()}
+    with _environment({**settings, ERROR_FILE_ENV: str(error_file)}):
+        try:
+            run = pipeline.build_pipeline(config, source_uri, feature_parts, local=True)()
+        except RuntimeError as exc:  # kfp.local's "Task ... finished with status FAILURE": the step's own words instead
+            if not error_file.exists():
+                raise
+            failed = json.loads(error_file.read_text())
+            raise CoughPipelineError(f"{failed['message']}\n(the {failed['step']} step failed; its log is above)") from exc
     report = Path(run.outputs["report"].path)
     evaluation = report.parent / "evaluation"  # the evaluate task's folder
     metrics_file = evaluation / artifacts.METRICS

@@ -9,7 +9,6 @@ same ``LogMel`` front end in front of an ensemble of regressors: it takes a raw 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -133,43 +132,6 @@ def create_model(
     return model
 
 
-def _weights_file(source: str | Path) -> Path:
-    from coughreg.storage import download_s3_object, is_s3_uri, local_path
-
-    if is_s3_uri(str(source)):
-        return download_s3_object(str(source))
-    path = local_path(source)
-    if path.is_dir():
-        candidates = [*sorted(path.rglob("model.safetensors")), *sorted(path.rglob("*.safetensors")),
-                      *sorted(path.rglob("pytorch_model.bin")), *sorted(path.rglob("*.pth"))]
-        if not candidates:
-            raise CoughPipelineError(f"architecture.pretrained_weights: no weights file (*.safetensors, *.pth, pytorch_model.bin) in {path}")
-        return candidates[0]
-    if not path.exists():
-        raise CoughPipelineError(f"architecture.pretrained_weights: {path} does not exist")
-    return path
-
-
-def _hub_cache_file(backbone: str) -> Path | None:
-    """The backbone's own weights in the local Hugging Face cache (its exact hub id), never downloaded."""
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    try:
-        hub_id = getattr(get_pretrained_cfg(backbone), "hf_hub_id", None)
-    except (RuntimeError, ValueError):
-        hub_id = None
-    if not hub_id:
-        return None
-    # Read the environment now: huggingface_hub fixes its cache folder when it is first imported.
-    cache = os.environ.get("HF_HUB_CACHE") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(hub_id, filename, cache_dir=cache)
-        if isinstance(found, str):
-            return Path(found)
-    return None
-
-
 def _fits(path: Path, backbone: str, pretrained_cfg: dict):
     """A timm ``filter_fn`` that refuses a checkpoint whose tensors do not fit the backbone (timm itself
     loads non-strictly once it drops the classifier, so a wrong file would load half)."""
@@ -211,28 +173,22 @@ def _fits(path: Path, backbone: str, pretrained_cfg: dict):
 
 
 def load_pretrained_backbone(model: CoughRegressor, config: ExperimentConfig) -> str:
-    """Load pretrained backbone weights with timm: from ``architecture.pretrained_weights`` (a file, a
-    folder or s3://) or the backbone's own file in the local Hugging Face cache. The stem is adapted to
-    one input channel and the classifier dropped (timm's ``load_pretrained``). Returns the file used.
+    """Load pretrained backbone weights with timm (``coughreg.weights`` finds them): the stem adapted to one
+    input channel and the classifier dropped (timm's ``load_pretrained``). Returns where they came from.
 
     Raises:
-        CoughPipelineError: no weights are found (saying where to put them), or they do not fit the
-            backbone (naming the file, the backbone and the first tensor that does not fit).
+        CoughPipelineError: no weights are found (saying where to put them), they are not the ones the run
+            resolved (``architecture.pretrained_sha256``), or they do not fit the backbone (naming the file,
+            the backbone and the first tensor that does not fit).
     """
     from timm.models import load_pretrained
 
+    from coughreg.weights import resolve
+
     backbone = config.architecture.backbone
-    source = config.architecture.pretrained_weights
-    path = _weights_file(source) if source is not None else _hub_cache_file(backbone)
-    if path is None:
-        raise CoughPipelineError(
-            f"architecture.pretrained is true but no weights for '{backbone}' were found: "
-            "set architecture.pretrained_weights to a file, a Hugging Face cache folder or an s3:// URI, "
-            "put timm's weights in ~/.cache/huggingface/hub (HF_HOME), or set architecture.pretrained=false "
-            "to start from random weights"
-        )
-    pretrained_cfg = {**(getattr(model.backbone, "pretrained_cfg", None) or {}), "file": str(path), "source": ""}
+    weights = resolve(config)
+    pretrained_cfg = {**(getattr(model.backbone, "pretrained_cfg", None) or {}), "file": str(weights.path), "source": ""}
     load_pretrained(model.backbone, pretrained_cfg=pretrained_cfg, num_classes=0, in_chans=1,
-                    filter_fn=_fits(path, backbone, pretrained_cfg), strict=True)
-    log.info("pretrained weights for %s from %s", backbone, path)
-    return str(path)
+                    filter_fn=_fits(weights.path, backbone, pretrained_cfg), strict=True)
+    log.info("pretrained weights for %s from %s (sha256 %s)", backbone, weights.source, weights.sha256)
+    return f"{weights.source} sha256:{weights.sha256}"

@@ -68,6 +68,7 @@ RUNTIME = {
     "features.workers": ("features", "COUGHREG_FEATURE_WORKERS"),
     "environment.number_of_workers": ("train", "COUGHREG_LOADER_WORKERS"),
     "cluster.checkpoint_uri": ("train", "COUGHREG_CHECKPOINT_URI"),
+    "cluster.weights_uri": ("preflight", "COUGHREG_WEIGHTS_URI"),
 }
 # Keys a user sets in the KFP UI as typed run parameters (the train step's JSON leaves them out).
 UI_PARAMETERS = {

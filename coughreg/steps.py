@@ -12,11 +12,14 @@ environment variables, never part of a cache key.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +27,14 @@ from typing import Any
 
 from coughreg import artifacts
 from coughreg.config import ExperimentConfig, load_settings
-from coughreg.errors import ConfigError
+from coughreg.errors import ConfigError, CoughPipelineError
 from coughreg.step_config import UI_PARAMETERS, build_step_config, runtime_from_env
 from coughreg.storage import DEFAULT_CACHE, S3Options, is_s3_uri
 
 log = logging.getLogger(__name__)
 
 PIPELINE_ENV = "COUGHREG_PIPELINE"  # the pipeline's name, set on every task
+GPU_NODE_SELECTOR_ENV = "COUGHREG_GPU_NODE_SELECTOR"  # the train task's node selector (JSON), set on preflight
 IMAGE_ENV = "COUGHREG_IMAGE"  # the task's image reference, set on every task
 
 
@@ -68,6 +72,39 @@ class Given:
     def build(self, step: str, upstream: ExperimentConfig | None, made_by: str = "the input artifact") -> ExperimentConfig:
         """The step's config: these keys on top of the upstream keys its input was made with."""
         return build_step_config(step, self.keys, upstream, self.where, made_by, self.strict, list(self.overrides))
+
+    def with_keys(self, keys: dict) -> Given:
+        """These keys with more on top (what an earlier task resolved at run time)."""
+        merged = {section: dict(values) if isinstance(values, dict) else values for section, values in self.keys.items()}
+        for section, values in keys.items():
+            merged.setdefault(section, {}).update(values)
+        return Given(merged, self.where, self.strict, self.overrides)
+
+
+ERROR_FILE_ENV = "COUGHREG_ERROR_FILE"  # where a failing step writes its message (run-local reads it back)
+
+
+def reports_errors(step: str):
+    """A step function whose error a person reads: inside a pipeline pod its message is printed as
+    ``error: ...`` lines (under the executor's traceback) and, when asked, written for the runner."""
+
+    def wrap(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except CoughPipelineError as exc:
+                if os.environ.get("_KFP_RUNTIME"):  # the command line prints it itself
+                    print("\n".join(f"error: {line}" for line in str(exc).split("\nerror: ")), file=sys.stderr, flush=True)
+                if os.environ.get(ERROR_FILE_ENV):
+                    from coughreg.storage import atomic_write_text
+
+                    atomic_write_text(Path(os.environ[ERROR_FILE_ENV]), json.dumps({"step": step, "message": str(exc)}))
+                raise
+
+        return run
+
+    return wrap
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -147,7 +184,7 @@ def _copy_html(source: Path, target: str | None) -> None:
         shutil.copyfile(source, target)
 
 
-# ---------------------------------------------------------------- 0. data version
+# ---------------------------------------------------------------- 0. preflight
 
 
 def source_version_step(source_uri: str, s3: S3Options | None = None) -> str:
@@ -160,9 +197,63 @@ def source_version_step(source_uri: str, s3: S3Options | None = None) -> str:
     return identity
 
 
+def whole_config(givens: dict[str, Given]) -> ExperimentConfig:
+    """One config from every step's keys (each checked against what its step owns)."""
+    from pydantic import ValidationError
+
+    from coughreg.config import _describe_errors
+    from coughreg.step_config import flatten, nest
+
+    flat: dict = {}
+    for step, given in givens.items():
+        given.build(step, None)
+        flat.update(flatten(given.keys))
+    where = ", ".join(given.where for given in givens.values())
+    try:
+        return ExperimentConfig.model_validate(nest(flat))
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, where)) from None
+
+
+@reports_errors("preflight")
+def preflight_step(source_uri: str, givens: dict[str, Given], *, report: str | None = None, artifact_uri: str | None = None,
+                   s3: S3Options | None = None) -> dict:
+    """Every check that can be made before a recording is downloaded (``coughreg.preflight``).
+
+    Returns the data's version and the pretrained weights' URI and SHA-256 for the run to go on with.
+
+    Raises:
+        CoughPipelineError: one line per failed check.
+    """
+    from coughreg.preflight import PreflightResult, failure_message, pipeline_root_of, preflight, write_report
+    from coughreg.preflight import Check as PreflightCheck
+
+    setup_logging()
+    started = time.perf_counter()
+    try:
+        config = whole_config(givens)
+    except ConfigError as exc:
+        result = PreflightResult(checks=[PreflightCheck("config", False, str(exc), time.perf_counter() - started)])
+    else:
+        store = config.cluster.weights_uri
+        root = pipeline_root_of(artifact_uri, os.environ.get(PIPELINE_ENV, "cough-regression")) if artifact_uri else None
+        store = store or (f"{root}/weights" if root else None)
+        selector = json.loads(os.environ.get(GPU_NODE_SELECTOR_ENV) or "{}")
+        result = preflight(source_uri, config, store, s3, selector)
+        result.checks.insert(0, PreflightCheck("config", True, "every step's keys make one valid config", 0.0))
+    result.seconds = time.perf_counter() - started
+    if report:
+        write_report(result, report)
+    log.info("preflight: %d checks in %.1f s, %d failed", len(result.checks), result.seconds, len(result.failures))
+    if result.failures:
+        raise CoughPipelineError(failure_message(result))
+    return {"source_version": result.source_version, "weights_uri": result.weights_uri, "weights_sha256": result.weights_sha256}
+
+
 # ---------------------------------------------------------------- 1. ingest
 
 
+@reports_errors("ingest")
 def ingest_step(source_uri: str, out: str | Path, given: Given, *, source_version: str | None = None, metrics: Any = None,
                 html: str | None = None, s3: S3Options | None = None, cache_dir: Path | None = None,
                 workers: int | None = None) -> dict:
@@ -199,6 +290,7 @@ def _features_metrics(out_dir: Path, metrics: Any) -> dict:
     return report
 
 
+@reports_errors("features")
 def features_step(ingest: str | Path, out: str | Path, given: Given, *, metrics: Any = None, s3: S3Options | None = None,
                   cache_dir: Path | None = None, workers: int | None = None) -> dict:
     """Every shard on this machine (one process per core): the features step outside a ParallelFor."""
@@ -211,6 +303,7 @@ def features_step(ingest: str | Path, out: str | Path, given: Given, *, metrics:
         return _features_metrics(out_dir, metrics)
 
 
+@reports_errors("features")
 def feature_part_step(ingest: str | Path, out: str | Path, given: Given, part: int, parts: int, *,
                       workers: int | None = None) -> None:
     """One of ``parts`` slices of the shard plan: a branch of the ParallelFor."""
@@ -220,6 +313,7 @@ def feature_part_step(ingest: str | Path, out: str | Path, given: Given, part: i
     extract_feature_part(Path(ingest), Path(out), _features_config(Path(ingest), given, ingest), part, parts, workers)
 
 
+@reports_errors("features")
 def collect_features_step(ingest: str | Path, parts: list[str], out: str | Path, given: Given, *, metrics: Any = None) -> dict:
     """The parts' shards gathered into one features folder with its index."""
     from coughreg.features import collect_feature_parts
@@ -232,6 +326,7 @@ def collect_features_step(ingest: str | Path, parts: list[str], out: str | Path,
 # ---------------------------------------------------------------- 3. train
 
 
+@reports_errors("train")
 def train_step(features: str | Path, out: str | Path, given: Given, *, metrics: Any = None, identity: str | None = None,
                processes: int | None = None, s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
     """Train on the shards of a features folder; on several GPUs, one DistributedDataParallel rank per GPU.
@@ -256,6 +351,10 @@ def train_step(features: str | Path, out: str | Path, given: Given, *, metrics: 
             from coughreg.training.distributed import launch
 
             config = run_seed(config, out_dir, identity)  # drawn once, before the ranks
+            if config.architecture.pretrained:  # fetched once into this pod's cache, before the ranks read it
+                from coughreg.weights import resolve
+
+                resolve(config)
             launch(_train_rank, (str(features_dir), str(out_dir), config), processes)
         else:
             from coughreg.training import train
@@ -293,6 +392,7 @@ def _train_rank(features_dir: str, out_dir: str, config: ExperimentConfig) -> No
 # ---------------------------------------------------------------- 4. evaluate
 
 
+@reports_errors("evaluate")
 def evaluate_step(model: str | Path, features: str | Path, out: str | Path, given: Given, *, metrics: Any = None,
                   html: str | None = None, s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
     from coughreg.evaluate import evaluate
@@ -318,6 +418,7 @@ def run_identity(artifact_uri: str | None) -> dict:
     return {k: v for k, v in values.items() if v}
 
 
+@reports_errors("export")
 def export_step(model: str | Path, out: str | Path, given: Given, *, artifact_uri: str | None = None,
                 s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
     from coughreg.export import export

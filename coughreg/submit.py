@@ -42,8 +42,11 @@ def submit(pipeline: ModuleType, config: ExperimentConfig, source_uri: str, opti
     """
     import kfp
 
-    if not source_uri:
-        raise CoughPipelineError("submit needs --data: the s3:// URI of the data set, as the cluster sees it")
+    from coughreg.preflight import cluster_uri_problems
+
+    problems = cluster_uri_problems(config, source_uri)
+    if problems:
+        raise CoughPipelineError("\nerror: ".join(problems))
     token = options.token or os.environ.get("KF_PIPELINES_TOKEN")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,12 @@ import itertools
 import os
 from pathlib import Path
 
+# No test reaches the Hugging Face hub: huggingface_hub reads this once, when it is first imported. A test
+# of the download path starts its own loopback mirror and runs the product in a subprocess with HF_ENDPOINT.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_ENDPOINT", None)
+os.environ.pop("HF_TOKEN", None)
+
 import pytest
 
 from coughreg.config import load_resolved_config
@@ -32,6 +38,8 @@ def _isolated_aws(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("COUGHREG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "huggingface"))  # an empty Hugging Face cache
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -38,12 +38,12 @@ def _producers(task: dict) -> set[str]:
 
 def test_five_steps_wired_in_order(compiled):
     tasks = compiled["root"]["dag"]["tasks"]
-    assert set(tasks) == {"source-version", "ingest", "plan-feature-parts", "for-loop-1", "collect-features", "train",
+    assert set(tasks) == {"preflight", "ingest", "plan-feature-parts", "for-loop-1", "collect-features", "train",
                           "evaluate", "export"}
     assert _producers(tasks["ingest"]) == set()
     version = tasks["ingest"]["inputs"]["parameters"]["source_version"]["taskOutputParameter"]
-    assert version["producerTask"] == "source-version"  # the data's version is a parameter, not an artifact
-    assert tasks["source-version"]["cachingOptions"] == {}  # it looks every time
+    assert version["producerTask"] == "preflight" and version["outputParameterKey"] == "source_version"  # a parameter, not an artifact
+    assert tasks["preflight"]["cachingOptions"] == {}  # it looks every time
     assert _producers(tasks["collect-features"]) == {"ingest", "for-loop-1"}
     assert _producers(tasks["train"]) == {"collect-features"}
     assert _producers(tasks["evaluate"]) == {"train", "collect-features"}
@@ -74,7 +74,7 @@ def test_train_requests_one_nvidia_gpu(compiled):
 
 def test_kubernetes_settings(compiled):
     platform = compiled["platform"]
-    for executor in ("exec-source-version", "exec-ingest", "exec-train"):
+    for executor in ("exec-preflight", "exec-ingest", "exec-train"):
         secret = platform[executor]["secretAsEnv"][0]
         assert secret["secretName"] == "coughreg-s3"
         assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -82,7 +82,7 @@ def test_kubernetes_settings(compiled):
     assert platform["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     tasks = compiled["root"]["dag"]["tasks"]
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 3 and tasks["ingest"]["retryPolicy"]["backoffDuration"] == "30s"
-    assert all(task["cachingOptions"].get("enableCache", False) for name, task in tasks.items() if name not in ("source-version", "for-loop-1"))
+    assert all(task["cachingOptions"].get("enableCache", False) for name, task in tasks.items() if name not in ("preflight", "for-loop-1"))
     resources = compiled["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert resources["resourceMemoryRequest"] == "32Gi" and resources["resourceCpuRequest"] == "8"
     dumped = yaml.safe_dump(compiled)
@@ -110,7 +110,8 @@ def test_each_step_gets_its_own_keys_and_the_ui_gets_typed_parameters(compiled):
     assert set(json.loads(parameters["ingest_config"]["defaultValue"])) == {"dataset", "ingest"}
     assert "cluster" not in json.dumps([p.get("defaultValue") for p in parameters.values()])
     tasks = compiled["root"]["dag"]["tasks"]
-    assert set(tasks["train"]["inputs"]["parameters"]) == {"train_config", "backbone", "epochs", "learning_rate", "batch_size"}
+    assert set(tasks["train"]["inputs"]["parameters"]) == {"train_config", "backbone", "epochs", "learning_rate", "batch_size",
+                                                           "weights_uri", "weights_sha256"}  # the last two from the preflight
     assert set(tasks["evaluate"]["inputs"]["parameters"]) == {"evaluate_config"}
     outputs = compiled["root"]["outputDefinitions"]["artifacts"]
     assert set(outputs) == {"report", "metrics", "model", "scorer"}

@@ -44,7 +44,7 @@ def _rekeyed_in_the_ir(before: dict, after: dict) -> set:
         return any(spec.get("componentInputParameter", "").removeprefix("pipelinechannel--") in names
                    for spec in task.get("inputs", {}).get("parameters", {}).values())
 
-    rekeyed = {name for name, task in tasks.items() if reads(task, changed)}
+    rekeyed = {name for name, task in tasks.items() if reads(task, changed) and name != "preflight"}  # it always runs
     while True:
         producers = {name.split("/")[0] for name in rekeyed}
         grown = rekeyed | {
@@ -100,15 +100,15 @@ def test_a_changed_key_rekeys_its_step_and_those_after_it(baseline, tmp_path, ov
     changed = _compile(tmp_path, "changed", override)
     assert _rekeyed_in_the_ir(baseline, changed) == rekeyed
     before, after = task_materials(baseline), task_materials(changed)
-    assert {name for name in after if after[name]["key"] != before[name]["key"]} == rekeyed
+    assert {name for name in after if after[name]["key"] != before[name]["key"]} - {"preflight"} == rekeyed
     verdicts = {row["task"]: row["verdict"] for row in compare(baseline, changed)}
-    assert {name for name, verdict in verdicts.items() if verdict == "runs"} == rekeyed | {"source-version"}
+    assert {name for name, verdict in verdicts.items() if verdict == "runs"} == rekeyed | {"preflight"}
 
 
 def test_caching_off_for_train_reruns_it_and_what_reads_its_model(baseline, tmp_path):
     changed = _compile(tmp_path, "no-train-cache", "cluster.cache={train: false}")
     verdicts = {row["task"]: row["verdict"] for row in compare(baseline, changed)}
-    assert {name for name, verdict in verdicts.items() if verdict == "runs"} == AFTER_TRAIN | {"source-version"}
+    assert {name for name, verdict in verdicts.items() if verdict == "runs"} == AFTER_TRAIN | {"preflight"}
 
 
 def test_what_shapes_only_how_a_step_runs_travels_as_its_environment(tmp_path):
@@ -158,7 +158,7 @@ def test_a_local_run_with_only_other_worker_counts_is_taken_whole_from_the_cache
                                             "environment.number_of_workers=1"])
     third = run_local(pipeline, str(coughvid_zip), config, out)
     latest = sorted((out / "pipeline-root").glob("cough-regression-*"))[-1]
-    assert {path.name for path in latest.iterdir()} == {"source-version"} and third.model == second.model
+    assert {path.name for path in latest.iterdir()} == {"preflight"} and third.model == second.model
 
 
 @pytest.mark.slow
@@ -166,7 +166,7 @@ def test_a_second_local_run_reuses_ingest_and_features_from_the_cache(two_local_
     out, first, second = two_local_runs
     runs = sorted((out / "pipeline-root").glob("cough-regression-*"))
     ran = {path.name for path in runs[1].iterdir()}
-    assert ran == {"source-version", "train", "evaluate", "export"}  # ingest and the features came from the cache
+    assert ran == {"preflight", "train", "evaluate", "export"}  # ingest and the features came from the cache
     assert {path.name for path in runs[0].iterdir()} >= {"ingest", "collect-features", "train"}
     assert second.model.is_relative_to(runs[1]) and first.model.is_relative_to(runs[0])
     weights = "fold0_seed0/model.safetensors"

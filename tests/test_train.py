@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -126,7 +127,7 @@ def test_pretrained_weights_absent_is_a_clear_error(tiny_run, tmp_path, monkeypa
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
     monkeypatch.setenv("HOME", str(tmp_path))
     config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=1"])
-    with pytest.raises(CoughPipelineError, match="no weights for 'test_efficientnet' were found.*pretrained_weights"):
+    with pytest.raises(CoughPipelineError, match="architecture.pretrained: no weights for 'test_efficientnet'.*HF_HUB_OFFLINE is set.*pretrained_weights"):
         train(tiny_run["features"], tmp_path / "model", config)
 
 
@@ -142,7 +143,8 @@ def test_pretrained_weights_from_a_file(tiny_run, tmp_path):
                   "training.epochs=0"],
     )
     result = train(tiny_run["features"], tmp_path / "model", config)
-    assert result.members[0]["pretrained_from"] == str(tmp_path / "weights.safetensors")
+    digest = hashlib.sha256((tmp_path / "weights.safetensors").read_bytes()).hexdigest()
+    assert result.members[0]["pretrained_from"] == f"architecture.pretrained_weights {tmp_path / 'weights.safetensors'} sha256:{digest}"
     stem = next(k for k in rgb.state_dict() if k.endswith("conv_stem.weight"))
     trained = load_members(tmp_path / "model")[0].backbone.state_dict()[stem]
     torch.testing.assert_close(trained, rgb.state_dict()[stem].sum(dim=1, keepdim=True))

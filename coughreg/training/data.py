@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from coughreg.config import ExperimentConfig
 from coughreg.model import PAD_DB
+from coughreg.resources import available_cpus
 from coughreg.shards import SpectrogramShardReader
 from coughreg.training.distributed import distributed_context
 
@@ -129,7 +130,7 @@ def create_loader(
     batch_size: int | None = None, blocks: np.ndarray | None = None,
 ) -> DataLoader:
     # Reading float16 from memory-mapped shards is cheap: leave two cores to the training process itself.
-    workers = min(config.environment.number_of_workers, max(0, (os.cpu_count() or 1) - 2))
+    workers = min(config.environment.number_of_workers, max(0, available_cpus() - 2))
     batch_size = batch_size or config.training.batch_size
     drop_last = train and config.training.drop_last_batch and len(dataset) > batch_size
     sampler = LengthBucketBatchSampler(lengths, batch_size, train, drop_last, seed, blocks=blocks)

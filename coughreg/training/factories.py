@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,7 +10,10 @@ from torch import nn
 
 from coughreg.config import ExperimentConfig
 from coughreg.errors import CoughPipelineError
+from coughreg.resources import gpus_requested
 from coughreg.training.distributed import distributed_context
+
+log = logging.getLogger(__name__)
 
 
 def create_loss(name: str) -> nn.Module:
@@ -93,12 +97,35 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 
 def select_device(config: ExperimentConfig) -> torch.device:
-    """The GPU of this rank, the first of ``environment.gpus``, or the CPU when there is no usable GPU."""
+    """The GPU of this rank, the first of ``environment.gpus``, or the CPU when there is no usable GPU.
+
+    A pod that asked Kubernetes for GPUs and finds CUDA unusable (a driver too old, no device plugin)
+    fails naming ``environment.gpus``: silently training a GPU job on the CPU would take days. Elsewhere
+    (a laptop, ``run-local``) training falls back to the CPU with one warning.
+    """
     _, world, local_rank = distributed_context()
-    if world > 1 and config.environment.gpus and torch.cuda.is_available():
+    usable = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    requested = gpus_requested()
+    if requested and usable < requested:
+        raise CoughPipelineError(
+            f"environment.gpus: this pod asked for {requested} nvidia.com/gpu but CUDA can use {usable} "
+            f"({_cuda_problem()}); check the node's NVIDIA driver (580.65.06 or newer for the CUDA 13.0 build of "
+            "torch in the image) and its device plugin, or set environment.gpus=[] to train on the CPU"
+        )
+    if config.environment.gpus and not usable:
+        log.warning("environment.gpus is %s but no GPU is usable here: training on the CPU", config.environment.gpus)
+        return torch.device("cpu")
+    if not config.environment.gpus:
+        return torch.device("cpu")
+    if world > 1:
         return torch.device("cuda", local_rank)
-    if config.environment.gpus and torch.cuda.is_available():
-        return torch.device("cuda", int(config.environment.gpus[0]) if config.environment.gpus[0].isdigit() else 0)
-    return torch.device("cpu")
+    first = config.environment.gpus[0]
+    return torch.device("cuda", int(first) if first.isdigit() and int(first) < usable else 0)
 
 
+def _cuda_problem() -> str:
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - whatever CUDA says is the reason
+        return str(exc).strip().splitlines()[0][:200]
+    return "no CUDA device is visible"
