@@ -118,6 +118,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
             ingest_task.set_env_variable("COUGHREG_CACHE", f"{SCRATCH}/cache").set_env_variable("TMPDIR", SCRATCH)
 
         plan_task = step(plan_feature_parts(parts=feature_parts), "features", "2a. Plan feature parts", cpu="500m", memory="1Gi")
+        plan_task.after(preflight_task)  # nothing starts before the preflight passed
         with dsl.ParallelFor(items=plan_task.output) as part:
             part_task = feature_part(
                 dataset=ingest_task.outputs["dataset"], features_config=features_config, part=part, parts=feature_parts

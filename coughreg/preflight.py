@@ -157,20 +157,24 @@ def preflight(source_uri: str, config: ExperimentConfig, store: str | None = Non
     if config.environment.gpus:
         run("GPUs", lambda: gpu_nodes(len(config.environment.gpus), gpu_selector or {}))
     if config.architecture.pretrained:
-        weights = run("weights", lambda: _weights(config, store))
-        if weights:
-            result.weights_uri, result.weights_sha256 = weights
+
+        def weights() -> str:
+            result.weights_uri, result.weights_sha256, source = _weights(config, store)
+            return f"{source}, sha256 {result.weights_sha256}, for train at {result.weights_uri}"
+
+        run("weights", weights)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _weights(config: ExperimentConfig, store: str | None) -> tuple[str, str]:
+def _weights(config: ExperimentConfig, store: str | None) -> tuple[str, str, str]:
+    """(URI for train, SHA-256, where they came from)."""
     from coughreg.weights import keep, resolve
 
     weights = resolve(config, store)
     if store:
-        return keep(weights, store, config.architecture.backbone), weights.sha256
-    return config.architecture.pretrained_weights or str(weights.path), weights.sha256
+        return keep(weights, store, config.architecture.backbone), weights.sha256, weights.source
+    return config.architecture.pretrained_weights or str(weights.path), weights.sha256, weights.source
 
 
 def cluster_uri_problems(config: ExperimentConfig, source_uri: str) -> list[str]:

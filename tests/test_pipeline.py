@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: KFP reads real annotations.
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -145,3 +146,43 @@ def test_the_whole_dag_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, t
     assert table["cough_detected"].between(0, 1).all() and np.isfinite(table["cough_detected"]).all()
     saved = load_config(result.scorer / "config.yaml")
     assert saved.environment.seed == 1234
+
+
+def test_pods_that_survive_on_a_cluster(compiled):
+    platform, executors = compiled["platform"], compiled["deploymentSpec"]["executors"]
+    (shm,) = platform["exec-train"]["emptyDirMounts"]
+    assert shm == {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "4Gi", "volumeName": "dshm"}
+    (scratch,) = platform["exec-ingest"]["genericEphemeralVolume"]
+    assert scratch["mountPath"] == "/scratch" and scratch["size"] == "50Gi" and scratch["defaultStorageClass"] is True
+    env = {name: {e["name"]: e["value"] for e in executor["container"].get("env", [])} for name, executor in executors.items()}
+    assert env["exec-ingest"]["COUGHREG_CACHE"] == "/scratch/cache" and env["exec-ingest"]["TMPDIR"] == "/scratch"
+    assert env["exec-train"]["COUGHREG_GPUS_REQUESTED"] == "1" and env["exec-train"]["COUGHREG_CPU_REQUEST"] == "8"
+    assert env["exec-feature-part"]["COUGHREG_CPU_REQUEST"] == "4"  # workers follow the pod's request, not the node
+    deadlines = {name.removeprefix("exec-"): int(settings.get("activeDeadlineSeconds", 0)) for name, settings in platform.items()}
+    assert deadlines["preflight"] == 1800 and deadlines["train"] == 72 * 3600 and deadlines["ingest"] == 6 * 3600
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert "retryPolicy" not in tasks["preflight"] and tasks["preflight"]["cachingOptions"] == {}
+    assert "preflight" in tasks["plan-feature-parts"]["dependentTasks"]
+
+
+def test_images_are_immutable_and_install_nothing_at_start(compiled, tmp_path):
+    import shutil
+
+    from coughreg.images import BUILD_INPUTS, VERSION, source_digest
+
+    digest = source_digest()
+    for name, executor in compiled["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        assert re.fullmatch(rf"ghcr\.io/coughreg/coughreg:{re.escape(VERSION)}-{digest[:12]}-(cpu|cuda)", container["image"]), name
+        assert "pip install" not in " ".join(container.get("command", []) + container.get("args", [])), name
+    assert compiled["deploymentSpec"]["executors"]["exec-train"]["container"]["image"].endswith("-cuda")
+    for name in BUILD_INPUTS:  # the same sources elsewhere give the same tag; one changed byte gives another
+        source, target = PROJECT / name, tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    assert source_digest(tmp_path) == digest
+    (tmp_path / "coughreg" / "features.py").write_text((tmp_path / "coughreg" / "features.py").read_text() + "\n")
+    assert source_digest(tmp_path) != digest
