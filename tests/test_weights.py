@@ -156,3 +156,20 @@ def test_the_users_yaml_unchanged_trains_resnet50_from_the_hub_mirror(s3_env, bu
         assert state["fc.weight"].shape == (1000, 2048)  # the mirror served a classifier the backbone dropped
     finally:
         server.close()
+
+
+def test_the_cache_gives_the_backbones_own_weights_never_a_neighbours(tiny_run, tmp_path, monkeypatch):
+    """A Hugging Face cache holding only another model's file (test_resnet) is not searched by name prefix."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo, _ = hub_id("test_resnet")
+    snapshot = tmp_path / "hf" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    _timm_weights("test_resnet", snapshot / "model.safetensors")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    own = load_resolved_config(HT_YAML, [*TINY, "architecture.backbone=test_resnet", "architecture.pretrained=true", "training.epochs=0"])
+    result = train(tiny_run["features"], tmp_path / "own", own)
+    assert result.members[0]["pretrained_from"].startswith(f"the Hugging Face cache ({repo})")
+    other = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=0"])  # test_efficientnet
+    with pytest.raises(CoughPipelineError, match="no weights for 'test_efficientnet'"):
+        train(tiny_run["features"], tmp_path / "other", other)
