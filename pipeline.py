@@ -51,6 +51,7 @@ from coughreg.steps import GPU_NODE_SELECTOR_ENV, IMAGE_ENV, PIPELINE_ENV
 PIPELINE_NAME = "cough-regression"
 SCRATCH = "/scratch"  # ingest's ephemeral volume
 S3_KEYS = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
+HF_KEYS = {key: key for key in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE")}  # the hub, for pretrained weights
 
 
 def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts: int = 2, local: bool = False):
@@ -106,6 +107,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
             evaluate_config=evaluate_config, export_config=export_config,
         )
         reads_s3(step(preflight_task, "preflight", "0. Preflight checks", cpu="1", memory="2Gi", retries=0))
+        kubernetes.use_secret_as_env(preflight_task, secret_name=cluster.hf_secret, secret_key_to_env=HF_KEYS, optional=True)
         preflight_task.set_caching_options(False)  # it must look every time: new data reruns ingest
         preflight_task.set_env_variable(GPU_NODE_SELECTOR_ENV, json.dumps(cluster.gpu_node_selector if gpus else {}))
 

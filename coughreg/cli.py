@@ -131,14 +131,9 @@ def cmd_step_export(args: argparse.Namespace) -> int:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from coughreg.step_config import RUNTIME, STEPS, config_values, nest, step_settings
-    from coughreg.steps import Given, preflight_step
+    from coughreg.steps import givens_of, preflight_step
 
-    config = _config(args)
-    givens = {step: Given(step_settings(config, step), f"the config's {step} keys") for step in STEPS}
-    runtime = {key: value for key, value in config_values(config, list(RUNTIME)).items() if value is not None}
-    givens["ingest"] = givens["ingest"].with_keys(nest(runtime))  # worker counts, checkpoint_uri, weights_uri
-    outcome = preflight_step(args.data or "", givens, s3=_s3(args)["s3"])
+    outcome = preflight_step(args.data or "", givens_of(_config(args)), s3=_s3(args)["s3"])
     for key, value in outcome.items():
         print(f"{key}: {value}")
     return 0

@@ -299,6 +299,10 @@ class ClusterConfig(_Section):
                                  "evaluate": 2 * 3600, "export": 3600},
         description="Seconds each step's pod may run (activeDeadlineSeconds); a step not named has no limit.",
     )
+    hf_secret: str = Field(
+        "coughreg-hf", description="Optional Secret whose HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE keys reach the "
+        "preflight step, as env (a hub mirror, a token for private weights)."
+    )
     weights_uri: str | None = Field(
         None, description="Where the preflight step keeps fetched pretrained weights by SHA-256 (s3:// or a folder); "
         "None: weights/ beside the runs in the pipeline root.",

@@ -19,16 +19,30 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD_INPUTS = ("requirements.txt", "pyproject.toml", "docker/Dockerfile", "pipeline.py", "coughreg", "components")
 
 
+def _build_files(root: Path) -> list[Path]:
+    """The files the image is built from: git's tracked files when this is a checkout (so an editor's backup or
+    a stray file does not make a tag that was never pushed), else every file under the build inputs."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--", *BUILD_INPUTS],
+                                capture_output=True, check=True, timeout=30).stdout.decode().split("\0")
+        return sorted(root / name for name in listed if name and (root / name).is_file())
+    except (OSError, subprocess.SubprocessError):
+        files = []
+        for name in BUILD_INPUTS:
+            path = root / name
+            files += [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts] if path.is_dir() else [path]
+        return sorted(files)
+
+
 def source_digest(root: Path = ROOT) -> str | None:
     """SHA-256 over the image's build inputs (names and contents); None outside a checkout."""
     if not (root / "requirements.txt").exists():
         return None
     digest = hashlib.sha256()
-    for name in BUILD_INPUTS:
-        path = root / name
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
-        for file in files:
-            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    for file in _build_files(root):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

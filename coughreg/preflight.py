@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,34 +56,35 @@ class PreflightResult:
         return f"# Preflight\n\n| check | result | detail | time |\n| --- | --- | --- | --- |\n{rows}\n\nIn {self.seconds:.1f} s.\n"
 
 
-def pipeline_root_of(artifact_uri: str, pipeline_name: str) -> str | None:
-    """The pipeline root an artifact URI lies under: ``<root>/<pipeline>/<run>/...`` (a cluster) or
-    ``<root>/<pipeline>-<timestamp>/...`` (kfp.local)."""
-    match = re.match(rf"^(.*?)/{re.escape(pipeline_name)}(?:/|-\d{{4}}-)", artifact_uri)
+def pipeline_root_of(artifact_uri: str, pipeline_name: str, task: str = "preflight") -> str | None:
+    """The pipeline root a task's artifact URI lies under: ``<root>/<pipeline>/<run id>/<task>/...`` on a
+    cluster (KFP's driver), ``<root>/<pipeline>-<timestamp>/<task>/...`` in kfp.local. Read from the end, so a
+    bucket or folder that happens to carry the pipeline's name is not mistaken for it."""
+    name = re.escape(pipeline_name)
+    match = re.match(rf"^(.*)/{name}(?:/[^/]+|-\d{{4}}(?:-\d+){{6}})/{re.escape(task)}(?:/|$)", artifact_uri)
     return match.group(1) if match else None
 
 
 def check_writable(uri: str, s3: S3Options | None = None) -> None:
-    """Write and delete a small object under ``uri`` with the steps' credentials."""
-    probe = f"{uri.rstrip('/')}/.coughreg-write-check-{uuid.uuid4().hex[:8]}"
-    if is_s3_uri(probe):
+    """Write one small marker object under ``uri`` with the steps' credentials (the same key every run; nothing is
+    deleted, so a role that may write but not delete, as the run needs, passes)."""
+    marker = f"{uri.rstrip('/')}/.coughreg-write-check"
+    note = f"written by the preflight step at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode()
+    if is_s3_uri(marker):
         from botocore.exceptions import BotoCoreError, ClientError
 
         from coughreg.storage import describe_client_error
 
-        location = parse_s3_uri(probe)
-        client = s3_client(s3)
+        location = parse_s3_uri(marker)
         try:
-            client.put_object(Bucket=location.bucket, Key=location.key, Body=b"")
-            client.delete_object(Bucket=location.bucket, Key=location.key)
+            s3_client(s3).put_object(Bucket=location.bucket, Key=location.key, Body=note)
         except (ClientError, BotoCoreError) as exc:
             raise describe_client_error(exc, uri) from None
         return
-    path = local_path(probe)
+    path = local_path(marker)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-        path.unlink()
+        path.write_bytes(note)
     except OSError as exc:
         raise CoughPipelineError(f"{uri}: cannot write here ({exc.strerror})") from None
 
@@ -100,7 +100,7 @@ def gpu_nodes(count: int, selector: dict[str, str]) -> str:
 
         config.load_incluster_config()
         label_selector = ",".join(f"{k}={v}" for k, v in selector.items()) or None
-        nodes = client.CoreV1Api().list_node(label_selector=label_selector).items
+        nodes = client.CoreV1Api().list_node(label_selector=label_selector, _request_timeout=10).items
     except ApiException as exc:
         return f"not checked (listing nodes was refused: {exc.status} {exc.reason}; grant the service account get/list on nodes to check)"
     except Exception as exc:  # noqa: BLE001 - no cluster API is not a failed check
@@ -113,6 +113,20 @@ def gpu_nodes(count: int, selector: dict[str, str]) -> str:
             "fix cluster.gpu_node_selector, add GPU nodes, or ask for fewer GPUs"
         )
     return f"{len(fits)} node(s) can host {count} GPU(s): {', '.join(fits[:3])}"
+
+
+def check_backbone(backbone: str) -> str:
+    """The backbone exists in timm and builds with one input channel (a typo would otherwise surface in train)."""
+    import difflib
+
+    import timm
+
+    if not timm.is_model(backbone):
+        close = difflib.get_close_matches(backbone, timm.list_models(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise CoughPipelineError(f"architecture.backbone: timm has no model '{backbone}'{hint}; see timm.list_models()")
+    model = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0, global_pool="")
+    return f"{backbone}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
 
 
 def preflight(source_uri: str, config: ExperimentConfig, store: str | None = None, s3: S3Options | None = None,
@@ -149,6 +163,7 @@ def preflight(source_uri: str, config: ExperimentConfig, store: str | None = Non
             raise CoughPipelineError("source_uri: empty; give the data set's URI (s3://bucket/key.zip or s3://bucket/prefix/)")
         return source_identity(source_uri, s3)
 
+    run("model", lambda: check_backbone(config.architecture.backbone))
     result.source_version = run("data", data) or ""
     locations = [("store", store)] if store and config.architecture.pretrained else []
     locations += [("checkpoint_uri", config.cluster.checkpoint_uri)] if config.cluster.checkpoint_uri else []

@@ -51,6 +51,15 @@ def available_cpus() -> int:
     return max(1, math.floor(min(limits)))
 
 
+def limit_threads() -> int:
+    """torch's thread pools sized to this process's CPUs (by default torch takes every core of the node)."""
+    import torch
+
+    cpus = available_cpus()
+    torch.set_num_threads(cpus)
+    return cpus
+
+
 def gpus_requested() -> int:
     """How many GPUs the pod asked Kubernetes for (0 outside a pipeline pod)."""
     try:

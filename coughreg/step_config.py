@@ -115,9 +115,11 @@ def chain_keys(step: str) -> list[str]:
 
 
 def runtime_env(config: ExperimentConfig, step: str) -> dict[str, str]:
-    """The environment variables that carry a step's runtime settings (set on its task at compile time)."""
+    """The environment variables that carry a step's runtime settings (set on its task at compile time); the
+    preflight step gets them all (it checks every location)."""
     flat = flatten(config.model_dump(mode="json"))
-    return {env: str(flat[key]) for key, (user, env) in RUNTIME.items() if user == step and flat.get(key) is not None}
+    return {env: str(flat[key]) for key, (user, env) in RUNTIME.items()
+            if (user == step or step == "preflight") and flat.get(key) is not None}
 
 
 def runtime_from_env() -> dict[str, Any]:
@@ -181,6 +183,24 @@ def step_arguments(config: ExperimentConfig, step: str) -> dict[str, Any]:
     return {"train_config": step_parameter(config, "train", exclude=tuple(UI_PARAMETERS.values())), **typed}
 
 
+def check_keys(step: str, given: dict[str, Any], where: str, strict: bool) -> dict[str, Any]:
+    """The given keys, flat, once every one is known (and, when ``strict``, owned by ``step`` or a runtime setting)."""
+    _check_step(step)
+    flat = flatten(given)
+    known = set(all_keys())
+    for key in flat:
+        if key not in known and key.split(".", 1)[0] not in NOT_PARAMETERS:
+            raise ConfigError(f"{where}: unknown key '{key}'")
+    if strict:
+        foreign = sorted(k for k in flat if owner(k) != step and k not in RUNTIME)
+        if foreign:
+            raise ConfigError(
+                f"{where}: {', '.join(repr(k) for k in foreign)} belong to another step "
+                f"({', '.join(sorted({str(owner(k)) for k in foreign}))}); the {step} step takes only its own keys"
+            )
+    return flat
+
+
 def build_step_config(
     step: str,
     given: dict[str, Any],
@@ -206,20 +226,8 @@ def build_step_config(
         ConfigError: a key is unknown or invalid, or a key an upstream step owns disagrees with
             what the input artifact was made with (both values named).
     """
-    _check_step(step)
-    flat = flatten(given)
-    known = set(all_keys())
-    for key in flat:
-        if key not in known and key.split(".", 1)[0] not in NOT_PARAMETERS:
-            raise ConfigError(f"{where}: unknown key '{key}'")
+    flat = check_keys(step, given, where, strict)
     own = {k: v for k, v in flat.items() if owner(k) == step or RUNTIME.get(k, ("",))[0] == step}
-    if strict:
-        foreign = sorted(k for k in flat if owner(k) != step and k not in RUNTIME)
-        if foreign:
-            raise ConfigError(
-                f"{where}: {', '.join(repr(k) for k in foreign)} belong to another step "
-                f"({', '.join(sorted({str(owner(k)) for k in foreign}))}); the {step} step takes only its own keys"
-            )
     chain: dict[str, Any] = {}
     if upstream is not None:
         chain = config_values(upstream, [k for k in all_keys() if owner(k) in UPSTREAM[step]])

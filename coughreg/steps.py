@@ -12,6 +12,7 @@ environment variables, never part of a cache key.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 from coughreg import artifacts
 from coughreg.config import ExperimentConfig, load_settings
 from coughreg.errors import ConfigError, CoughPipelineError
+from coughreg.resources import limit_threads
 from coughreg.step_config import UI_PARAMETERS, build_step_config, runtime_from_env
 from coughreg.storage import DEFAULT_CACHE, S3Options, is_s3_uri
 
@@ -197,20 +199,29 @@ def source_version_step(source_uri: str, s3: S3Options | None = None) -> str:
     return identity
 
 
+def givens_of(config: ExperimentConfig) -> dict[str, Given]:
+    """Every step's keys from one config, with the runtime settings (what the pipeline's tasks receive)."""
+    from coughreg.step_config import RUNTIME, STEPS, config_values, nest, step_settings
+
+    givens = {step: Given(step_settings(config, step), f"the config's {step} keys") for step in STEPS}
+    runtime = {key: value for key, value in config_values(config, list(RUNTIME)).items() if value is not None}
+    givens["ingest"] = givens["ingest"].with_keys(nest(runtime))  # worker counts, checkpoint_uri, weights_uri
+    return givens
+
+
 def whole_config(givens: dict[str, Given]) -> ExperimentConfig:
     """One config from every step's keys (each checked against what its step owns)."""
     from pydantic import ValidationError
 
-    from coughreg.config import _describe_errors
-    from coughreg.step_config import flatten, nest
+    from coughreg.config import _describe_errors, resolve_config
+    from coughreg.step_config import check_keys, nest
 
     flat: dict = {}
     for step, given in givens.items():
-        given.build(step, None)
-        flat.update(flatten(given.keys))
+        flat.update(check_keys(step, given.keys, given.where, given.strict))
     where = ", ".join(given.where for given in givens.values())
     try:
-        return ExperimentConfig.model_validate(nest(flat))
+        return resolve_config(ExperimentConfig.model_validate(nest(flat)))
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, where)) from None
 
@@ -230,6 +241,8 @@ def preflight_step(source_uri: str, givens: dict[str, Given], *, report: str | N
 
     setup_logging()
     started = time.perf_counter()
+    # Short timeouts and few attempts: a check that cannot get an answer should say so in seconds.
+    s3 = dataclasses.replace(s3 or S3Options(), max_attempts=2, connect_timeout=5, read_timeout=10)
     try:
         config = whole_config(givens)
     except ConfigError as exc:
@@ -340,6 +353,7 @@ def train_step(features: str | Path, out: str | Path, given: Given, *, metrics: 
     from coughreg.training import run_seed
 
     setup_logging()
+    limit_threads()
     with _staged(s3, cache_dir) as staging:
         features_dir, out_dir = staging.input(features), staging.output(out)
         upstream = artifacts.read_config(features_dir, "features")
@@ -398,6 +412,7 @@ def evaluate_step(model: str | Path, features: str | Path, out: str | Path, give
     from coughreg.evaluate import evaluate
 
     setup_logging()
+    limit_threads()
     with _staged(s3, cache_dir) as staging:
         model_dir, features_dir, out_dir = staging.input(model), staging.input(features), staging.output(out)
         upstream = artifacts.read_config(model_dir, "train")
@@ -424,6 +439,7 @@ def export_step(model: str | Path, out: str | Path, given: Given, *, artifact_ur
     from coughreg.export import export
 
     setup_logging()
+    limit_threads()
     with _staged(s3, cache_dir) as staging:
         model_dir, out_dir = staging.input(model), staging.output(out)
         upstream = artifacts.read_config(model_dir, "train")

@@ -46,6 +46,8 @@ class S3Options:
     anonymous: bool = False
     max_attempts: int = 8
     max_concurrency: int = 8
+    connect_timeout: float = 60.0
+    read_timeout: float = 60.0
 
 
 def is_s3_uri(uri: str) -> bool:
@@ -83,6 +85,7 @@ def s3_client(options: S3Options | None = None):
         retries={"mode": "adaptive", "max_attempts": options.max_attempts},
         signature_version=UNSIGNED if options.anonymous else None,
         max_pool_connections=max(10, options.max_concurrency * 2),
+        connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
     )
     kwargs = {"config": config}
     if options.endpoint_url:
@@ -227,6 +230,7 @@ def list_s3_prefix(uri: str, options: S3Options | None = None, client=None) -> I
 
 
 def upload_file(path: Path, uri: str, options: S3Options | None = None, client=None) -> None:
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     location = parse_s3_uri(uri)
@@ -235,6 +239,10 @@ def upload_file(path: Path, uri: str, options: S3Options | None = None, client=N
         client.upload_file(str(path), location.bucket, location.key)
     except (ClientError, BotoCoreError) as exc:
         raise describe_client_error(exc, uri) from None
+    except S3UploadFailedError as exc:  # the transfer manager's wrapper around a ClientError
+        cause = exc.__cause__ or exc.__context__
+        raise (describe_client_error(cause, uri) if isinstance(cause, (ClientError, BotoCoreError))
+               else StorageError(f"{uri}: upload failed: {exc}")) from None
 
 
 @contextlib.contextmanager

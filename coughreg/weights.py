@@ -64,20 +64,45 @@ def hub_cache() -> Path:
 
 
 def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    """The hub's URL as people may read it: any user and password in ``HF_ENDPOINT`` are left out."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"))
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else parts.geturl()
 
 
-def weights_in(source: str | Path) -> Path:
+def _hub_reachable() -> str | None:
+    """One quick look at the hub (5 s), so an unreachable mirror fails in seconds, not after the client's retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"), timeout=5)
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
+def weights_in(source: str | Path, backbone: str | None = None) -> Path:
     """The weights file ``architecture.pretrained_weights`` names: a file, a folder's one weights file, or an s3:// object."""
     if is_s3_uri(str(source)):
         return download_s3_object(str(source))
     path = local_path(source)
     if path.is_dir():
-        found = [*sorted(path.rglob("model.safetensors")), *sorted(path.rglob("*.safetensors")), *sorted(path.rglob("pytorch_model.bin")),
-                 *sorted(p for suffix in (".pth", ".pt") for p in path.rglob(f"*{suffix}"))]
-        if not found:
+        hub = hub_id(backbone) if backbone else None
+        if hub and list(path.glob("models--*")):  # a Hugging Face cache folder: the backbone's own file, by refs/main
+            cached = _from_cache(*hub, cache=path)
+            if cached is None:
+                raise CoughPipelineError(f"architecture.pretrained_weights: {path} is a Hugging Face cache without {hub[0]}")
+            return cached
+        found = sorted({p for suffix in WEIGHT_SUFFIXES for p in path.rglob(f"*{suffix}")})
+        if len(found) != 1:
+            listed = ", ".join(str(p.relative_to(path)) for p in found[:5]) or "none"
             raise CoughPipelineError(
-                f"architecture.pretrained_weights: {path} holds no weights file (*.safetensors, *.pth, pytorch_model.bin)"
+                f"architecture.pretrained_weights: {path} must hold exactly one weights file "
+                f"(*.safetensors, *.pth, *.pt, *.bin), it holds {len(found)}: {listed}; name the file"
             )
         return found[0]
     if not path.exists():
@@ -85,11 +110,11 @@ def weights_in(source: str | Path) -> Path:
     return path
 
 
-def _from_cache(repo: str, revision: str | None) -> Path | None:
+def _from_cache(repo: str, revision: str | None, cache: Path | None = None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     for filename in HUB_FILES:
-        found = try_to_load_from_cache(repo, filename, cache_dir=str(hub_cache()), revision=revision)
+        found = try_to_load_from_cache(repo, filename, cache_dir=str(cache or hub_cache()), revision=revision)
         if isinstance(found, str):
             return Path(found)
     return None
@@ -113,12 +138,18 @@ def _read(uri: str) -> Path | None:
 
 
 def _from_store(store: str, repo: str, revision: str | None) -> Weights | None:
-    record = _read(_record(store, repo, revision))
+    """What an earlier run kept, checked again: a record or a file that does not hold up is a miss (and is rewritten)."""
+    record_uri = _record(store, repo, revision)
+    record = _read(record_uri)
     if record is None:
         return None
-    entry = json.loads(record.read_text())
-    path = _read(entry["uri"])
-    if path is None:
+    try:
+        entry = json.loads(record.read_text())
+        path = _read(entry["uri"])
+        if path is None or sha256_file(path) != entry["sha256"]:
+            raise ValueError(f"{entry['uri']} is missing or is not SHA-256 {entry['sha256']}")
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: not used (%s); fetching the weights again", record_uri, exc)
         return None
     return Weights(path, entry["sha256"], f"{entry['uri']} (fetched before from {entry['source']})")
 
@@ -129,11 +160,12 @@ def _download(repo: str, revision: str | None, backbone: str) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError
 
     problem = ""
-    for filename in HUB_FILES:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    unreachable = None if offline else _hub_reachable()
+    for filename in [] if unreachable else HUB_FILES:
         try:
             return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=str(hub_cache())))
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:  # (before EntryNotFoundError: a subclass)
-            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
             problem = "HF_HUB_OFFLINE is set" if offline else f"{hub_endpoint()} could not be reached ({_first_line(exc)})"
             break
         except (EntryNotFoundError, RemoteEntryNotFoundError):
@@ -141,6 +173,8 @@ def _download(repo: str, revision: str | None, backbone: str) -> Path:
         except Exception as exc:  # noqa: BLE001 - the hub's HTTP errors (401 gated, 404 repository, 5xx) all end here
             problem = f"{hub_endpoint()}: {_first_line(exc)}"
             break
+    if unreachable:
+        problem = f"{hub_endpoint()} could not be reached ({unreachable})"
     raise CoughPipelineError(
         f"architecture.pretrained: no weights for '{backbone}' ({repo}): not in architecture.pretrained_weights, "
         f"not in the Hugging Face cache ({hub_cache()}), and the hub gave none: {problem}. Set "
@@ -163,7 +197,7 @@ def resolve(config: ExperimentConfig, store: str | None = None) -> Weights:
     """
     architecture = config.architecture
     if architecture.pretrained_weights:
-        path = weights_in(architecture.pretrained_weights)
+        path = weights_in(architecture.pretrained_weights, architecture.backbone)
         weights = Weights(path, sha256_file(path), f"architecture.pretrained_weights {architecture.pretrained_weights}")
     else:
         hub = hub_id(architecture.backbone)

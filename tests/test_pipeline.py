@@ -186,3 +186,13 @@ def test_images_are_immutable_and_install_nothing_at_start(compiled, tmp_path):
     assert source_digest(tmp_path) == digest
     (tmp_path / "coughreg" / "features.py").write_text((tmp_path / "coughreg" / "features.py").read_text() + "\n")
     assert source_digest(tmp_path) != digest
+
+
+def test_the_preflight_gets_the_hub_settings_and_every_location(tmp_path):
+    path = pipeline.compile_pipeline(tmp_path / "p.yaml", load_resolved_config(HT_YAML, ["cluster.checkpoint_uri=s3://b/ck"]))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-preflight"]["secretAsEnv"]
+    hub = next(s for s in secrets if s["secretName"] == "coughreg-hf")
+    assert {k["envVar"] for k in hub["keyToEnv"]} == {"HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"} and hub["optional"] is True
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"]["exec-preflight"]["container"]["env"]}
+    assert env["COUGHREG_CHECKPOINT_URI"] == "s3://b/ck"  # the preflight checks that it can write there

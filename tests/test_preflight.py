@@ -13,14 +13,12 @@ from coughreg.config import load_resolved_config
 from coughreg.errors import CoughPipelineError
 from coughreg.local_s3 import Credentials
 from coughreg.preflight import pipeline_root_of
-from coughreg.step_config import STEPS, step_settings
-from coughreg.steps import Given, preflight_step
+from coughreg.steps import Given, givens_of, preflight_step
 from tests.conftest import HT_YAML, PROJECT, TINY
 
 
 def _givens(*overrides):
-    config = load_resolved_config(HT_YAML, [*TINY, *overrides])
-    return {step: Given(step_settings(config, step), f"the {step} keys") for step in STEPS}
+    return givens_of(load_resolved_config(HT_YAML, [*TINY, *overrides]))
 
 
 @pytest.mark.slow
@@ -96,20 +94,88 @@ def test_weights_are_kept_once_by_their_hash_and_passed_on(s3_env, bucket, cough
     model = timm.create_model("test_efficientnet", pretrained=False, in_chans=3, num_classes=1000)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "weights.safetensors"))
     digest = hashlib.sha256((tmp_path / "weights.safetensors").read_bytes()).hexdigest()
-    givens = _givens("architecture.pretrained=true", f"architecture.pretrained_weights={tmp_path / 'weights.safetensors'}")
-    givens["ingest"] = givens["ingest"].with_keys({"cluster": {"weights_uri": f"s3://{bucket}/weights"}})
+    givens = _givens("architecture.pretrained=true", f"architecture.pretrained_weights={tmp_path / 'weights.safetensors'}",
+                     f"cluster.weights_uri=s3://{bucket}/weights")
     first = preflight_step(f"s3://{bucket}/data.zip", givens, report=str(tmp_path / "report.md"))
     assert first["weights_sha256"] == digest and first["weights_uri"] == f"s3://{bucket}/weights/sha256/{digest}/weights.safetensors"
     assert first["source_version"].startswith("s3-object etag=")
     stored = s3_env.client().list_objects_v2(Bucket=bucket, Prefix="weights/")["Contents"]
-    assert [o["Key"] for o in stored] == [f"weights/sha256/{digest}/weights.safetensors"]
+    assert [o["Key"] for o in stored] == ["weights/.coughreg-write-check", f"weights/sha256/{digest}/weights.safetensors"]
     assert preflight_step(f"s3://{bucket}/data.zip", givens) == first
     report = (tmp_path / "report.md").read_text()
     assert "| weights | ok |" in report and "| data | ok |" in report and "| config | ok |" in report
 
 
 def test_the_pipeline_root_is_found_in_an_artifact_uri():
-    assert pipeline_root_of("s3://artifacts/root/cough-regression/1f2e-run/preflight/abc/report", "cough-regression") == "s3://artifacts/root"
+    name = "cough-regression"
+    assert pipeline_root_of("s3://artifacts/root/cough-regression/1f2e-run/preflight/abc/report", name) == "s3://artifacts/root"
     assert pipeline_root_of("/tmp/out/pipeline-root/cough-regression-2026-11-25-21-01-12-091159/preflight/report",
-                            "cough-regression") == "/tmp/out/pipeline-root"
-    assert pipeline_root_of("s3://bucket/elsewhere/report", "cough-regression") is None
+                            name) == "/tmp/out/pipeline-root"
+    # a bucket or a folder named like the pipeline is not taken for the run's folder
+    assert pipeline_root_of("s3://cough-regression/cough-regression/run-1/preflight/salt/report", name) == "s3://cough-regression"
+    assert pipeline_root_of("s3://ml/cough-regression/cough-regression/run-1/preflight/s/report", name) == "s3://ml/cough-regression"
+    assert pipeline_root_of("/home/u/cough-regression/out/pipeline-root/cough-regression-2026-11-25-21-01-12-091159/preflight/report",
+                            name) == "/home/u/cough-regression/out/pipeline-root"
+    assert pipeline_root_of("s3://bucket/elsewhere/report", name) is None
+
+
+class Blackhole:
+    """A loopback server that accepts connections and never answers: a hung endpoint."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+@pytest.mark.slow
+def test_an_endpoint_that_never_answers_fails_the_checks_in_seconds(tmp_path):
+    hung = Blackhole()
+    try:
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": hung.url, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+               "AWS_DEFAULT_REGION": "us-east-1", "HF_ENDPOINT": hung.url, "HF_HOME": str(tmp_path / "hf")}
+        env.pop("HF_HUB_OFFLINE")
+        started = __import__("time").perf_counter()
+        done = subprocess.run([sys.executable, "pipeline.py", "preflight", "--data", "s3://coughs/data.zip",
+                               "--set", "architecture.backbone=test_efficientnet"],
+                              cwd=PROJECT, capture_output=True, text=True, timeout=300, env=env)
+        seconds = __import__("time").perf_counter() - started
+    finally:
+        hung.close()
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(errors) == 2, done.stderr[-2000:]
+    assert errors[0].startswith("error: s3://coughs/data.zip: ") and "could not be reached" in errors[1]
+    assert seconds < 60
+
+
+def test_a_misspelled_backbone_is_named_with_a_suggestion(s3_env, bucket, coughvid_zip):
+    s3_env.client().upload_file(str(coughvid_zip), bucket, "data.zip")
+    with pytest.raises(CoughPipelineError, match=r"architecture.backbone: timm has no model 'resnet5O' \(did you mean 'resnet50'\?\)"):
+        preflight_step(f"s3://{bucket}/data.zip", _givens("architecture.backbone=resnet5O"))
+
+
+def test_the_write_check_leaves_one_marker_and_deletes_nothing(s3_env, bucket, coughvid_zip):
+    client = s3_env.client()
+    client.upload_file(str(coughvid_zip), bucket, "data.zip")
+    for _ in range(2):
+        preflight_step(f"s3://{bucket}/data.zip", _givens(f"cluster.checkpoint_uri=s3://{bucket}/checkpoints"))
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="checkpoints/")["Contents"]]
+    assert keys == ["checkpoints/.coughreg-write-check"]

@@ -173,3 +173,53 @@ def test_the_cache_gives_the_backbones_own_weights_never_a_neighbours(tiny_run, 
     other = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=0"])  # test_efficientnet
     with pytest.raises(CoughPipelineError, match="no weights for 'test_efficientnet'"):
         train(tiny_run["features"], tmp_path / "other", other)
+
+
+def test_a_stored_copy_that_does_not_hold_up_is_fetched_again(tmp_path, caplog):
+    """The store's record is checked against the file's hash: a damaged copy or record is a miss, never a crash."""
+    from coughreg.weights import Weights, keep, resolve
+
+    _timm_weights("test_efficientnet", tmp_path / "model.safetensors")
+    import hashlib
+
+    digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    store = str(tmp_path / "store")
+    uri = keep(Weights(tmp_path / "model.safetensors", digest, "https://mirror.example/timm/test_efficientnet.r160_in1k"),
+               store, "test_efficientnet")
+    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true"])
+    found = resolve(config, store)  # the Hugging Face cache is empty and the hub offline: the store has it
+    assert found.sha256 == digest and str(found.path) == uri
+    (tmp_path / "store" / "sha256" / digest / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(CoughPipelineError, match="no weights for 'test_efficientnet'"), caplog.at_level("WARNING"):
+        resolve(config, store)
+    assert f"is not SHA-256 {digest}" in caplog.text
+    next((tmp_path / "store" / "by-name").iterdir()).write_text('{"sha256": "abc"')  # a record cut short
+    with pytest.raises(CoughPipelineError, match="no weights for 'test_efficientnet'"):
+        resolve(config, store)
+
+
+def test_a_weights_folder_names_one_file_or_is_a_hugging_face_cache(tmp_path):
+    from coughreg.weights import weights_in
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "a.safetensors").write_bytes(b"a")
+    assert weights_in(folder) == folder / "a.safetensors"
+    (folder / "b.pth").write_bytes(b"b")
+    with pytest.raises(CoughPipelineError, match=r"must hold exactly one weights file .* it holds 2: a.safetensors, b.pth"):
+        weights_in(folder)
+    cache = tmp_path / "hub"
+    for repo, commit in ((hub_id("test_efficientnet")[0], "1111"), ("timm/test_efficientnet.other", "2222")):
+        snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "model.safetensors").write_bytes(repo.encode())
+        (snapshot.parent.parent / "refs").mkdir()
+        (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    assert weights_in(cache, "test_efficientnet").read_bytes() == hub_id("test_efficientnet")[0].encode()
+
+
+def test_credentials_in_hf_endpoint_never_reach_a_message(monkeypatch):
+    from coughreg.weights import hub_endpoint
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://user:s3cr3tpass@hf-mirror.example.com:8443/")
+    assert hub_endpoint() == "https://hf-mirror.example.com:8443"
