@@ -9,8 +9,12 @@ Steps, each a container, artifacts passed through the pipeline root (S3 on a clu
     2. features  - recordings -> log-mel Parquet spectrogram shards, fanned out over
                    `feature_parts` pods (ParallelFor), then collected into one shard index
     3. train     - group k-fold, timm backbone on GPUs -> weights, folds, validation predictions
-    4. evaluate  - metrics beside the mean/median baselines, HTML report
-    5. export    - the scoring pipeline (raw audio in) and its provenance
+    4. evaluate  - the validation recordings scored from audio as the scorer will score them, metrics
+                   beside the mean/median baselines, the quality gate's verdict, HTML report
+       quality gate (dsl.If on evaluate's `gate`: MAE / median-baseline MAE <= max_mae_to_median_baseline)
+    5. export    - passed: the scorer folder (raw audio in; torch, numpy, PyAV only) and its provenance
+    6. score     - passed, with dataset.test_dataframe: the test table scored with that scorer (Parquet)
+                   failed: a note where the scorer would be; the metrics and report say why
 
 Each step receives only the config keys that shape its output (`<step>_config`, see
 coughreg/step_config.py), so KFP's cache reruns a step only when one of them changes; the backbone,
@@ -39,9 +43,12 @@ from kfp.dsl import HTML, Metrics, Model
 from components.evaluate import evaluate
 from components.export import export
 from components.features import collect_features, feature_part, plan_feature_parts
+from components.gate_failed import gate_failed
 from components.ingest import ingest
 from components.preflight import preflight
+from components.score_test import score_test
 from components.train import train
+from coughreg.gate import PASSED
 from coughreg.config import ExperimentConfig
 from coughreg.images import CPU_IMAGE, GPU_IMAGE
 from coughreg.resources import CPU_REQUEST_ENV, GPUS_REQUESTED_ENV
@@ -81,11 +88,10 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
     def reads_s3(task):
         return kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env=S3_KEYS, optional=True)
 
-    class Outputs(NamedTuple):
-        report: HTML
-        metrics: Metrics
-        model: Model
-        scorer: Model
+    fields = [("report", HTML), ("metrics", Metrics), ("model", Model), ("quality_gate", str), ("scorer_uri", str)]
+    if not local:  # the scorer artifact itself (kfp.local takes dsl.OneOf of parameters only)
+        fields.append(("scorer", Model))
+    Outputs = NamedTuple("Outputs", fields)  # noqa: N806 - a type
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Cough recordings in S3 -> log-mel shards -> timm regressor -> scorer")
     def cough_regression(
@@ -94,6 +100,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
         epochs: int = given["epochs"],
         learning_rate: float = given["learning_rate"],
         batch_size: int = given["batch_size"],
+        max_mae_to_median_baseline: float = given["max_mae_to_median_baseline"],
         feature_parts: int = feature_parts,
         ingest_config: str = given["ingest_config"],
         features_config: str = given["features_config"],
@@ -104,7 +111,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
         preflight_task = preflight(
             source_uri=source_uri, ingest_config=ingest_config, features_config=features_config, train_config=train_config,
             backbone=backbone, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-            evaluate_config=evaluate_config, export_config=export_config,
+            evaluate_config=evaluate_config, max_mae_to_median_baseline=max_mae_to_median_baseline, export_config=export_config,
         )
         reads_s3(step(preflight_task, "preflight", "0. Preflight checks", cpu="1", memory="2Gi", retries=0))
         kubernetes.use_secret_as_env(preflight_task, secret_name=cluster.hf_secret, secret_key_to_env=HF_KEYS, optional=True)
@@ -150,15 +157,29 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
                 kubernetes.add_toleration(train_task, **toleration.model_dump())
 
         evaluate_task = evaluate(
-            model=train_task.outputs["model"], spectrograms=features_task.outputs["spectrograms"], evaluate_config=evaluate_config
+            model=train_task.outputs["model"], spectrograms=features_task.outputs["spectrograms"],
+            dataset=ingest_task.outputs["dataset"], evaluate_config=evaluate_config,
+            max_mae_to_median_baseline=max_mae_to_median_baseline,
         )
         step(evaluate_task, "evaluate", "4. Evaluate")
 
-        export_task = export(model=train_task.outputs["model"], export_config=export_config)
-        step(export_task, "export", "5. Export the scorer")
+        with dsl.If(evaluate_task.outputs["gate"] == PASSED, "quality-gate-passed"):
+            export_task = export(model=train_task.outputs["model"], evaluation=evaluate_task.outputs["evaluation"],
+                                 export_config=export_config)
+            step(export_task, "export", "5. Export the scorer")
+            if config.dataset.test_dataframe and config.training.build_scoring_pipelines:
+                test_task = score_test(scorer=export_task.outputs["scorer"], dataset=ingest_task.outputs["dataset"])
+                step(test_task, "score", "6. Score the test table")
+        with dsl.Else("quality-gate-failed"):
+            failed_task = gate_failed(evaluation=evaluate_task.outputs["evaluation"])
+            step(failed_task, "export", "5. Quality gate failed: no scorer", cpu="500m", memory="1Gi", retries=0)
 
-        return Outputs(report=evaluate_task.outputs["report"], metrics=evaluate_task.outputs["metrics"],
-                       model=train_task.outputs["model"], scorer=export_task.outputs["scorer"])
+        outputs = dict(report=evaluate_task.outputs["report"], metrics=evaluate_task.outputs["metrics"],
+                       model=train_task.outputs["model"], quality_gate=evaluate_task.outputs["gate"],
+                       scorer_uri=dsl.OneOf(export_task.outputs["scorer_uri"], failed_task.outputs["scorer_uri"]))
+        if not local:
+            outputs["scorer"] = dsl.OneOf(export_task.outputs["scorer"], failed_task.outputs["scorer"])
+        return Outputs(**outputs)
 
     return cough_regression
 

@@ -1,4 +1,6 @@
-"""KFP component for step 4: metrics beside baselines and the HTML report (see ``coughreg.evaluate``)."""
+"""KFP component for step 4: validation scored from audio, metrics, the quality gate, the report (see ``coughreg.evaluate``)."""
+
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
@@ -10,13 +12,18 @@ from coughreg.images import CPU_IMAGE
 def evaluate(
     model: Input[Model],
     spectrograms: Input[Dataset],
+    dataset: Input[Dataset],
     evaluate_config: str,
+    max_mae_to_median_baseline: float,
     metrics: Output[Metrics],
     report: Output[HTML],
     evaluation: Output[Dataset],
-):
-    """Validation MAE, RMSE and R² beside the mean and median baselines; predicted-vs-true report."""
+) -> NamedTuple("EvaluateOutputs", gate=str):
+    """Validation MAE, RMSE and R² beside the mean and median baselines; ``gate``: 'passed' or 'failed'."""
+    from collections import namedtuple
+
     from coughreg.steps import Given, evaluate_step
 
-    evaluate_step(model.path, spectrograms.path, evaluation.path, Given.parameter("evaluate_config", evaluate_config),
-                  metrics=metrics, html=report.path)
+    given = Given.parameter("evaluate_config", evaluate_config, {"max_mae_to_median_baseline": max_mae_to_median_baseline})
+    values = evaluate_step(model.path, spectrograms.path, dataset.path, evaluation.path, given, metrics=metrics, html=report.path)
+    return namedtuple("EvaluateOutputs", ["gate"])(values["quality_gate"]["verdict"])

@@ -19,6 +19,7 @@ def preflight(
     learning_rate: float,
     batch_size: int,
     evaluate_config: str,
+    max_mae_to_median_baseline: float,
     export_config: str,
     report: Output[Markdown],
 ) -> NamedTuple("PreflightOutputs", source_version=str, weights_uri=str, weights_sha256=str):
@@ -32,7 +33,7 @@ def preflight(
         "ingest": Given.parameter("ingest_config", ingest_config),
         "features": Given.parameter("features_config", features_config),
         "train": Given.parameter("train_config", train_config, typed),
-        "evaluate": Given.parameter("evaluate_config", evaluate_config),
+        "evaluate": Given.parameter("evaluate_config", evaluate_config, {"max_mae_to_median_baseline": max_mae_to_median_baseline}),
         "export": Given.parameter("export_config", export_config),
     }
     outcome = preflight_step(source_uri, givens, report=report.path, artifact_uri=report.uri)

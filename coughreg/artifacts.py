@@ -4,8 +4,10 @@
     features -> shards.json (the shard index, written last), shards/<set>/part-*.parquet, features_report.json
     train    -> model.json (written last), fold<k>_seed<i>/model.safetensors, predictions.parquet,
                 folds.parquet, history.json, training_curves.png
-    evaluate -> metrics.json, report.html
-    export   -> scorer.json, scorer.safetensors, scorer.pt2, provenance.json, README.md
+    evaluate -> metrics.json (written last; the quality gate's verdict inside), predictions.parquet, report.html
+    export   -> scorer.json (written last), scorer.ts, scorer.pt2, coughscore/, score.py, provenance.json,
+                README.md, requirements.txt
+    score    -> test_predictions.parquet (the test table scored with the exported scorer)
 
 Every folder also holds ``config.yaml``: the keys that shaped it (its step's and its upstream
 steps', see ``coughreg.step_config``). A later step reads its upstream keys from there, never
@@ -42,9 +44,10 @@ METRICS = "metrics.json"
 REPORT = "report.html"
 
 SCORER_INFO = "scorer.json"
-SCORER_WEIGHTS = "scorer.safetensors"
-SCORER_PROGRAM = "scorer.pt2"
 PROVENANCE = "provenance.json"
+GATE_NOTE = "quality_gate_failed.txt"  # where the scorer would be, when the model failed the quality gate
+
+TEST_PREDICTIONS = "test_predictions.parquet"
 
 # What marks each step's folder as finished (each step writes it last).
 FINISHED = {"ingest": MANIFEST, "features": SHARD_INDEX, "train": MODEL_INFO, "evaluate": METRICS, "export": SCORER_INFO}

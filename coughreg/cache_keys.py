@@ -31,7 +31,8 @@ class _Pipeline:
 
 
 def task_materials(spec: dict) -> dict[str, dict]:
-    """Every container task of a compiled pipeline (``loop/inner`` inside a ParallelFor) -> what its cache key is made of."""
+    """Every container task of a compiled pipeline -> what its cache key is made of. A task inside a ParallelFor
+    is named ``for-loop-1/inner``, one inside a ``dsl.If`` branch ``<branch name>/inner`` (``quality-gate-passed/export``)."""
     pipeline = _Pipeline(spec)
     materials: dict[str, dict] = {}
     root_scope = {"parameters": {k: {"value": v} for k, v in pipeline.root_inputs.items()}, "artifacts": {}}
@@ -81,8 +82,8 @@ def _walk(pipeline: _Pipeline, tasks: dict, scope: dict, prefix: str, materials:
                 items = parameters.get(iterator["items"].get("inputParameter", ""), iterator["items"])
                 parameters[iterator["itemInput"]] = {"item of": items}
             producers = _producers(inputs, prefix, scope)
-            inner = _walk(pipeline, definition["dag"]["tasks"],
-                          {"parameters": parameters, "artifacts": artifacts, "producers": producers}, f"{prefix}{name}/", materials)
+            inner = _walk(pipeline, definition["dag"]["tasks"], {"parameters": parameters, "artifacts": artifacts, "producers": producers},
+                          prefix + _group_name(name, task), materials)
             return _digest({"dag": inner})
         material = {
             "container": pipeline.executor(component),
@@ -99,6 +100,16 @@ def _walk(pipeline: _Pipeline, tasks: dict, scope: dict, prefix: str, materials:
     for name in tasks:
         key_of(name)
     return keys
+
+
+def _group_name(name: str, task: dict) -> str:
+    """The prefix of the tasks inside a DAG task: a loop by its name, a ``dsl.If`` branch by the name it was given;
+    the group that holds an If and its Else adds nothing."""
+    if name.startswith("condition-branches-"):
+        return ""
+    if "triggerPolicy" in task and task["triggerPolicy"].get("condition"):
+        return f"{task.get('taskInfo', {}).get('name', name)}/"
+    return f"{name}/"
 
 
 def _producers(inputs: dict, prefix: str, scope: dict) -> set[str]:

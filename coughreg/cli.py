@@ -117,16 +117,25 @@ def cmd_step_train(args: argparse.Namespace) -> int:
 def cmd_step_evaluate(args: argparse.Namespace) -> int:
     from coughreg.steps import evaluate_step
 
-    metrics = evaluate_step(args.model, args.features, args.out, _given(args), **_s3(args))
+    metrics = evaluate_step(args.model, args.features, args.dataset, args.out, _given(args), **_s3(args))
     _print_summary(metrics, {"report": f"{args.out}/report.html", "metrics": f"{args.out}/metrics.json"})
+    print(f"quality gate {metrics['quality_gate']['verdict']}: {metrics['quality_gate']['message']}")
     return 0
 
 
 def cmd_step_export(args: argparse.Namespace) -> int:
     from coughreg.steps import export_step
 
-    outcome = export_step(args.model, args.out, _given(args), **_s3(args))
-    print(f"scorer: {outcome['scorer']}")
+    outcome = export_step(args.model, args.evaluation, args.out, _given(args), **_s3(args))
+    print(f"scorer: {outcome['scorer']} ({', '.join(outcome['programs'].values()) or 'training.build_scoring_pipelines is false'})")
+    return 0
+
+
+def cmd_step_score(args: argparse.Namespace) -> int:
+    from coughreg.steps import score_test_step
+
+    summary = score_test_step(args.scorer, args.input, args.out, **_s3(args))
+    print(f"test predictions: {args.out}/test_predictions.parquet ({summary['test_scored']} scored, {summary['test_failed']} failed)")
     return 0
 
 
@@ -162,6 +171,18 @@ def _print_summary(metrics: dict, paths: dict[str, object]) -> None:
         print(f"{name + ':':<8} {path}")
 
 
+def print_run(result) -> None:
+    """A local run's figures, where its results are and, when the model failed the quality gate, why."""
+    _print_summary(result.values, {"report": result.report, "metrics": result.metrics, "model": result.model})
+    if result.scorer is None:
+        print(f"quality gate failed: {result.gate.get('message', 'see the report')}")
+        print("scorer:  none exported (the model did not pass the quality gate)")
+    else:
+        print(f"scorer:  {result.scorer}")
+        print(f"score:   python {result.scorer / 'score.py'} RECORDING_OR_FOLDER... --out scores.csv")
+        print(f"serve:   python {result.scorer / 'score.py'} serve --port 8080")
+
+
 def cmd_run_local(args: argparse.Namespace) -> int:
     from coughreg.local_run import run_local
 
@@ -169,7 +190,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         raise CoughPipelineError("run-local needs --data (s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder); `make demo` runs it on generated data")
     result = run_local(args.pipeline, args.data, _config(args), args.out, cache=not args.no_cache, feature_parts=args.feature_parts)
     print(f"\nwhole pipeline through kfp.local in {result.seconds:.0f} s (compiled: {result.pipeline})")
-    _print_summary(result.values, {"report": result.report, "metrics": result.metrics, "model": result.model, "scorer": result.scorer})
+    print_run(result)
     return 0
 
 
@@ -194,14 +215,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.pipeline, args)
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from coughreg.score import load_scorer
+def _scorer(args: argparse.Namespace):
+    from coughreg.score import open_scorer
 
-    table = load_scorer(args.scorer).score_files(args.files)
-    if args.out:
-        table.to_csv(args.out, index=False)
-    print(table.to_csv(index=False), end="")
-    return 0 if (table["status"] == "ok").all() else 1
+    return open_scorer(args.scorer, args.program, **_s3(args))
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from coughreg.score import expand_inputs
+    from coughreg.scoring.cli import score_table
+    from coughreg.scoring.table import check_target
+
+    check_target(args.out)  # before anything is downloaded
+    logging.getLogger("coughreg.storage").setLevel(logging.WARNING)  # not a line per object fetched
+    scorer = _scorer(args)
+    return score_table(scorer, expand_inputs(args.inputs, _s3(args)["s3"]), args.out, args.workers)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from coughreg.scoring.cli import serve_scorer
+
+    return serve_scorer(_scorer(args), args.host, args.port, args.workers, args.max_body_mb)
+
+
+def _scorer_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text)
+    parser.add_argument("--scorer", required=True, help="the export step's scorer: a folder or its s3:// artifact URI")
+    parser.add_argument("--program", choices=["torchscript", "export"], default="torchscript",
+                        help="which of the folder's programs runs (default: torchscript, the faster on CPUs)")
+    _add_s3_options(parser)
+    return parser
 
 
 def _step_parser(steps, name: str, help_text: str, inputs: list[tuple[str, str]]) -> argparse.ArgumentParser:
@@ -252,11 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = _step_parser(steps, "train", "spectrogram shards -> trained model(s) and validation predictions",
                          [("--input", "the features output")])
     train.set_defaults(func=cmd_step_train)
-    evaluate = _step_parser(steps, "evaluate", "validation predictions -> metrics and the HTML report",
-                            [("--model", "the train output"), ("--features", "the features output it was trained on")])
+    evaluate = _step_parser(steps, "evaluate", "validation recordings scored from audio -> metrics, quality gate, HTML report",
+                            [("--model", "the train output"), ("--features", "the features output it was trained on"),
+                             ("--dataset", "the ingest output those features were made from")])
     evaluate.set_defaults(func=cmd_step_evaluate)
-    export = _step_parser(steps, "export", "trained model -> scorer folder", [("--model", "the train output")])
+    export = _step_parser(steps, "export", "evaluated model -> scorer folder",
+                          [("--model", "the train output"), ("--evaluation", "the evaluate output of that model")])
     export.set_defaults(func=cmd_step_export)
+    score_step = steps.add_parser("score", help="the test table (dataset.test_dataframe) scored with an exported scorer")
+    score_step.add_argument("--scorer", required=True, help="the export output: a folder or an s3:// artifact URI")
+    score_step.add_argument("--input", required=True, help="the ingest output holding the test rows: a folder or an s3:// URI")
+    score_step.add_argument("--out", required=True, help="a folder or an s3:// URI (uploaded when the step succeeds)")
+    _add_s3_options(score_step)
+    score_step.set_defaults(func=cmd_step_score)
 
     check = commands.add_parser("preflight", help="the pipeline's first step here: config, data, locations, GPUs, weights")
     check.add_argument("--data", default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
@@ -311,11 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
 
-    score = commands.add_parser("score", help="score recordings with an exported scorer")
-    score.add_argument("--scorer", type=Path, required=True, help="the export step's scorer folder")
-    score.add_argument("--out", type=Path, default=None, help="also write the scores as CSV")
-    score.add_argument("files", nargs="+", type=Path)
+    from coughreg.scoring.cli import add_score_arguments, add_serve_arguments
+
+    score = _scorer_parser(commands, "score", "score recordings (files, folders, globs, s3:// prefixes) with an exported scorer")
+    add_score_arguments(score)
     score.set_defaults(func=cmd_score)
+    serve = _scorer_parser(commands, "serve", "serve an exported scorer over HTTP (plain and KServe V1)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -197,6 +197,10 @@ class PredictionConfig(_Section):
     inference_chunk_seconds: float = Field(60, gt=0, description="Chunk length at inference; chunk scores are averaged.")
     max_inference_chunk_seconds: float = Field(600, gt=0, description="Audio beyond this length is not scored.")
     metric: Literal["MAE", "MSE", "RMSE", "R2"] = Field("MAE", description="The metric that ranks models.")
+    max_mae_to_median_baseline: float = Field(
+        1.0, gt=0, description="Project key, the quality gate: the scorer is exported (and the test table scored) only when "
+        "validation MAE / median-baseline MAE is at most this; 1.0: the model must beat predicting the median.",
+    )
 
     @model_validator(mode="after")
     def _chunk_fits(self) -> PredictionConfig:
@@ -278,7 +282,7 @@ class ClusterConfig(_Section):
         description="s3:// prefix (or folder) where training also keeps its per-epoch checkpoints, so a retried "
         "pod or a preempted node resumes where the last one stopped; None: only inside the model folder.",
     )
-    cache: dict[Literal["ingest", "features", "train", "evaluate", "export"], bool] = Field(
+    cache: dict[Literal["ingest", "features", "train", "evaluate", "export", "score"], bool] = Field(
         default_factory=dict, description="Per-step caching; a step not named is cached."
     )
     cpu_request: str = Field("2", description="CPU request of the CPU steps.")
@@ -294,9 +298,9 @@ class ClusterConfig(_Section):
         "50Gi", description="Ephemeral volume for what ingest downloads and unpacks (a PVC made with the pod, deleted with it)."
     )
     scratch_storage_class: str | None = Field(None, description="Storage class of the scratch volume; None: the cluster's default.")
-    timeouts: dict[Literal["preflight", "ingest", "features", "train", "evaluate", "export"], int] = Field(
+    timeouts: dict[Literal["preflight", "ingest", "features", "train", "evaluate", "export", "score"], int] = Field(
         default_factory=lambda: {"preflight": 1800, "ingest": 6 * 3600, "features": 6 * 3600, "train": 72 * 3600,
-                                 "evaluate": 2 * 3600, "export": 3600},
+                                 "evaluate": 2 * 3600, "export": 3600, "score": 6 * 3600},
         description="Seconds each step's pod may run (activeDeadlineSeconds); a step not named has no limit.",
     )
     hf_secret: str = Field(

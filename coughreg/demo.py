@@ -52,8 +52,39 @@ def run_demo(pipeline: ModuleType, args: argparse.Namespace) -> int:
     print(f"validation MAE:      {metrics['validation_mae']:.4f}")
     print(f"median-baseline MAE: {metrics['baseline_median_mae']:.4f}  (model/baseline {metrics['mae_vs_median_baseline']:.2f})")
     print(f"noise floor MAE:     {floor:.4f}  (the best any model can do on this generated data)")
-    print(f"report:  {result.report}")
-    print(f"metrics: {result.metrics}")
-    print(f"model:   {result.model}")
-    print(f"scorer:  {result.scorer}")
+    print(f"report:  {_shown(result.report)}")
+    print(f"metrics: {_shown(result.metrics)}")
+    print(f"model:   {_shown(result.model)}")
+    if result.scorer is None:
+        print(f"quality gate failed: {result.gate.get('message', 'see the report')}")
+        return 0
+    samples = _sample_recordings(archive, out / "samples")
+    scorer = _shown(result.scorer)
+    print(f"scorer:  {scorer}  (stands alone: torch, numpy, PyAV; see its README.md)")
+    print()
+    print(f"score:   python {scorer}/score.py {_shown(samples)} --out {_shown(out / 'scores.csv')}")
+    print(f"serve:   python {scorer}/score.py serve --port 8080   "
+          f"# then: curl --data-binary @{_shown(next(iter(sorted(samples.iterdir()))))} http://127.0.0.1:8080/score")
     return 0
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it can be printed: relative to the working folder when it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _sample_recordings(archive: Path, folder: Path, count: int = 8) -> Path:
+    """A few of the demo's recordings, to try the scorer on."""
+    import zipfile
+
+    from coughreg.audio import is_audio_name
+    from coughreg.storage import atomic_write_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as bundle:
+        for name in sorted(n for n in bundle.namelist() if is_audio_name(n))[:count]:
+            atomic_write_bytes(folder / Path(name).name, bundle.read(name))
+    return folder

@@ -1,8 +1,12 @@
-"""The one exception type users see: every message names the file, key or URI at fault."""
+"""The one exception type users see: every message names the file, key or URI at fault.
 
+The base class and the audio error live with the scoring package (``coughreg.scoring.errors``),
+which runs on its own inside every scorer folder; they are the same classes here.
+"""
 
-class CoughPipelineError(Exception):
-    """An error the user can fix: a bad config key, a missing file, a bad URI, a corrupt input."""
+from coughreg.scoring.errors import AudioDecodeError, CoughPipelineError
+
+__all__ = ["AudioDecodeError", "ConfigError", "CoughPipelineError", "StorageError"]
 
 
 class ConfigError(CoughPipelineError):
@@ -11,7 +15,3 @@ class ConfigError(CoughPipelineError):
 
 class StorageError(CoughPipelineError):
     """Object storage or a local path could not be read or written: the message names the URI."""
-
-
-class AudioDecodeError(CoughPipelineError):
-    """A recording could not be decoded: the message names the file."""

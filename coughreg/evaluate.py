@@ -1,9 +1,14 @@
-"""Step 4, evaluation: validation predictions -> metrics beside baselines, and an HTML report.
+"""Step 4, evaluation: the validation recordings scored as users will score them -> metrics beside
+baselines, the quality gate, and an HTML report.
 
-The model is compared with predicting the training labels' mean and median (per fold, from the
-rows that fold trained on). The report shows predicted vs true, residuals, training curves and,
-for ``logging.number_of_audios`` recordings, the spectrogram with what the model listened to
-(occlusion: how much the prediction moves when a slice of time is replaced by silence).
+Each validation recording is decoded from the ingested audio and scored by its fold's models with the
+scoring pipeline's own code (``coughreg.scoring``: the same decoding, chunking and padding as the
+exported scorer, whose numbers it matches), so the metrics are those of the model that ships. The
+model is compared with predicting the training labels' mean and median (per fold, from the rows that
+fold trained on); the quality gate (``coughreg.gate``) decides from that whether it ships. The report
+shows the verdict, predicted vs true, residuals, training curves and, for ``logging.number_of_audios``
+recordings, the spectrogram with what the model listened to (occlusion: how much the prediction moves
+when a slice of time is replaced by the clip's background).
 """
 
 from __future__ import annotations
@@ -18,12 +23,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from coughreg import artifacts, report
+from coughreg import artifacts, gate, report
 from coughreg.config import ExperimentConfig, save_config
+from coughreg.errors import CoughPipelineError
+from coughreg.export import model_weights_sha256
+from coughreg.frontend import LogMel
 from coughreg.metrics import metric_value, regression_metrics
+from coughreg.model import CoughScorer
+from coughreg.scoring.cli import plan_threads
+from coughreg.scoring.policy import Policy
+from coughreg.scoring.scorer import Scorer
 from coughreg.shards import SpectrogramShardReader
 from coughreg.step_config import chain_keys, with_upstream
-from coughreg.storage import atomic_write_text
+from coughreg.storage import atomic_path, atomic_write_text
 from coughreg.training import load_members
 
 log = logging.getLogger(__name__)
@@ -34,6 +46,60 @@ class EvaluationResult:
     metrics: dict
     metrics_path: Path
     report_path: Path
+    predictions_path: Path
+
+    @property
+    def gate(self) -> dict:
+        return self.metrics["quality_gate"]
+
+
+SCORE_COLUMNS = ["duration_s", "n_chunks", "truncated", "status", "reason"]
+
+
+def scoring_policy(config: ExperimentConfig) -> Policy:
+    """The chunking the config asks for: the evaluation step's and, through it, the exported scorer's."""
+    prediction = config.prediction
+    return Policy(config.audio.sample_rate, prediction.inference_chunk_seconds, prediction.max_inference_chunk_seconds)
+
+
+def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, info: dict, config: ExperimentConfig,
+                     workers: int | None = None) -> pd.DataFrame:
+    """Every validation recording decoded from the ingested audio and scored by its own fold's models (the
+    seeds averaged) through the scoring pipeline: one row each, with the training's id, fold and labels."""
+    manifest, _ = artifacts.read_manifest(ingest_dir)
+    audio = manifest[(manifest["status"] == "ok") & (manifest["split"] != "test")].set_index("id")["audio_path"]
+    missing = sorted(set(trained["id"]) - set(audio.index))
+    if missing:
+        raise CoughPipelineError(f"{ingest_dir}: {len(missing)} validation recording(s) of {model_dir} are not in this ingest "
+                                 f"output (first: {missing[0]}); pass the ingest output of the same run")
+    labels = info["label_columns"]
+    members = load_members(model_dir)
+    policy = scoring_policy(config)
+    threads = torch.get_num_threads()
+    workers = plan_threads(workers)
+    try:
+        parts = []
+        for fold, rows in trained.groupby("fold", sort=True):
+            ensemble = CoughScorer(LogMel.from_config(config.audio),
+                                   [m for m, meta in zip(members, info["members"], strict=True) if meta["fold"] == fold]).eval()
+
+            def predict(batch: np.ndarray, model=ensemble) -> np.ndarray:
+                with torch.inference_mode():
+                    return model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+
+            scorer = Scorer.from_predict(predict, policy, labels)
+            log.info("fold %s: scoring %d validation recordings from audio", fold, len(rows))
+            scored = scorer.score_paths([(identifier, ingest_dir / audio[identifier]) for identifier in rows["id"]], workers)
+            frame = rows.drop(columns=[c for c in rows.columns if c.startswith("pred_")]).reset_index(drop=True)
+            table = pd.DataFrame(scored)
+            for label in labels:
+                frame[f"pred_{label}"] = table[label].to_numpy(dtype=float)
+            for column in SCORE_COLUMNS:
+                frame[column] = table[column].to_numpy()
+            parts.append(frame)
+    finally:
+        torch.set_num_threads(threads)
+    return pd.concat(parts, ignore_index=True)
 
 
 def _baseline_predictions(predictions: pd.DataFrame, info: dict, labels: list[str]) -> dict[str, np.ndarray]:
@@ -48,13 +114,21 @@ def _baseline_predictions(predictions: pd.DataFrame, info: dict, labels: list[st
 
 
 def compute_metrics(predictions: pd.DataFrame, info: dict, config: ExperimentConfig) -> dict:
+    """Metrics of the scored rows beside the baselines on the same rows (a recording that could not be scored
+    is counted, not scored as anything)."""
     labels = info["label_columns"]
+    unscored = int((predictions["status"] != "ok").sum()) if "status" in predictions else 0
+    if unscored:
+        predictions = predictions[predictions["status"] == "ok"]
+    if predictions.empty:
+        raise CoughPipelineError("no validation recording could be scored (see the reasons in the evaluation's predictions.parquet)")
     truth = predictions[labels].to_numpy(dtype=float)
     predicted = predictions[[f"pred_{label}" for label in labels]].to_numpy(dtype=float)
     model = regression_metrics(truth, predicted)
     baselines = {kind: regression_metrics(truth, values) for kind, values in _baseline_predictions(predictions, info, labels).items()}
     metrics = {
         "validation_rows": int(len(predictions)),
+        "validation_unscored": unscored,
         "metric": config.prediction.metric,
         "metric_value": metric_value(model, config.prediction.metric),
         **{f"validation_{k}": v for k, v in model.items()},
@@ -97,7 +171,13 @@ def build_report(predictions, metrics, history, info, config, features_dir, mode
     truth = predictions[first].to_numpy(float)
     predicted = predictions[f"pred_{first}"].to_numpy(float)
     residual = predicted - truth
-    sections = []
+    verdict = metrics["quality_gate"]
+    badge = "pass" if verdict["passed"] else "fail"
+    sections = [("Quality gate", (
+        f"<p class='gate {badge}'><strong>{'Passed' if verdict['passed'] else 'Failed'}</strong>: {html.escape(verdict['message'])}. "
+        + ("The scorer is exported." if verdict["passed"] else "No scorer is exported and the test table is not scored.")
+        + "</p>"
+    ))]
 
     rows = [
         ("model", metrics["validation_mae"], metrics["validation_rmse"], metrics["validation_r2"]),
@@ -108,7 +188,10 @@ def build_report(predictions, metrics, history, info, config, features_dir, mode
     summary += (
         f"<p class='note'>{metrics['validation_rows']} validation recordings; {html.escape(metrics['validation_scheme'])}; "
         f"folds {metrics['folds']}; backbone {html.escape(info['backbone'])}; seed {info['seed']}; "
-        f"ranking metric {metrics['metric']} = {metrics['metric_value']:.4f}.</p>"
+        f"ranking metric {metrics['metric']} = {metrics['metric_value']:.4f}. Each recording was decoded and scored as the "
+        f"exported scorer scores it: chunks of {config.prediction.inference_chunk_seconds:g} s, the first "
+        f"{config.prediction.max_inference_chunk_seconds:g} s ({metrics['validation_truncated']} longer), "
+        f"{metrics['validation_unscored']} could not be scored.</p>"
     )
     sections.append(("Validation metrics", summary))
 
@@ -162,27 +245,40 @@ def build_report(predictions, metrics, history, info, config, features_dir, mode
     return report.page(f"{config.experiment_name}: evaluation", sections)
 
 
-def evaluate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, config: ExperimentConfig) -> EvaluationResult:
-    """Score the validation predictions of a train step and write metrics and the report.
+def evaluate(model_dir: str | Path, features_dir: str | Path, ingest_dir: str | Path, out_dir: str | Path,
+             config: ExperimentConfig, workers: int | None = None) -> EvaluationResult:
+    """Score the validation recordings of a train step from audio; write predictions, metrics, the gate's verdict and the report.
 
     Args:
-        model_dir: the train step's output (``predictions.parquet``, ``model.json``, weights).
+        model_dir: the train step's output (``model.json``, the weights, which rows each fold validated on).
         features_dir: the features step's output the model was trained on (spectrograms for the report).
-        out_dir: where ``metrics.json`` and ``report.html`` go.
-        config: the evaluate step's keys (``logging.number_of_audios``, ``training.run_interpretations``,
-            ``experiment_name``); the model is rebuilt from the config saved beside it.
+        ingest_dir: the ingest step's output the features were made from (the recordings themselves).
+        out_dir: where ``predictions.parquet``, ``metrics.json`` and ``report.html`` go.
+        config: the evaluate step's keys (``prediction.inference_chunk_*``, ``prediction.max_mae_to_median_baseline``,
+            ``logging.number_of_audios``, ``training.run_interpretations``, ``experiment_name``); the model is
+            rebuilt from the config saved beside it.
+        workers: recordings scored at once (default: one per CPU).
     """
-    model_dir, features_dir, out_dir = Path(model_dir), Path(features_dir), Path(out_dir)
+    model_dir, features_dir, ingest_dir, out_dir = Path(model_dir), Path(features_dir), Path(ingest_dir), Path(out_dir)
     config = with_upstream(config, "evaluate", artifacts.read_config(model_dir, "train"))
     info = artifacts.read_model_info(model_dir)
     artifacts.check_same_shards(info, artifacts.read_shard_index(features_dir), model_dir, features_dir)
-    predictions = pd.read_parquet(artifacts.require(model_dir, artifacts.PREDICTIONS, "train"))
+    trained = pd.read_parquet(artifacts.require(model_dir, artifacts.PREDICTIONS, "train"))
+    predictions = score_validation(model_dir, ingest_dir, trained, info, config, workers)
     history_path = model_dir / artifacts.HISTORY
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     metrics = compute_metrics(predictions, info, config)
+    verdict = gate.decide(metrics, config.prediction.max_mae_to_median_baseline)
+    metrics.update(quality_gate=verdict, quality_gate_passed=int(verdict["passed"]),
+                   max_mae_to_median_baseline=verdict["threshold"], model_weights_sha256=model_weights_sha256(model_dir, info),
+                   validation_truncated=int(predictions["truncated"].sum()))
     out_dir.mkdir(parents=True, exist_ok=True)
+    predictions_path = out_dir / artifacts.PREDICTIONS
+    with atomic_path(predictions_path) as tmp:
+        predictions.to_parquet(tmp, index=False)
     report_path = out_dir / artifacts.REPORT
-    atomic_write_text(report_path, build_report(predictions, metrics, history, info, config, features_dir, model_dir))
+    scored = predictions[predictions["status"] == "ok"].reset_index(drop=True)
+    atomic_write_text(report_path, build_report(scored, metrics, history, info, config, features_dir, model_dir))
     save_config(config, out_dir, chain_keys("evaluate"))
     metrics_path = out_dir / artifacts.METRICS
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # last: the folder is finished
@@ -190,4 +286,5 @@ def evaluate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
         "evaluation: validation MAE %.4f (median baseline %.4f, mean baseline %.4f) on %d recordings -> %s",
         metrics["validation_mae"], metrics["baseline_median_mae"], metrics["baseline_mean_mae"], metrics["validation_rows"], report_path,
     )
-    return EvaluationResult(metrics, metrics_path, report_path)
+    log.info("quality gate %s: %s", verdict["verdict"], verdict["message"])
+    return EvaluationResult(metrics, metrics_path, report_path, predictions_path)

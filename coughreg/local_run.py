@@ -27,10 +27,14 @@ class LocalRunResult:
     report: Path
     metrics: Path
     model: Path
-    scorer: Path
+    scorer: Path | None  # None when the model failed the quality gate
     pipeline: Path
     values: dict
     seconds: float
+
+    @property
+    def gate(self) -> dict:
+        return self.values.get("quality_gate", {})
 
 
 @contextlib.contextmanager
@@ -88,7 +92,8 @@ def run_local(pipeline: ModuleType, source_uri: str, config: ExperimentConfig, o
     metrics_file = evaluation / artifacts.METRICS
     values = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(run.outputs["metrics"].metadata)
     html_copy = evaluation / artifacts.REPORT  # the same page, with a name browsers open
+    scorer = run.outputs["scorer_uri"]  # the export task's artifact (a local path here), "" when the gate failed
     return LocalRunResult(
         html_copy if html_copy.exists() else report, metrics_file, Path(run.outputs["model"].path),
-        Path(run.outputs["scorer"].path), compiled, values, time.perf_counter() - started,
+        Path(scorer) if scorer else None, compiled, values, time.perf_counter() - started,
     )

@@ -72,6 +72,8 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
         "h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
         "th{background:#f3f3f3}img{max-width:100%}.note{color:#555;font-size:.9em}"
+        ".gate{padding:.6em 1em;border-radius:4px}.gate.pass{background:#e6f4ea;border:1px solid #8c8}"
+        ".gate.fail{background:#fdecea;border:1px solid #d88}"
     )
     body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
     return (

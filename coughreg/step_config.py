@@ -29,7 +29,7 @@ UPSTREAM = {
     "features": ("ingest",),
     "train": ("ingest", "features"),
     "evaluate": ("ingest", "features", "train"),
-    "export": ("ingest", "features", "train"),
+    "export": ("ingest", "features", "train", "evaluate"),
 }
 NOT_PARAMETERS = ("cluster", "resolved")  # the Kubernetes side and bookkeeping
 
@@ -41,7 +41,7 @@ SECTION_OWNER = {
     "dataset": "ingest",
     "environment": "train",
     "logging": "train",
-    "prediction": "export",
+    "prediction": "evaluate",  # the chunking validation recordings are scored with, which the scorer keeps
     "training": "train",
     "ingest": "ingest",
     "features": "features",
@@ -70,12 +70,13 @@ RUNTIME = {
     "cluster.checkpoint_uri": ("train", "COUGHREG_CHECKPOINT_URI"),
     "cluster.weights_uri": ("preflight", "COUGHREG_WEIGHTS_URI"),
 }
-# Keys a user sets in the KFP UI as typed run parameters (the train step's JSON leaves them out).
+# Keys a user sets in the KFP UI as typed run parameters (their step's JSON leaves them out).
 UI_PARAMETERS = {
     "backbone": "architecture.backbone",
     "epochs": "training.epochs",
     "learning_rate": "training.learning_rate",
     "batch_size": "training.batch_size",
+    "max_mae_to_median_baseline": "prediction.max_mae_to_median_baseline",
 }
 
 
@@ -175,12 +176,16 @@ def step_parameter(config: ExperimentConfig, step: str, exclude: tuple[str, ...]
     return json.dumps(step_settings(config, step, exclude), sort_keys=True, separators=(",", ":"))
 
 
+def typed_parameters(step: str) -> dict[str, str]:
+    """The typed run parameters a step's task receives beside its JSON: name -> dotted key."""
+    return {name: key for name, key in UI_PARAMETERS.items() if owner(key) == step}
+
+
 def step_arguments(config: ExperimentConfig, step: str) -> dict[str, Any]:
-    """The parameters a step's task receives: ``<step>_config``, and for train the typed run parameters."""
-    if step != "train":
-        return {f"{step}_config": step_parameter(config, step)}
-    typed = {name: config_values(config, [key])[key] for name, key in UI_PARAMETERS.items()}
-    return {"train_config": step_parameter(config, "train", exclude=tuple(UI_PARAMETERS.values())), **typed}
+    """The parameters a step's task receives: ``<step>_config``, and its typed run parameters."""
+    typed = typed_parameters(step)
+    values = {name: config_values(config, [key])[key] for name, key in typed.items()}
+    return {f"{step}_config": step_parameter(config, step, exclude=tuple(typed.values())), **values}
 
 
 def check_keys(step: str, given: dict[str, Any], where: str, strict: bool) -> dict[str, Any]:

@@ -407,17 +407,20 @@ def _train_rank(features_dir: str, out_dir: str, config: ExperimentConfig) -> No
 
 
 @reports_errors("evaluate")
-def evaluate_step(model: str | Path, features: str | Path, out: str | Path, given: Given, *, metrics: Any = None,
-                  html: str | None = None, s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
+def evaluate_step(model: str | Path, features: str | Path, ingest: str | Path, out: str | Path, given: Given, *,
+                  metrics: Any = None, html: str | None = None, s3: S3Options | None = None, cache_dir: Path | None = None,
+                  workers: int | None = None) -> dict:
+    """Validation recordings scored from audio, metrics, the quality gate's verdict (``metrics['quality_gate']``)."""
     from coughreg.evaluate import evaluate
 
     setup_logging()
     limit_threads()
     with _staged(s3, cache_dir) as staging:
-        model_dir, features_dir, out_dir = staging.input(model), staging.input(features), staging.output(out)
+        model_dir, features_dir, ingest_dir = staging.input(model), staging.input(features), staging.input(ingest)
+        out_dir = staging.output(out)
         upstream = artifacts.read_config(model_dir, "train")
         config = given.build("evaluate", upstream, f"the model {model}")
-        result = evaluate(model_dir, features_dir, out_dir, config)
+        result = evaluate(model_dir, features_dir, ingest_dir, out_dir, config, workers)
         _copy_html(result.report_path, html)
     log_metrics(metrics, result.metrics)
     return result.metrics
@@ -434,16 +437,44 @@ def run_identity(artifact_uri: str | None) -> dict:
 
 
 @reports_errors("export")
-def export_step(model: str | Path, out: str | Path, given: Given, *, artifact_uri: str | None = None,
+def export_step(model: str | Path, evaluation: str | Path, out: str | Path, given: Given, *, artifact_uri: str | None = None,
                 s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
     from coughreg.export import export
 
     setup_logging()
     limit_threads()
     with _staged(s3, cache_dir) as staging:
-        model_dir, out_dir = staging.input(model), staging.output(out)
-        upstream = artifacts.read_config(model_dir, "train")
-        config = given.build("export", upstream, f"the model {model}")
-        result = export(model_dir, out_dir, config, run_identity(artifact_uri or str(out)))
-    return {"scorer": str(out if is_s3_uri(str(out)) else result.scorer_dir),
-            "program": result.program_path is not None}
+        model_dir, evaluation_dir, out_dir = staging.input(model), staging.input(evaluation), staging.output(out)
+        upstream = artifacts.read_config(evaluation_dir, "evaluate")
+        config = given.build("export", upstream, f"the evaluation {evaluation}")
+        result = export(model_dir, evaluation_dir, out_dir, config, run_identity(artifact_uri or str(out)))
+    return {"scorer": str(out if is_s3_uri(str(out)) else result.scorer_dir), "programs": result.programs}
+
+
+# ---------------------------------------------------------------- after the gate
+
+
+@reports_errors("score")
+def score_test_step(scorer: str | Path, ingest: str | Path, out: str | Path, *, metrics: Any = None,
+                    s3: S3Options | None = None, cache_dir: Path | None = None, workers: int | None = None) -> dict:
+    """The test table (``dataset.test_dataframe``) scored with the exported scorer (``coughreg.test_scoring``)."""
+    from coughreg.test_scoring import score_test_table
+
+    setup_logging()
+    with _staged(s3, cache_dir) as staging:
+        summary = score_test_table(staging.input(scorer), staging.input(ingest), staging.output(out), workers)
+    log_metrics(metrics, summary)
+    return summary
+
+
+def gate_failed_step(evaluation: str | Path, out: str | Path) -> str:
+    """What a run whose model failed the quality gate leaves where the scorer would be: a note saying why."""
+    from coughreg.storage import atomic_write_text
+
+    setup_logging()
+    verdict = artifacts.read_json(evaluation, artifacts.METRICS, "evaluate")["quality_gate"]
+    message = f"quality gate failed: {verdict['message']}"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out) / artifacts.GATE_NOTE, message + "\nNo scorer was exported; see the evaluation report.\n")
+    log.warning("%s", message)
+    return message

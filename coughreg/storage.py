@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from coughreg.errors import StorageError
+from coughreg.scoring.scorer import sha256_file  # noqa: F401 - one place (every scorer folder carries it)
 
 log = logging.getLogger(__name__)
 
@@ -295,14 +296,6 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def sha256_file(path: Path, chunk: int = 2**20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def upload_folder(folder: Path, uri: str, options: S3Options | None = None) -> int:

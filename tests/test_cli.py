@@ -60,13 +60,18 @@ def test_rerun_one_step_from_s3_artifacts(s3_env, bucket, tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr
     keys = {o["Key"] for o in s3_env.client().list_objects_v2(Bucket=bucket, Prefix="iteration-2/model/")["Contents"]}
     assert {"iteration-2/model/model.json", "iteration-2/model/predictions.parquet", "iteration-2/model/fold0_seed0/model.safetensors"} <= keys
-    # export reads everything that made the model from the model's folder: no --config, no repeated --set
-    done = _run("step", "export", "--model", f"s3://{bucket}/iteration-2/model/", "--out", str(tmp_path / "scorer"),
-                "--cache-dir", str(tmp_path / "cache"))
+    # evaluate and export read everything that made the model from its folder: no --config, no repeated --set
+    done = _run("step", "evaluate", "--model", f"s3://{bucket}/iteration-2/model/", "--features", str(tiny_run["features"]),
+                "--dataset", str(tiny_run["ingest"]), "--out", f"s3://{bucket}/iteration-2/evaluation/",
+                "--set", "prediction.max_mae_to_median_baseline=100", "--cache-dir", str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "scorer" / "scorer.safetensors").exists()
+    assert "quality gate passed: validation MAE" in done.stdout
+    done = _run("step", "export", "--model", f"s3://{bucket}/iteration-2/model/", "--evaluation", f"s3://{bucket}/iteration-2/evaluation/",
+                "--out", str(tmp_path / "scorer"), "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "scorer" / "scorer.ts").exists() and (tmp_path / "scorer" / "score.py").exists()
     # the training config again, without the --set it was trained with: refused, naming both values
-    done = _run("step", "export", "--model", f"s3://{bucket}/iteration-2/model/", "--out", str(tmp_path / "scorer-2"),
-                "--config", str(config_path), "--cache-dir", str(tmp_path / "cache"))
+    done = _run("step", "export", "--model", f"s3://{bucket}/iteration-2/model/", "--evaluation", f"s3://{bucket}/iteration-2/evaluation/",
+                "--out", str(tmp_path / "scorer-2"), "--config", str(config_path), "--cache-dir", str(tmp_path / "cache"))
     assert done.returncode == 2
-    assert f"training.epochs: the model s3://{bucket}/iteration-2/model/ was made with 1, {config_path} says 2" in done.stderr
+    assert f"training.epochs: the evaluation s3://{bucket}/iteration-2/evaluation/ was made with 1, {config_path} says 2" in done.stderr

@@ -49,8 +49,13 @@ PLATFORM = {
     "overlays/kubeflow-multi-user": ("coughreg", "default-editor", False),
     "overlays/kfp-standalone": ("kubeflow", "pipeline-runner", False),
 }
+# The exported scorer on KServe: applied on its own, into the namespace an overlay set up.
+SERVING = "serving"
 # Kinds kubernetes-validate has no schema for, checked against their CRD instead (kept in the repo).
-CRDS = {("kubeflow.org/v1", "Profile"): DATA / "schemas" / "kubeflow.org_profiles.yaml"}
+CRDS = {
+    ("kubeflow.org/v1", "Profile"): DATA / "schemas" / "kubeflow.org_profiles.yaml",
+    ("serving.kserve.io/v1beta1", "InferenceService"): DATA / "schemas" / "serving.kserve.io_inferenceservices.yaml",
+}
 
 
 @functools.cache
@@ -82,7 +87,8 @@ def _crd_schema(api_version: str, kind: str) -> dict:
     field validation, its default) refuses them: every object schema with properties and no
     `additionalProperties` / `x-kubernetes-preserve-unknown-fields` is closed here to match.
     """
-    crd = yaml.safe_load(CRDS[(api_version, kind)].read_text())
+    # libyaml's safe loader where it is built in: the KServe CRD is 2 MB of YAML.
+    crd = yaml.load(CRDS[(api_version, kind)].read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     group, version = api_version.split("/")
     assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
@@ -121,6 +127,10 @@ def _pod_specs(objects: list[dict]) -> list[tuple[str, dict]]:
             specs.append((f"{o['kind']}/{o['metadata']['name']}", spec["template"]["spec"]))
         elif "jobTemplate" in spec:
             specs.append((f"{o['kind']}/{o['metadata']['name']}", spec["jobTemplate"]["spec"]["template"]["spec"]))
+        elif o["kind"] == "InferenceService":  # each component carries the pod's fields itself
+            for component in ("predictor", "transformer", "explainer"):
+                if component in spec:
+                    specs.append((f"InferenceService/{o['metadata']['name']}/{component}", spec[component]))
     return specs
 
 
@@ -270,6 +280,145 @@ def test_a_broken_profile_fails_the_crd_schema(breakage, where):
     assert any(error.startswith(f"{where}: ") for error in errors), f"{breakage.__name__}: {errors}"
 
 
+def _scorer_service() -> dict:
+    return _one(_objects(SERVING), "InferenceService", "cough-regression")
+
+
+def _serving_container(service: dict) -> dict:
+    (container,) = service["spec"]["predictor"]["containers"]
+    return container
+
+
+def _pipeline_argv(container: dict) -> list[str]:
+    """What the container passes pipeline.py (the image has no entrypoint: command and args are the process)."""
+    argv = container.get("command", []) + container.get("args", [])
+    assert argv[:2] == ["python", "pipeline.py"], argv
+    return argv[2:]
+
+
+def test_the_serving_target_builds_and_matches_the_kserve_crd():
+    objects = _objects(SERVING)
+    # The InferenceService alone: the base's Secret template must not overwrite the Secret an overlay applied.
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [("InferenceService", "cough-regression")]
+    service = objects[0]
+    assert _crd_errors(service) == []
+    assert service["metadata"]["namespace"] == PLATFORM["base"][0]
+    assert service["metadata"]["labels"]["app.kubernetes.io/part-of"] == "coughreg"
+    predictor = service["spec"]["predictor"]
+    # A custom predictor that downloads the scorer itself: no model format, no storage initializer.
+    assert not {"model", "storageUri", "storageUris"} & set(predictor), sorted(predictor)
+    assert _serving_container(service)["name"] == "kserve-container"
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    # The image is named once, in kustomization.yaml's `images:`, which sets its tag.
+    source = yaml.safe_load((PROJECT / "manifests" / SERVING / "inferenceservice.yaml").read_text())
+    (named,) = source["spec"]["predictor"]["containers"]
+    kustomization = yaml.safe_load((PROJECT / "manifests" / SERVING / "kustomization.yaml").read_text())
+    assert [entry["name"] for entry in kustomization["images"]] == [named["image"]] and ":" not in named["image"]
+
+
+def _port_not_a_number(service):
+    service["spec"]["predictor"]["containers"][0]["ports"][0]["containerPort"] = "eighty"
+
+
+def _unknown_predictor_field(service):
+    service["spec"]["predictor"]["replicas"] = 2
+
+
+def _unknown_container_field(service):
+    service["spec"]["predictor"]["containers"][0]["port"] = 8080
+
+
+def _replicas_not_a_number(service):
+    service["spec"]["predictor"]["minReplicas"] = "one"
+
+
+def _cpu_not_a_quantity(service):
+    service["spec"]["predictor"]["containers"][0]["resources"]["requests"]["cpu"] = "two cores"
+
+
+def _secret_ref_misspelled(service):
+    ref = service["spec"]["predictor"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
+    ref["secret"] = ref.pop("name")
+
+
+def _probe_path_misspelled(service):
+    probe = service["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGet"]
+    probe["url"] = probe.pop("path")
+
+
+def _container_without_name(service):
+    del service["spec"]["predictor"]["containers"][0]["name"]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "where"),
+    [
+        (_port_not_a_number, "spec.predictor.containers.0.ports.0.containerPort"),
+        (_unknown_predictor_field, "spec.predictor"),
+        (_unknown_container_field, "spec.predictor.containers.0"),
+        (_replicas_not_a_number, "spec.predictor.minReplicas"),
+        (_cpu_not_a_quantity, "spec.predictor.containers.0.resources.requests.cpu"),
+        (_secret_ref_misspelled, "spec.predictor.containers.0.env.0.valueFrom.secretKeyRef"),
+        (_probe_path_misspelled, "spec.predictor.containers.0.readinessProbe.httpGet"),
+        (_container_without_name, "spec.predictor.containers.0"),
+    ],
+)
+def test_a_broken_inferenceservice_fails_the_crd_schema(breakage, where):
+    service = copy.deepcopy(_scorer_service())
+    breakage(service)
+    errors = _crd_errors(service)
+    assert any(error.startswith(f"{where}: ") for error in errors), f"{breakage.__name__}: {errors}"
+
+
+def test_the_scorer_service_serves_the_s3_scorer_with_the_secrets_keys_on_its_probed_port():
+    service = _scorer_service()
+    predictor = service["spec"]["predictor"]
+    container = _serving_container(service)
+    argv = _pipeline_argv(container)
+    assert argv[0] == "serve"
+    option = dict(zip(argv[1::2], argv[2::2]))
+    assert option["--scorer"].startswith("s3://") and option["--host"] == "0.0.0.0"
+    (port,) = container["ports"]
+    # KServe routes to a custom container's one port; Knative wants it named http1 (or h2c).
+    assert port["name"] == "http1" and port["containerPort"] == int(option["--port"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": port["containerPort"]}, probe
+    # The port opens once the scorer is downloaded and loaded: the startup probe waits minutes for it.
+    startup = container["startupProbe"]
+    assert startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"] >= 180
+
+    env = {e["name"]: e for e in container["env"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3"):
+        assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "coughreg-s3", key
+        assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
+    assert not any("AWS" in arg for arg in argv), "credentials come from the Secret, never from the arguments"
+
+    # The image's user, workdir and pipeline.py (docker/Dockerfile); a read-only root filesystem, so
+    # the download cache and /tmp are emptyDirs.
+    dockerfile = (PROJECT / "docker" / "Dockerfile").read_text()
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
+    security = container["securityContext"]
+    assert (str(security["runAsUser"]), str(security["runAsGroup"])) == user and security["runAsNonRoot"] is True
+    assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert f"WORKDIR {container['workingDir']}" in dockerfile
+    assert f"/src/pipeline.py {container['workingDir']}/pipeline.py" in dockerfile
+    empty_dirs = {v["name"] for v in predictor["volumes"] if "emptyDir" in v}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[env["COUGHREG_CACHE"]["value"]] in empty_dirs and mounts["/tmp"] in empty_dirs
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+
+
+def test_the_serving_command_parses_with_the_real_command_line():
+    from coughreg.cli import build_parser, cmd_serve
+
+    container = _serving_container(_scorer_service())
+    args = build_parser().parse_args(_pipeline_argv(container))
+    assert args.command == "serve" and args.func is cmd_serve
+    assert args.host == "0.0.0.0" and args.port == 8080 == container["ports"][0]["containerPort"]
+    assert args.scorer.startswith("s3://") and args.scorer.endswith("/scorer")
+
+
 def test_the_minio_job_creates_the_pipeline_root_bucket_with_the_secrets_credentials(tmp_path):
     objects = _objects("overlays/minio-dev")
     job = _one(objects, "Job")
@@ -333,7 +482,7 @@ def test_the_minio_job_creates_the_pipeline_root_bucket_with_the_secrets_credent
     assert secret["AWS_ENDPOINT_URL_S3"].startswith("http://coughreg-minio.coughreg.svc")
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", [*TARGETS, SERVING])
 def test_every_container_image_is_pinned(target):
     objects = _objects(target)
     images = [
@@ -349,6 +498,15 @@ def test_every_container_image_is_pinned(target):
     if target == "overlays/minio-dev":
         assert {image.split(":")[0] for _, image in images} == {"quay.io/minio/minio", "quay.io/minio/mc"}
         assert all(re.search(r":RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ$", image) for _, image in images), images
+    if target == SERVING:
+        # The project's CPU image, named as coughreg/images.py names it. The tag is the image the scorer
+        # was exported with (kustomization.yaml's `images:`), not necessarily this checkout's.
+        from coughreg import images as built
+
+        form = re.escape(f"{built.REGISTRY}/coughreg:{built.VERSION}-") + r"[0-9a-f]{12}-cpu"
+        assert [re.fullmatch(form, image) is not None for _, image in images] == [True], images
+        if not {"COUGHREG_CPU_IMAGE", "COUGHREG_IMAGE_TAG"} & set(os.environ):
+            assert re.fullmatch(form, built.CPU_IMAGE), built.CPU_IMAGE
 
 
 def test_components_take_their_image_from_one_place():

@@ -1,4 +1,4 @@
-"""The DAG: it compiles with its five tasks, edges and GPU request, and runs end to end through kfp.local.
+"""The DAG: it compiles with its steps, edges, quality gate and GPU request, and runs end to end through kfp.local.
 
 No `from __future__ import annotations` here: KFP reads real annotations.
 """
@@ -15,7 +15,7 @@ import yaml
 import pipeline
 from coughreg.config import load_config, load_resolved_config
 from coughreg.local_run import run_local
-from coughreg.score import load_scorer
+from coughreg.scoring.scorer import Scorer
 from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
 
 
@@ -34,21 +34,28 @@ def compiled(tmp_path_factory):
 
 def _producers(task: dict) -> set[str]:
     artifacts = task.get("inputs", {}).get("artifacts", {})
-    return {a["taskOutputArtifact"]["producerTask"] for a in artifacts.values()}
+    return {a["taskOutputArtifact"]["producerTask"] for a in artifacts.values() if "taskOutputArtifact" in a}
+
+
+def _branches(spec: dict) -> dict[str, dict]:
+    """The quality gate's two branches: taskInfo name -> (condition task, its component's tasks)."""
+    (group,) = [t for name, t in spec["root"]["dag"]["tasks"].items() if name.startswith("condition-branches")]
+    inner = spec["components"][group["componentRef"]["name"]]["dag"]["tasks"]
+    return {t["taskInfo"]["name"]: (t, spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]) for t in inner.values()}
 
 
 def test_five_steps_wired_in_order(compiled):
     tasks = compiled["root"]["dag"]["tasks"]
     assert set(tasks) == {"preflight", "ingest", "plan-feature-parts", "for-loop-1", "collect-features", "train",
-                          "evaluate", "export"}
+                          "evaluate", "condition-branches-2"}
     assert _producers(tasks["ingest"]) == set()
     version = tasks["ingest"]["inputs"]["parameters"]["source_version"]["taskOutputParameter"]
     assert version["producerTask"] == "preflight" and version["outputParameterKey"] == "source_version"  # a parameter, not an artifact
     assert tasks["preflight"]["cachingOptions"] == {}  # it looks every time
     assert _producers(tasks["collect-features"]) == {"ingest", "for-loop-1"}
     assert _producers(tasks["train"]) == {"collect-features"}
-    assert _producers(tasks["evaluate"]) == {"train", "collect-features"}
-    assert _producers(tasks["export"]) == {"train"}
+    assert _producers(tasks["evaluate"]) == {"train", "collect-features", "ingest"}  # validation scored from the audio
+    assert _producers(tasks["condition-branches-2"]) == {"train", "evaluate"}
     names = {name: task["taskInfo"]["name"] for name, task in tasks.items()}
     assert names["train"] == "3. Train (GPU)" and names["ingest"] == "1. Ingest recordings"
 
@@ -83,7 +90,8 @@ def test_kubernetes_settings(compiled):
     assert platform["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     tasks = compiled["root"]["dag"]["tasks"]
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 3 and tasks["ingest"]["retryPolicy"]["backoffDuration"] == "30s"
-    assert all(task["cachingOptions"].get("enableCache", False) for name, task in tasks.items() if name not in ("preflight", "for-loop-1"))
+    assert all(task["cachingOptions"].get("enableCache", False) for name, task in tasks.items()
+               if name not in ("preflight", "for-loop-1") and not name.startswith("condition"))
     resources = compiled["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert resources["resourceMemoryRequest"] == "32Gi" and resources["resourceCpuRequest"] == "8"
     dumped = yaml.safe_dump(compiled)
@@ -102,8 +110,11 @@ def test_node_selector_and_per_step_cache(tmp_path):
 
 def test_each_step_gets_its_own_keys_and_the_ui_gets_typed_parameters(compiled):
     parameters = compiled["root"]["inputDefinitions"]["parameters"]
-    assert set(parameters) == {"source_uri", "backbone", "epochs", "learning_rate", "batch_size", "feature_parts",
-                               "ingest_config", "features_config", "train_config", "evaluate_config", "export_config"}
+    assert set(parameters) == {"source_uri", "backbone", "epochs", "learning_rate", "batch_size", "max_mae_to_median_baseline",
+                               "feature_parts", "ingest_config", "features_config", "train_config", "evaluate_config",
+                               "export_config"}
+    assert parameters["max_mae_to_median_baseline"]["parameterType"] == "NUMBER_DOUBLE"
+    assert parameters["max_mae_to_median_baseline"]["defaultValue"] == 1.0
     assert parameters["backbone"]["parameterType"] == "STRING" and parameters["backbone"]["defaultValue"] == "resnet50"
     assert parameters["epochs"]["parameterType"] == "NUMBER_INTEGER" and parameters["learning_rate"]["parameterType"] == "NUMBER_DOUBLE"
     train = json.loads(parameters["train_config"]["defaultValue"])
@@ -113,9 +124,43 @@ def test_each_step_gets_its_own_keys_and_the_ui_gets_typed_parameters(compiled):
     tasks = compiled["root"]["dag"]["tasks"]
     assert set(tasks["train"]["inputs"]["parameters"]) == {"train_config", "backbone", "epochs", "learning_rate", "batch_size",
                                                            "weights_uri", "weights_sha256"}  # the last two from the preflight
-    assert set(tasks["evaluate"]["inputs"]["parameters"]) == {"evaluate_config"}
-    outputs = compiled["root"]["outputDefinitions"]["artifacts"]
-    assert set(outputs) == {"report", "metrics", "model", "scorer"}
+    assert set(tasks["evaluate"]["inputs"]["parameters"]) == {"evaluate_config", "max_mae_to_median_baseline"}
+    evaluate_keys = json.loads(parameters["evaluate_config"]["defaultValue"])
+    assert set(evaluate_keys["prediction"]) == {"inference_chunk_method", "inference_chunk_seconds"}  # the chunking scored with
+    assert set(json.loads(parameters["export_config"]["defaultValue"])) == {"training"}  # build_scoring_pipelines only
+    outputs = compiled["root"]["outputDefinitions"]
+    assert set(outputs["artifacts"]) == {"report", "metrics", "model", "scorer"}
+    assert set(outputs["parameters"]) == {"quality_gate", "scorer_uri"}
+
+
+def test_the_quality_gate_decides_whether_the_model_ships(compiled):
+    branches = _branches(compiled)
+    passed, passed_tasks = branches["quality-gate-passed"]
+    failed, failed_tasks = branches["quality-gate-failed"]
+    assert passed["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-gate'] == 'passed'"
+    assert failed["triggerPolicy"]["condition"] == "!(inputs.parameter_values['pipelinechannel--evaluate-gate'] == 'passed')"
+    assert set(passed_tasks) == {"export"} and set(failed_tasks) == {"gate-failed"}  # no test table in the user's YAML
+    assert passed_tasks["export"]["inputs"]["artifacts"]["evaluation"]["componentInputArtifact"] == "pipelinechannel--evaluate-evaluation"
+    (group,) = [name for name in compiled["root"]["dag"]["tasks"] if name.startswith("condition-branches")]
+    group_outputs = compiled["components"][f"comp-{group}"]["dag"]["outputs"]
+    (oneof,) = group_outputs["artifacts"].values()  # dsl.OneOf: the scorer, or the note of a failed gate
+    assert {s["producerSubtask"] for s in oneof["artifactSelectors"]} == {passed["componentRef"]["name"].removeprefix("comp-"),
+                                                                         failed["componentRef"]["name"].removeprefix("comp-")}
+    scorer = compiled["root"]["dag"]["outputs"]["artifacts"]["scorer"]["artifactSelectors"][0]
+    assert scorer["producerSubtask"] == group
+
+
+def test_a_test_table_is_scored_after_the_gate(tmp_path):
+    config = load_resolved_config(HT_YAML, ["dataset.test_dataframe=data/user/ht/test.csv"])
+    spec = next(yaml.safe_load_all(pipeline.compile_pipeline(tmp_path / "p.yaml", config).read_text()))
+    _, tasks = _branches(spec)["quality-gate-passed"]
+    assert set(tasks) == {"export", "score-test"}
+    assert tasks["score-test"]["inputs"]["artifacts"]["scorer"]["taskOutputArtifact"]["producerTask"] == "export"
+    assert tasks["score-test"]["taskInfo"]["name"] == "6. Score the test table"
+    assert spec["components"]["comp-score-test"]["outputDefinitions"]["artifacts"]["test_predictions"]["artifactType"][
+        "schemaTitle"] == "system.Dataset"
+    local = next(yaml.safe_load_all(pipeline.compile_pipeline(tmp_path / "local.yaml", config, local=True).read_text()))
+    assert set(local["root"]["outputDefinitions"]["artifacts"]) == {"report", "metrics", "model"}  # kfp.local: OneOf of parameters only
 
 
 def test_no_gpus_means_no_request(tmp_path):
@@ -127,25 +172,34 @@ def test_no_gpus_means_no_request(tmp_path):
 @pytest.mark.slow
 def test_the_whole_dag_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, tmp_path):
     s3_env.client().upload_file(str(coughvid_zip), bucket, "ht/covid19-cough-audio-classification.zip")
-    config = load_resolved_config(HT_YAML, TINY)
+    config = load_resolved_config(HT_YAML, [*TINY, "prediction.max_mae_to_median_baseline=50"])  # this tiny model ships
     result = run_local(pipeline, f"s3://{bucket}/ht/covid19-cough-audio-classification.zip", config, tmp_path / "run")
 
     metrics = json.loads(result.metrics.read_text())
     assert metrics["validation_rows"] >= 4 and np.isfinite(metrics["validation_mae"])
     assert {"baseline_median_mae", "baseline_mean_mae", "validation_rmse", "validation_r2"} <= set(metrics)
+    assert metrics["quality_gate"]["passed"] and result.gate["threshold"] == 50
     page = result.report.read_text()
     assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
 
     assert result.pipeline == tmp_path / "run" / "pipeline.yaml" and result.pipeline.exists()  # compiled by the client
     provenance = json.loads((result.scorer / "provenance.json").read_text())
     assert provenance["run"]["pipeline"] == "cough-regression" and str(tmp_path / "run") in provenance["run"]["artifact_uri"]
+    assert provenance["quality_gate"]["passed"]
     assert (result.model / "model.json").exists()
-    scorer = load_scorer(result.scorer, device="cpu")
-    table = scorer.score_files(sorted(REAL_COUGHS.glob("*.mp3")))
-    assert len(table) == 10 and (table["status"] == "ok").all()
-    assert table["cough_detected"].between(0, 1).all() and np.isfinite(table["cough_detected"]).all()
+    rows = Scorer(result.scorer).score_paths([(p.name, p) for p in sorted(REAL_COUGHS.glob("*.mp3"))])
+    assert len(rows) == 10 and all(row["status"] == "ok" and 0 <= row["cough_detected"] <= 1 for row in rows)
     saved = load_config(result.scorer / "config.yaml")
     assert saved.environment.seed == 1234
+
+    # The same run with a gate no model passes: only evaluate reruns, nothing ships, the run still succeeds.
+    strict = load_resolved_config(HT_YAML, [*TINY, "prediction.max_mae_to_median_baseline=0.01"])
+    failed = run_local(pipeline, f"s3://{bucket}/ht/covid19-cough-audio-classification.zip", strict, tmp_path / "run")
+    assert failed.scorer is None and failed.model == result.model  # train came from the cache
+    assert failed.values["quality_gate"]["verdict"] == "failed" and failed.values["quality_gate_passed"] == 0
+    assert "allows 0.01" in failed.gate["message"] and "Failed" in failed.report.read_text()
+    notes = list((tmp_path / "run" / "pipeline-root").glob("*/gate-failed/scorer/quality_gate_failed.txt"))
+    assert len(notes) == 1 and notes[0].read_text().startswith("quality gate failed: validation MAE")
 
 
 def test_pods_that_survive_on_a_cluster(compiled):

@@ -24,7 +24,8 @@ from coughreg.training import train
 from tests.conftest import HT_YAML, PROJECT, TINY
 
 FEATURES = {"for-loop-1/feature-part", "collect-features"}
-AFTER_TRAIN = {"train", "evaluate", "export"}
+SHIPPING = {"quality-gate-passed/export", "quality-gate-failed/gate-failed"}  # the two sides of the quality gate
+AFTER_TRAIN = {"train", "evaluate"} | SHIPPING
 
 
 def _compile(tmp_path, name, *overrides):
@@ -32,27 +33,47 @@ def _compile(tmp_path, name, *overrides):
     return next(yaml.safe_load_all(path.read_text()))
 
 
+def _container_tasks(spec: dict) -> dict:
+    """Read off the IR by hand: every container task -> (root parameters it reads, tasks whose artifacts it reads)."""
+    found = {}
+
+    def walk(tasks: dict, prefix: str, channels: dict) -> None:
+        for name, task in tasks.items():
+            inputs = task.get("inputs", {})
+            parameters, producers = set(), set()
+            for spec_ in inputs.get("parameters", {}).values():
+                source = spec_.get("componentInputParameter")
+                if source:
+                    parameters |= channels.get(source, ({source}, set()))[0]
+            for spec_ in inputs.get("artifacts", {}).values():
+                if "taskOutputArtifact" in spec_:
+                    producers.add(prefix + spec_["taskOutputArtifact"]["producerTask"])
+                elif "componentInputArtifact" in spec_:
+                    producers |= channels.get(spec_["componentInputArtifact"], (set(), set()))[1]
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" not in component:
+                found[prefix + name] = (parameters, producers)
+                continue
+            inner = {key: (parameters if key in inputs.get("parameters", {}) else set(), producers) for key in
+                     [*inputs.get("parameters", {}), *inputs.get("artifacts", {})]}
+            condition = task.get("triggerPolicy", {}).get("condition")
+            group = "" if name.startswith("condition-branches") else (task["taskInfo"]["name"] if condition else name) + "/"
+            walk(component["dag"]["tasks"], prefix + group, inner)
+
+    walk(spec["root"]["dag"]["tasks"], "", {})
+    return found
+
+
 def _rekeyed_in_the_ir(before: dict, after: dict) -> set:
-    """Read off the IR by hand: tasks fed a changed pipeline parameter, then every task fed an artifact of those."""
+    """Tasks fed a changed pipeline parameter, then every task fed an artifact of those."""
     changed = {name for name, p in after["root"]["inputDefinitions"]["parameters"].items()
                if p.get("defaultValue") != before["root"]["inputDefinitions"]["parameters"][name].get("defaultValue")}
-    tasks = dict(after["root"]["dag"]["tasks"])
-    loop = after["components"][tasks.pop("for-loop-1")["componentRef"]["name"]]["dag"]["tasks"]
-    tasks.update({f"for-loop-1/{name}": task for name, task in loop.items()})
-
-    def reads(task, names):
-        return any(spec.get("componentInputParameter", "").removeprefix("pipelinechannel--") in names
-                   for spec in task.get("inputs", {}).get("parameters", {}).values())
-
-    rekeyed = {name for name, task in tasks.items() if reads(task, changed) and name != "preflight"}  # it always runs
+    tasks = _container_tasks(after)
+    rekeyed = {name for name, (parameters, _) in tasks.items() if parameters & changed and name != "preflight"}  # it always runs
     while True:
-        producers = {name.split("/")[0] for name in rekeyed}
-        grown = rekeyed | {
-            name for name, task in tasks.items()
-            if any(spec.get("taskOutputArtifact", {}).get("producerTask") in producers
-                   or (name.startswith("for-loop-1/") and "ingest" in producers)
-                   for spec in task.get("inputs", {}).get("artifacts", {}).values())
-        }
+        made_again = rekeyed | {name.split("/")[0] for name in rekeyed if name.startswith("for-loop")}
+        grown = rekeyed | {name for name, (_, producers) in tasks.items() if producers & made_again}
+        grown |= {name for name in tasks if name.startswith("for-loop-1/") and "ingest" in made_again}
         if grown == rekeyed:
             return rekeyed
         rekeyed = grown
@@ -88,9 +109,11 @@ def baseline(tmp_path_factory):
     ("audio.hop_size=256", FEATURES | AFTER_TRAIN),
     ("prediction.max_inference_chunk_seconds=300", FEATURES | AFTER_TRAIN),
     ("dataset.label_columns=[cough_detected, severity_1]", {"ingest"} | FEATURES | AFTER_TRAIN),
-    ("logging.number_of_audios=3", {"evaluate"}),
-    ("training.run_interpretations=false", {"evaluate"}),
-    ("prediction.inference_chunk_seconds=30", {"export"}),
+    ("logging.number_of_audios=3", {"evaluate"} | SHIPPING),  # the scorer is made from the evaluation it passed
+    ("training.run_interpretations=false", {"evaluate"} | SHIPPING),
+    ("prediction.inference_chunk_seconds=30", {"evaluate"} | SHIPPING),  # validation is scored as the scorer will score
+    ("prediction.max_mae_to_median_baseline=0.8", {"evaluate"} | SHIPPING),
+    ("training.build_scoring_pipelines=false", {"quality-gate-passed/export"}),
     ("environment.number_of_workers=1", set()),
     ("features.workers=1", set()),
     ("cluster.checkpoint_uri=s3://bucket/checkpoints", set()),
@@ -136,25 +159,29 @@ def test_cache_diff_tells_which_tasks_a_resubmission_reruns(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
     assert lines["ingest"].split()[3] == "cached" and lines["collect-features"].split()[3] == "cached"
-    assert "runs  (parameter learning_rate)" in lines["train"] and "runs  (new input artifacts from train)" in lines["export"]
+    assert "runs  (parameter learning_rate)" in lines["train"]
+    assert "runs  (new input artifacts from evaluate, train)" in lines["quality-gate-passed/export"]
 
 
 # ---------------------------------------------------------------- real reruns
+
+
+SHIPS = [*TINY, "prediction.max_mae_to_median_baseline=100"]  # these tiny models pass the quality gate
 
 
 @pytest.fixture(scope="module")
 def two_local_runs(coughvid_zip, tmp_path_factory):
     """The whole DAG through kfp.local twice into one folder, the second with another learning rate."""
     out = tmp_path_factory.mktemp("local-runs")
-    first = run_local(pipeline, str(coughvid_zip), load_resolved_config(HT_YAML, TINY), out)
-    second = run_local(pipeline, str(coughvid_zip), load_resolved_config(HT_YAML, [*TINY, "training.learning_rate=0.003"]), out)
+    first = run_local(pipeline, str(coughvid_zip), load_resolved_config(HT_YAML, SHIPS), out)
+    second = run_local(pipeline, str(coughvid_zip), load_resolved_config(HT_YAML, [*SHIPS, "training.learning_rate=0.003"]), out)
     return out, first, second
 
 
 @pytest.mark.slow
 def test_a_local_run_with_only_other_worker_counts_is_taken_whole_from_the_cache(two_local_runs, coughvid_zip):
     out, _, second = two_local_runs
-    config = load_resolved_config(HT_YAML, [*TINY, "training.learning_rate=0.003", "features.workers=1",
+    config = load_resolved_config(HT_YAML, [*SHIPS, "training.learning_rate=0.003", "features.workers=1",
                                             "environment.number_of_workers=1"])
     third = run_local(pipeline, str(coughvid_zip), config, out)
     latest = sorted((out / "pipeline-root").glob("cough-regression-*"))[-1]
@@ -193,8 +220,9 @@ def test_rerun_train_alone_against_a_local_runs_artifacts(two_local_runs, s3_env
                f"s3://{bucket}/iterations/lr-0.05/model/", "--config", str(config_path), "--set", "training.learning_rate=0.05")
     assert done.returncode == 0, done.stderr
     assert "model: s3://" in done.stdout
+    ingested = next((out / "pipeline-root").glob("cough-regression-*/ingest/dataset"))
     done = cli("step", "evaluate", "--model", f"s3://{bucket}/iterations/lr-0.05/model/", "--features",
-               f"s3://{bucket}/run-1/collect-features/spectrograms/", "--out", str(tmp_path / "evaluation"))
+               f"s3://{bucket}/run-1/collect-features/spectrograms/", "--dataset", str(ingested), "--out", str(tmp_path / "evaluation"))
     assert done.returncode == 0, done.stderr  # no --config: everything that made the model comes from its folder
     assert json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["validation_rows"] >= 4
     saved = yaml.safe_load((tmp_path / "evaluation" / "config.yaml").read_text())
@@ -210,11 +238,12 @@ def test_rerun_train_alone_against_a_local_runs_artifacts(two_local_runs, s3_env
 
 
 def test_export_and_evaluate_read_the_models_own_config(tiny_run, tmp_path):
-    """No --config and no repeated --set: a model trained with another backbone exports and evaluates as it was made."""
+    """No --config and no repeated --set: a model trained with another backbone evaluates and exports as it was made."""
     config = load_resolved_config(HT_YAML, [*TINY, "architecture.backbone=test_resnet", "training.epochs=1"])
     train(tiny_run["features"], tmp_path / "model", config)
-    for args in (["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "scorer")],
-                 ["evaluate", "--model", str(tmp_path / "model"), "--features", str(tiny_run["features"]), "--out", str(tmp_path / "eval")]):
+    for args in (["evaluate", "--model", str(tmp_path / "model"), "--features", str(tiny_run["features"]), "--dataset",
+                  str(tiny_run["ingest"]), "--out", str(tmp_path / "eval")],
+                 ["export", "--model", str(tmp_path / "model"), "--evaluation", str(tmp_path / "eval"), "--out", str(tmp_path / "scorer")]):
         done = subprocess.run([sys.executable, "pipeline.py", "step", *args], cwd=PROJECT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "scorer" / "scorer.json").read_text())["backbone"] == "test_resnet"
