@@ -387,13 +387,14 @@ def test_a_worker_process_that_dies_is_replaced_and_its_recording_tried_again(sh
     pool = ProcessPool(shipped["scorer"], "torchscript", 2)
     try:
         assert pool.score("first", REAL[0])["status"] == "ok"
-        victims = multiprocessing.active_children()
-        assert len(victims) == 2
-        os.kill(victims[0].pid, signal.SIGKILL)  # as a decoder crash would end it
-        victims[0].join(timeout=10)
+        workers = [child for child in multiprocessing.active_children() if child.pid in pool.pids]
+        assert len(pool.pids) == 2 and len(workers) == 2
+        os.kill(workers[0].pid, signal.SIGKILL)  # as a decoder crash would end it
+        workers[0].join(timeout=10)
         row = pool.score("after the crash", REAL[1])
         assert row["status"] == "ok" and row["cough_detected"] == pytest.approx(
             shipped["evaluation"].loc[REAL[1].name, "pred_cough_detected"], abs=TOLERANCE)
-        assert {child.pid for child in multiprocessing.active_children()}.isdisjoint({victims[0].pid})
+        assert len(pool.pids) == 2 and workers[0].pid not in pool.pids  # started again
+        assert pool.pids <= {child.pid for child in multiprocessing.active_children()}
     finally:
         pool.close()

@@ -51,14 +51,15 @@ class ProcessPool:
         self.folder, self.program, self.workers = str(folder), program, max(1, workers)
         self.label_columns = list(read_info(folder)["label_columns"])
         self._lock = threading.Lock()
+        self.pids: set[int] = set()  # the worker processes' ids (each answered once it had loaded the scorer)
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_load,
                                    initargs=(self.folder, self.program))
         started = time.perf_counter()
-        pids = set(pool.map(_ready, range(self.workers)))  # every worker has loaded the scorer
-        log.info("%d scoring process(es) ready in %.1f s", len(pids), time.perf_counter() - started)
+        self.pids = set(pool.map(_ready, range(self.workers)))  # every worker has loaded the scorer
+        log.info("%d scoring process(es) ready in %.1f s", len(self.pids), time.perf_counter() - started)
         return pool
 
     def score(self, name: str, source: str | Path | bytes) -> dict:
