@@ -39,12 +39,6 @@ def test_regression_metrics_by_hand():
     assert baselines["mean"]["mae"] == pytest.approx(np.mean(np.abs(truth - 0.5)))
 
 
-@pytest.fixture(scope="module")
-def evaluated(tiny_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evaluation")
-    return evaluate(tiny_run["model"], tiny_run["features"], tiny_run["ingest"], out, tiny_run["config"], workers=2)
-
-
 def test_evaluation_scores_the_validation_recordings_from_audio(evaluated, tiny_run):
     trained = pd.read_parquet(tiny_run["model"] / "predictions.parquet")
     predictions = pd.read_parquet(evaluated.predictions_path)
