@@ -24,8 +24,8 @@ import torch
 
 from coughreg import artifacts, gate, lineage
 from coughreg.config import ExperimentConfig, save_config
-from coughreg.evaluation_report import ReportInputs, build
 from coughreg.errors import CoughPipelineError
+from coughreg.evaluation_report import ReportInputs, build
 from coughreg.export import model_weights_sha256
 from coughreg.frontend import LogMel
 from coughreg.intervals import flat_scalars, metrics_with_intervals
@@ -136,7 +136,7 @@ def compute_metrics(predictions: pd.DataFrame, info: dict, config: ExperimentCon
         predictions["fold"].to_numpy(), labels, first=config.prediction.metric.lower(), seed=int(info["seed"]) % 2**32,
     )
     return {
-        "validation_rows": int(len(predictions)),
+        "validation_rows": len(predictions),
         "validation_unscored": unscored,
         "metric": config.prediction.metric,
         "metric_value": metric_value(model, config.prediction.metric),

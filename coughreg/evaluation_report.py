@@ -310,7 +310,7 @@ def recordings_section(inputs: ReportInputs) -> tuple[str, int]:
     parts = []
     if regressors is not None:
         parts.append(
-            "<p class='note'>How to read the right-hand map: the spectrogram was cut into patches (mel bands × slices of time) "
+            "<p class='note'>How to read the right-hand map (occlusion): the spectrogram was cut into patches (mel bands × slices of time) "
             "and each patch in turn replaced by the clip's own background there (each band's median); the colour is how much "
             f"the prediction of {html.escape(label)} fell when that patch was hidden. <span style='color:#b2182b'>Red</span>: the "
             "patch raised the prediction (the model relies on it); <span style='color:#2166ac'>blue</span>: it lowered it; white: "

@@ -99,7 +99,7 @@ def test_metrics_carry_intervals_per_label_and_fold(evaluated):
     metrics = json.loads(evaluated.metrics_path.read_text())
     for predictor in ("model", "baseline_mean", "baseline_median"):
         overall = metrics[predictor]["overall"]
-        assert list(overall)[0] == "mae"  # the config's prediction.metric first
+        assert next(iter(overall)) == "mae"  # the config's prediction.metric first
         assert {"mae", "rmse", "r2", "pearson", "spearman", "median_ae"} <= set(overall)
         assert set(metrics[predictor]["per_label"]) == {"cough_detected"}
         assert set(metrics[predictor]["per_fold"]) == {str(f) for f in metrics["folds"]}
