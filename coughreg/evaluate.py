@@ -1,14 +1,13 @@
-"""Step 4, evaluation: the validation recordings scored as users will score them -> metrics beside
-baselines, the quality gate, and an HTML report.
+"""Step 4, evaluation: the validation recordings scored as users will score them -> metrics with intervals
+beside baselines, the quality gate, and the report.
 
 Each validation recording is decoded from the ingested audio and scored by its fold's models with the
 scoring pipeline's own code (``coughreg.scoring``: the same decoding, chunking and padding as the
 exported scorer, whose numbers it matches), so the metrics are those of the model that ships. The
 model is compared with predicting the training labels' mean and median (per fold, from the rows that
-fold trained on); the quality gate (``coughreg.gate``) decides from that whether it ships. The report
-shows the verdict, predicted vs true, residuals, training curves and, for ``logging.number_of_audios``
-recordings, the spectrogram with what the model listened to (occlusion: how much the prediction moves
-when a slice of time is replaced by the clip's background).
+fold trained on), every metric with a bootstrap 95% interval (``coughreg.intervals``); the quality gate
+(``coughreg.gate``) decides from that whether it ships. The report (``coughreg.evaluation_report``)
+shows it all to the people who decide.
 """
 
 from __future__ import annotations
