@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lock clean demo
+.PHONY: venv test lock clean demo browser
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
@@ -16,7 +16,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The report is checked in headless Chromium (Debian's package; root installs it, others are told how).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; } || \
+	  { echo "headless Chromium is needed by the report's tests: sudo apt-get install chromium" >&2; exit 1; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 # Re-resolve the pins from the top-level package list (needs the registry).

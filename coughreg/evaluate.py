@@ -1,19 +1,17 @@
-"""Step 4, evaluation: the validation recordings scored as users will score them -> metrics beside
-baselines, the quality gate, and an HTML report.
+"""Step 4, evaluation: the validation recordings scored as users will score them -> metrics with intervals
+beside baselines, the quality gate, and the report.
 
 Each validation recording is decoded from the ingested audio and scored by its fold's models with the
 scoring pipeline's own code (``coughreg.scoring``: the same decoding, chunking and padding as the
 exported scorer, whose numbers it matches), so the metrics are those of the model that ships. The
 model is compared with predicting the training labels' mean and median (per fold, from the rows that
-fold trained on); the quality gate (``coughreg.gate``) decides from that whether it ships. The report
-shows the verdict, predicted vs true, residuals, training curves and, for ``logging.number_of_audios``
-recordings, the spectrogram with what the model listened to (occlusion: how much the prediction moves
-when a slice of time is replaced by the clip's background).
+fold trained on), every metric with a bootstrap 95% interval (``coughreg.intervals``); the quality gate
+(``coughreg.gate``) decides from that whether it ships. The report (``coughreg.evaluation_report``)
+shows it all to the people who decide.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from dataclasses import dataclass
@@ -23,17 +21,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from coughreg import artifacts, gate, report
+from coughreg import artifacts, gate, lineage
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import CoughPipelineError
+from coughreg.evaluation_report import ReportInputs, build
 from coughreg.export import model_weights_sha256
 from coughreg.frontend import LogMel
+from coughreg.intervals import flat_scalars, metrics_with_intervals
 from coughreg.metrics import metric_value, regression_metrics
 from coughreg.model import CoughScorer
 from coughreg.scoring.cli import plan_threads
 from coughreg.scoring.policy import Policy
 from coughreg.scoring.scorer import Scorer
-from coughreg.shards import SpectrogramShardReader
 from coughreg.step_config import chain_keys, with_upstream
 from coughreg.storage import atomic_path, atomic_write_text
 from coughreg.training import load_members
@@ -114,8 +113,12 @@ def _baseline_predictions(predictions: pd.DataFrame, info: dict, labels: list[st
 
 
 def compute_metrics(predictions: pd.DataFrame, info: dict, config: ExperimentConfig) -> dict:
-    """Metrics of the scored rows beside the baselines on the same rows (a recording that could not be scored
-    is counted, not scored as anything)."""
+    """Metrics of the scored rows beside the baselines on the same rows, with bootstrap 95% intervals, overall,
+    per label and per fold (a recording that could not be scored is counted, not scored as anything).
+
+    The headline numbers are also flat keys (``validation_mae``, ``baseline_median_mae``, ...): KFP's
+    ``Metrics`` shows scalars only, and the quality gate reads them.
+    """
     labels = info["label_columns"]
     unscored = int((predictions["status"] != "ok").sum()) if "status" in predictions else 0
     if unscored:
@@ -124,125 +127,34 @@ def compute_metrics(predictions: pd.DataFrame, info: dict, config: ExperimentCon
         raise CoughPipelineError("no validation recording could be scored (see the reasons in the evaluation's predictions.parquet)")
     truth = predictions[labels].to_numpy(dtype=float)
     predicted = predictions[[f"pred_{label}" for label in labels]].to_numpy(dtype=float)
+    baselines = _baseline_predictions(predictions, info, labels)
     model = regression_metrics(truth, predicted)
-    baselines = {kind: regression_metrics(truth, values) for kind, values in _baseline_predictions(predictions, info, labels).items()}
-    metrics = {
-        "validation_rows": int(len(predictions)),
+    flat_baselines = {kind: regression_metrics(truth, values) for kind, values in baselines.items()}
+    detailed = metrics_with_intervals(
+        truth, {"model": predicted, "baseline_mean": baselines["mean"], "baseline_median": baselines["median"]},
+        predictions["fold"].to_numpy(), labels, first=config.prediction.metric.lower(), seed=int(info["seed"]) % 2**32,
+    )
+    return {
+        "validation_rows": len(predictions),
         "validation_unscored": unscored,
         "metric": config.prediction.metric,
         "metric_value": metric_value(model, config.prediction.metric),
         **{f"validation_{k}": v for k, v in model.items()},
-        **{f"baseline_{kind}_{k}": v for kind, values in baselines.items() for k, v in values.items()},
-        "mae_vs_median_baseline": model["mae"] / baselines["median"]["mae"] if baselines["median"]["mae"] > 0 else float("nan"),
+        **{f"baseline_{kind}_{k}": v for kind, values in flat_baselines.items() for k, v in values.items()},
+        **{k: v for k, v in flat_scalars(detailed).items() if k not in ("validation_mae", "validation_rmse", "validation_r2")},
+        "mae_vs_median_baseline": model["mae"] / flat_baselines["median"]["mae"] if flat_baselines["median"]["mae"] > 0 else float("nan"),
         "folds": sorted(int(f) for f in predictions["fold"].unique()),
         "validation_scheme": info.get("validation_scheme", ""),
+        **detailed,
     }
-    if len(labels) > 1:
-        metrics["per_label"] = {
-            label: regression_metrics(truth[:, k], predicted[:, k]) for k, label in enumerate(labels)
-        }
-    return metrics
 
 
-def _occlusion(regressors, spectrogram: np.ndarray, segments: int = 24) -> tuple[np.ndarray, float]:
-    """Prediction drop when each slice of time is replaced by the clip's background: (segments,), prediction.
-
-    The fill is each mel band's median over the clip (its steady background), not digital silence:
-    a hole of silence would itself create sharp edges that look like sound events.
-    """
-    frames = spectrogram.shape[1]
-    edges = np.linspace(0, frames, min(segments, frames) + 1).astype(int)
-    background = np.median(spectrogram, axis=1, keepdims=True).astype(np.float32)  # (mels, 1)
-    batch = np.repeat(spectrogram[None].astype(np.float32), len(edges), axis=0)  # row 0: the clip as is
-    for k in range(len(edges) - 1):
-        batch[k + 1, :, edges[k] : edges[k + 1]] = background
-    with torch.inference_mode():
-        x = torch.from_numpy(batch)
-        predictions = torch.stack([r(x) for r in regressors]).mean(dim=0)[:, 0].numpy()
-    return predictions[0] - predictions[1:], float(predictions[0])
-
-
-def build_report(predictions, metrics, history, info, config, features_dir, model_dir) -> str:
-    import matplotlib.pyplot as plt
-
-    report.matplotlib_agg()
-    labels = info["label_columns"]
-    first = labels[0]
-    truth = predictions[first].to_numpy(float)
-    predicted = predictions[f"pred_{first}"].to_numpy(float)
-    residual = predicted - truth
-    verdict = metrics["quality_gate"]
-    badge = "pass" if verdict["passed"] else "fail"
-    sections = [("Quality gate", (
-        f"<p class='gate {badge}'><strong>{'Passed' if verdict['passed'] else 'Failed'}</strong>: {html.escape(verdict['message'])}. "
-        + ("The scorer is exported." if verdict["passed"] else "No scorer is exported and the test table is not scored.")
-        + "</p>"
-    ))]
-
-    rows = [
-        ("model", metrics["validation_mae"], metrics["validation_rmse"], metrics["validation_r2"]),
-        ("predict the training mean", metrics["baseline_mean_mae"], metrics["baseline_mean_rmse"], metrics["baseline_mean_r2"]),
-        ("predict the training median", metrics["baseline_median_mae"], metrics["baseline_median_rmse"], metrics["baseline_median_r2"]),
-    ]
-    summary = report.table(rows, ["", "MAE", "RMSE", "R²"])
-    summary += (
-        f"<p class='note'>{metrics['validation_rows']} validation recordings; {html.escape(metrics['validation_scheme'])}; "
-        f"folds {metrics['folds']}; backbone {html.escape(info['backbone'])}; seed {info['seed']}; "
-        f"ranking metric {metrics['metric']} = {metrics['metric_value']:.4f}. Each recording was decoded and scored as the "
-        f"exported scorer scores it: chunks of {config.prediction.inference_chunk_seconds:g} s, the first "
-        f"{config.prediction.max_inference_chunk_seconds:g} s ({metrics['validation_truncated']} longer), "
-        f"{metrics['validation_unscored']} could not be scored.</p>"
-    )
-    sections.append(("Validation metrics", summary))
-
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    low, high = info["label_range"]
-    axes[0].scatter(truth, predicted, s=10, alpha=0.6)
-    axes[0].plot([low, high], [low, high], color="k", lw=1)
-    axes[0].set(xlabel=f"true {first}", ylabel=f"predicted {first}", title="Predicted vs true", xlim=(low, high), ylim=(low, high))
-    axes[1].hist(residual, bins=40, color="tab:orange")
-    axes[1].set(xlabel="prediction - truth", ylabel="recordings", title="Residuals")
-    axes[2].scatter(truth, residual, s=10, alpha=0.6, color="tab:green")
-    axes[2].axhline(0, color="k", lw=1)
-    axes[2].set(xlabel=f"true {first}", ylabel="prediction - truth", title="Residual vs true")
-    sections.append(("Predictions", report.figure_to_img(figure, "predicted vs true and residuals")))
-
-    if history:
-        figure = report.training_curves(history, config.training.loss_function, metrics["baseline_median_mae"])
-        sections.append(("Training curves", report.figure_to_img(figure, "training curves")))
-
-    count = min(config.logging.number_of_audios, len(predictions))
-    if count:
-        order = np.argsort(-np.abs(residual))
-        chosen = list(dict.fromkeys([*order[: count // 2], *np.linspace(0, len(predictions) - 1, count).astype(int)]))[:count]
-        reader = SpectrogramShardReader(artifacts.shard_paths(features_dir))
-        row_of = {identifier: row for row, identifier in enumerate(reader.index["id"])}
-        regressors = load_members(model_dir) if config.training.run_interpretations else None
-        figure, axes = plt.subplots(len(chosen), 1, figsize=(12, 2.6 * len(chosen)), squeeze=False)
-        for axis, k in zip(axes[:, 0], chosen):
-            identifier = predictions["id"].iloc[k]
-            spectrogram = reader.spectrogram(row_of[identifier]).astype(np.float32)
-            seconds = spectrogram.shape[1] * info["feature_parameters"]["hop_size"] / info["feature_parameters"]["sample_rate"]
-            axis.imshow(spectrogram, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, spectrogram.shape[0]))
-            title = f"{identifier}: true {truth[k]:.3f}, predicted {predicted[k]:.3f}"
-            if regressors is not None:
-                importance, _ = _occlusion(regressors, spectrogram)
-                times = np.linspace(0, seconds, len(importance) + 1)
-                twin = axis.twinx()
-                twin.step(times[:-1], importance, where="post", color="cyan", lw=1.5)
-                twin.axhline(0, color="cyan", lw=0.5, ls=":")
-                twin.set_ylabel("Δ prediction", color="cyan")
-                title += " (cyan: prediction drop when that time is replaced by background)"
-            axis.set(title=title, xlabel="seconds", ylabel="mel band")
-        figure.tight_layout()
-        note = (
-            "<p class='note'>The recordings with the largest errors first, then a spread over the validation set. "
-            "Interpretation by occlusion: each slice of time is replaced by the clip's background (each mel band's "
-            "median) and the drop of the prediction is drawn; a cough the model relies on shows as a peak.</p>"
-        )
-        sections.append((f"Recordings ({count}, logging.number_of_audios)", note + report.figure_to_img(figure, "spectrograms")))
-
-    return report.page(f"{config.experiment_name}: evaluation", sections)
+def noise_floor(ingest_dir: Path) -> float | None:
+    """The generator's expected noise floor (best reachable MAE) when the data is the project's own generated data."""
+    path = ingest_dir / artifacts.INGEST_REPORT
+    generator = json.loads(path.read_text()).get("generator") if path.exists() else None
+    value = generator.get("noise_floor_mae_expected") if isinstance(generator, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def evaluate(model_dir: str | Path, features_dir: str | Path, ingest_dir: str | Path, out_dir: str | Path,
@@ -271,15 +183,17 @@ def evaluate(model_dir: str | Path, features_dir: str | Path, ingest_dir: str | 
     verdict = gate.decide(metrics, config.prediction.max_mae_to_median_baseline)
     metrics.update(quality_gate=verdict, quality_gate_passed=int(verdict["passed"]),
                    max_mae_to_median_baseline=verdict["threshold"], model_weights_sha256=model_weights_sha256(model_dir, info),
-                   validation_truncated=int(predictions["truncated"].sum()))
+                   validation_truncated=int(predictions["truncated"].sum()), noise_floor_mae=noise_floor(ingest_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions_path = out_dir / artifacts.PREDICTIONS
     with atomic_path(predictions_path) as tmp:
         predictions.to_parquet(tmp, index=False)
     report_path = out_dir / artifacts.REPORT
     scored = predictions[predictions["status"] == "ok"].reset_index(drop=True)
-    atomic_write_text(report_path, build_report(scored, metrics, history, info, config, features_dir, model_dir))
-    save_config(config, out_dir, chain_keys("evaluate"))
+    config_path = save_config(config, out_dir, chain_keys("evaluate"))
+    facts = lineage.collect(ingest_dir, features_dir, model_dir, info, config_path.read_text())
+    metrics["lineage"] = {k: v for k, v in facts.items() if k != "config"}
+    atomic_write_text(report_path, build(ReportInputs(scored, metrics, history, info, config, ingest_dir, features_dir, model_dir, facts)))
     metrics_path = out_dir / artifacts.METRICS
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # last: the folder is finished
     log.info(

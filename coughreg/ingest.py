@@ -180,6 +180,18 @@ def reject(row: dict, reason: str) -> None:
         row["reason"] = reason
 
 
+def generator_of(comment: bytes) -> dict | None:
+    """What the project's own generator (``coughreg.synth``) wrote into the archive's comment (JSON, read as data):
+    its mapping version and the noise floor that evaluation shows beside the model. None for any other archive."""
+    try:
+        facts = json.loads(comment.decode("utf-8")) if comment else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(facts, dict) or facts.get("generator") != "coughreg.synth":
+        return None
+    return {k: v for k, v in facts.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+
+
 def ingest(
     source_uri: str,
     out_dir: str | Path,
@@ -242,6 +254,7 @@ def ingest(
     report = {
         "source": source.uri,
         "source_version": source.identity,
+        "generator": generator_of(source.comment),
         "layout": layout.kind,
         "tables": layout.tables,
         "rows": len(manifest.rows),

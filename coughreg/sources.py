@@ -48,6 +48,7 @@ class DataSource(abc.ABC):
     names: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    comment: bytes = b""  # a zip archive's comment (data, never run)
 
     @abc.abstractmethod
     def read(self, name: str) -> bytes:
@@ -78,6 +79,7 @@ class ZipSource(DataSource):
             self._zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as exc:
             raise StorageError(f"{uri}: not a readable zip archive: {exc}") from None
+        self.comment = self._zip.comment
         members = self._zip.infolist()
         if len(members) > limits.max_files:
             raise StorageError(f"{uri}: archive has {len(members)} members, more than the limit {limits.max_files}")

@@ -139,3 +139,12 @@ def tiny_run(coughvid_zip, tmp_path_factory):
     extract_features(root / "ingest", root / "features", config, workers=2)
     train(root / "features", root / "model", config)
     return {"root": root, "config": config, "ingest": root / "ingest", "features": root / "features", "model": root / "model"}
+
+
+@pytest.fixture(scope="session")
+def evaluated(tiny_run, tmp_path_factory):
+    """The evaluation step on the tiny run, once per session."""
+    from coughreg.evaluate import evaluate
+
+    out = tmp_path_factory.mktemp("evaluation")
+    return evaluate(tiny_run["model"], tiny_run["features"], tiny_run["ingest"], out, tiny_run["config"], workers=2)
