@@ -167,7 +167,9 @@ class DatasetConfig(_Section):
 
 class EnvironmentConfig(_Section):
     gpus: list[str] = Field(default_factory=lambda: ["0"], description="GPU ids; the cluster requests this many GPUs.")
-    mixed_precision_inference: bool = Field(False, description="Autocast at inference on CUDA.")
+    mixed_precision_inference: bool = Field(
+        False, description="Autocast at inference on CUDA: validation in training, and evaluation on a GPU (the exported scorer runs in fp32)."
+    )
     mixed_precision_training: bool = Field(
         True, description="Autocast in training: bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with native bf16 units."
     )

@@ -36,6 +36,7 @@ from coughreg.scoring.scorer import Scorer
 from coughreg.step_config import chain_keys, with_upstream
 from coughreg.storage import atomic_path, atomic_write_text
 from coughreg.training import load_members
+from coughreg.training.factories import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +75,20 @@ def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, i
     labels = info["label_columns"]
     members = load_members(model_dir)
     policy = scoring_policy(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the exported scorer runs on the CPU in fp32
+    amp = autocast_dtype(device, config.environment.mixed_precision_inference) if device.type == "cuda" else None
     threads = torch.get_num_threads()
     workers = plan_threads(workers)
     try:
         parts = []
         for fold, rows in trained.groupby("fold", sort=True):
             ensemble = CoughScorer(LogMel.from_config(config.audio),
-                                   [m for m, meta in zip(members, info["members"], strict=True) if meta["fold"] == fold]).eval()
+                                   [m for m, meta in zip(members, info["members"], strict=True) if meta["fold"] == fold]).eval().to(device)
 
             def predict(batch: np.ndarray, model=ensemble) -> np.ndarray:
-                with torch.inference_mode():
-                    return model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+                waveform = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+                with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    return model(waveform).float().cpu().numpy()
 
             scorer = Scorer.from_predict(predict, policy, labels)
             log.info("fold %s: scoring %d validation recordings from audio", fold, len(rows))
