@@ -49,7 +49,9 @@ def run_demo(pipeline: ModuleType, args: argparse.Namespace) -> int:
     floor = generator["noise_floor_mae_expected"]
     print()
     print(f"whole pipeline through kfp.local in {result.seconds:.0f} s, data from {uri}")
-    print(f"validation MAE:      {metrics['validation_mae']:.4f}")
+    low, high = metrics.get("validation_mae_ci95_low"), metrics.get("validation_mae_ci95_high")
+    interval = f"  (95% interval {low:.4f} to {high:.4f})" if low is not None and high is not None else ""
+    print(f"validation MAE:      {metrics['validation_mae']:.4f}{interval}")
     print(f"median-baseline MAE: {metrics['baseline_median_mae']:.4f}  (model/baseline {metrics['mae_vs_median_baseline']:.2f})")
     print(f"noise floor MAE:     {floor:.4f}  (the best any model can do on this generated data)")
     print(f"report:  {_shown(result.report)}")
