@@ -24,12 +24,27 @@ def _demo_data(out: Path, n: int, seed: int) -> tuple[Path, dict]:
     """Generate the data set once; a rerun with the same size and seed reuses it."""
     archive = out / "data" / f"coughvid_generated_{n}_{seed}.zip"
     report_path = archive.with_suffix(".generator.json")
-    if archive.exists() and report_path.exists():
+    if archive.exists() and report_path.exists() and _current_generator(archive):
         log.info("demo data: reusing %s", archive)
         return archive, json.loads(report_path.read_text())
     log.info("demo data: generating %d COUGHVID-format recordings (seed %d) -> %s", n, seed, archive)
     report = generate_coughvid_zip(archive, n, seed=seed, workers=os.cpu_count() or 1, progress_every=200)
     return archive, report
+
+
+def _current_generator(archive: Path) -> bool:
+    """The archive was written by this generator version (its comment holds the law the evaluation reads)."""
+    import zipfile
+
+    from coughreg.ingest import generator_of
+    from coughreg.synth import MAPPING_VERSION
+
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            facts = generator_of(bundle.comment)
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return facts is not None and facts.get("mapping_version") == MAPPING_VERSION
 
 
 def run_demo(pipeline: ModuleType, args: argparse.Namespace) -> int:

@@ -75,8 +75,11 @@ def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, i
     labels = info["label_columns"]
     members = load_members(model_dir)
     policy = scoring_policy(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the exported scorer runs on the CPU in fp32
+    # The exported scorer runs on the CPU in fp32; on a GPU, full fp32 (no TF32) unless mixed precision is asked for.
+    device = torch.device("cuda" if torch.cuda.is_available() and config.environment.gpus else "cpu")
     amp = autocast_dtype(device, config.environment.mixed_precision_inference) if device.type == "cuda" else None
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     threads = torch.get_num_threads()
     workers = plan_threads(workers)
     try:
@@ -102,6 +105,7 @@ def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, i
             parts.append(frame)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return pd.concat(parts, ignore_index=True)
 
 
@@ -138,6 +142,8 @@ def compute_metrics(predictions: pd.DataFrame, info: dict, config: ExperimentCon
         truth, {"model": predicted, "baseline_mean": baselines["mean"], "baseline_median": baselines["median"]},
         predictions["fold"].to_numpy(), labels, first=config.prediction.metric.lower(), seed=int(info["seed"]) % 2**32,
     )
+    for kind in ("baseline_mean", "baseline_median"):
+        _without_correlations(detailed[kind])
     return {
         "validation_rows": len(predictions),
         "validation_unscored": unscored,
@@ -151,6 +157,27 @@ def compute_metrics(predictions: pd.DataFrame, info: dict, config: ExperimentCon
         "validation_scheme": info.get("validation_scheme", ""),
         **detailed,
     }
+
+
+def _without_correlations(tree: dict) -> None:
+    """A baseline predicts one number per fold: across folds its correlation only says how the folds' constants
+    line up with the truth, so it is left undefined rather than shown as if it meant something."""
+    for key, value in tree.items():
+        if key in ("pearson", "spearman"):
+            tree[key] = {"value": float("nan"), "ci95": [float("nan"), float("nan")]}
+        elif isinstance(value, dict):
+            _without_correlations(value)
+
+
+def json_ready(value):
+    """NaN and infinities become null: ``metrics.json`` is strict JSON that every parser reads."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def noise_floor(ingest_dir: Path) -> float | None:
@@ -199,7 +226,7 @@ def evaluate(model_dir: str | Path, features_dir: str | Path, ingest_dir: str | 
     metrics["lineage"] = {k: v for k, v in facts.items() if k != "config"}
     atomic_write_text(report_path, build(ReportInputs(scored, metrics, history, info, config, ingest_dir, features_dir, model_dir, facts)))
     metrics_path = out_dir / artifacts.METRICS
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # last: the folder is finished
+    atomic_write_text(metrics_path, json.dumps(json_ready(metrics), indent=2, allow_nan=False))  # last: the folder is finished
     log.info(
         "evaluation: validation MAE %.4f (median baseline %.4f, mean baseline %.4f) on %d recordings -> %s",
         metrics["validation_mae"], metrics["baseline_median_mae"], metrics["baseline_mean_mae"], metrics["validation_rows"], report_path,

@@ -12,6 +12,7 @@ listen to, with what the model listened to; and the lineage (data, hashes, confi
 from __future__ import annotations
 
 import html
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pandas as pd
 
 from coughreg import artifacts, report
 from coughreg.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
 
 METRIC_TITLES = {"mae": "MAE", "mse": "MSE", "rmse": "RMSE", "r2": "R²", "pearson": "Pearson r", "spearman": "Spearman ρ",
                  "median_ae": "median |error|"}
@@ -41,11 +44,24 @@ class ReportInputs:
     lineage: dict
 
 
+MAX_LABELS_SHOWN = 6  # labels drawn one figure each (the metrics tables list every label)
+MAX_AUDIOS = 32  # recordings a report shows at most (each adds ~300 kB of pictures and sound)
+MAX_WINDOW_SECONDS = 20.0  # the stretch of a recording shown, explained and played
+
+
+def _finite(value) -> bool:
+    return value is not None and np.isfinite(value)
+
+
+def _number(value, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if _finite(value) else "n/a"
+
+
 def _interval(entry: dict) -> str:
     value, (low, high) = entry["value"], entry["ci95"]
-    if not np.isfinite(value):
+    if not _finite(value):
         return "n/a"
-    if not (np.isfinite(low) and np.isfinite(high)):
+    if not (_finite(low) and _finite(high)):
         return f"{value:.3f}"
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -58,17 +74,21 @@ def summary_sentence(inputs: ReportInputs) -> str:
     verdict = metrics["quality_gate"]
     what = labels[0] if len(labels) == 1 else f"{len(labels)} labels ({', '.join(labels)})"
     mae, (low, high) = overall["mae"]["value"], overall["mae"]["ci95"]
+    folds = ", ".join(str(f) for f in metrics["folds"])
     text = (
-        f"On {metrics['validation_rows']} validation recordings ({len(metrics['folds'])} fold(s), "
+        f"On {metrics['validation_rows']} validation recordings (fold{'s' if len(metrics['folds']) > 1 else ''} {folds} of "
         f"{html.escape(metrics['validation_scheme'] or 'held-out rows')}), the model predicts {html.escape(what)} with a mean "
-        f"absolute error of <strong>{mae:.3f}</strong> (95% interval {low:.3f} to {high:.3f}), "
-        f"{metrics['mae_vs_median_baseline']:.2f}× the {median['mae']['value']:.3f} of always predicting the training median"
+        f"absolute error of <strong>{_number(mae)}</strong> (95% interval {_number(low)} to {_number(high)})"
     )
-    if metrics.get("noise_floor_mae") is not None:
+    if _finite(metrics["mae_vs_median_baseline"]):
+        text += f", {metrics['mae_vs_median_baseline']:.2f}× the {median['mae']['value']:.3f} of always predicting the training median"
+    else:
+        text += f"; always predicting the training median scores {_number(median['mae']['value'])}"
+    if _finite(metrics.get("noise_floor_mae")):
         text += f"; the best any model can reach on this generated data is {metrics['noise_floor_mae']:.3f}"
-    text += f". R² {overall['r2']['value']:.2f}, Spearman ρ {overall['spearman']['value']:.2f}"
+    text += f". R² {_number(overall['r2']['value'], 2)}, Spearman ρ {_number(overall['spearman']['value'], 2)}"
     if first not in ("mae", "r2"):
-        text += f", {METRIC_TITLES[first]} {overall[first]['value']:.3f} (the config's ranking metric)"
+        text += f", {METRIC_TITLES[first]} {_number(overall[first]['value'])} (the config's ranking metric)"
     text += ". "
     text += ("It <strong>passed</strong> the quality gate and ships." if verdict["passed"]
              else "It <strong>failed</strong> the quality gate and does not ship.")
@@ -97,8 +117,8 @@ def metrics_section(inputs: ReportInputs) -> str:
     intervals = metrics["intervals"]
     parts.append(
         f"<p class='note'>Value [95% interval]: a {html.escape(intervals['method'])}, {intervals['resamples']} resamples, "
-        f"seed {intervals['seed']}. Baselines predict one number for every recording (each fold's training labels' mean or "
-        f"median), so they have no correlation. Each recording was decoded and scored as the exported scorer scores it: "
+        f"seed {intervals['seed']}. Baselines predict one number per fold (its training labels' mean or "
+        f"median), so a correlation says nothing of them (n/a). Each recording was decoded and scored as the exported scorer scores it: "
         f"chunks of {inputs.config.prediction.inference_chunk_seconds:g} s, at most the first "
         f"{inputs.config.prediction.max_inference_chunk_seconds:g} s ({metrics['validation_truncated']} recording(s) longer); "
         f"{metrics['validation_unscored']} could not be scored. Backbone {html.escape(inputs.info['backbone'])}, seed "
@@ -157,8 +177,7 @@ def error_figures(inputs: ReportInputs, label: str):
     residual = predicted - truth
     low, high = inputs.info["label_range"]
     verdict = inputs.metrics["quality_gate"]
-    allowed = verdict["threshold"] * inputs.metrics["baseline_median"]["per_label"][label]["mae"]["value"] \
-        if "per_label" in inputs.metrics["baseline_median"] else np.nan
+    allowed = verdict["threshold"] * inputs.metrics["baseline_median"]["overall"]["mae"]["value"]
 
     figure, axes = plt.subplots(2, 2, figsize=(13, 10))
     axis = axes[0, 0]
@@ -171,15 +190,17 @@ def error_figures(inputs: ReportInputs, label: str):
     if np.isfinite(allowed):
         for sign in (-1, 1):
             axis.plot([low, high], [low + sign * allowed, high + sign * allowed], color="tab:red", ls="--", lw=1,
-                      label=f"± the gate's allowed MAE ({allowed:.3f})" if sign > 0 else None)
+                      label=f"± the mean |error| the gate allows ({allowed:.3f}; an average, not a per-recording bound)"
+                      if sign > 0 else None)
     axis.set(xlabel=f"true {label}", ylabel=f"predicted {label}", title="Predicted vs true", xlim=(low, high), ylim=(low, high))
     axis.legend(fontsize=8, loc="upper left")
 
     axis = axes[0, 1]
     axis.hist(residual, bins=40, color="tab:orange")
     axis.axvline(0, color="k", lw=1)
-    axis.set(xlabel="predicted - true", ylabel="recordings",
-             title=f"Residuals (mean {residual.mean():+.3f}: {'over' if residual.mean() > 0 else 'under'}-predicts on average)")
+    bias = residual.mean()
+    leaning = "over-predicts" if bias > 0 else "under-predicts" if bias < 0 else "no bias"
+    axis.set(xlabel="predicted - true", ylabel="recordings", title=f"Residuals (mean {bias:+.3f}: {leaning} on average)")
 
     errors = {"model": np.abs(residual), "median": np.abs(median - truth)}
     deciles = np.unique(np.quantile(truth, np.linspace(0, 1, 11)))
@@ -228,39 +249,46 @@ def label_distribution_figure(inputs: ReportInputs):
     import matplotlib.pyplot as plt
 
     labels = inputs.info["label_columns"]
+    scored = inputs.predictions
     folds_path = inputs.model_dir / artifacts.FOLDS
-    index = pd.DataFrame(inputs.predictions[["id", *labels]])
-    if folds_path.exists():
+    if folds_path.exists():  # every labelled row and its fold: the training side of each fold
         from coughreg.shards import SpectrogramShardReader
 
-        assignment = pd.read_parquet(folds_path)
         every = SpectrogramShardReader(artifacts.shard_paths(inputs.features_dir)).index[["id", *labels]]
-        index = assignment.merge(every, on="id", how="inner")
+        index = pd.read_parquet(folds_path).merge(every, on="id", how="inner")
     else:
-        index = inputs.predictions[["id", "fold", *labels]]
-    folds = sorted(inputs.predictions["fold"].unique())
-    shown = labels[:3]
+        index = scored[["id", "fold", *labels]]
+    all_rows = inputs.config.training.train_validation_data
+    folds = sorted(scored["fold"].unique())
+    shown = labels[:MAX_LABELS_SHOWN]
     figure, axes = plt.subplots(len(shown), len(folds), figsize=(3.6 * len(folds), 2.8 * len(shown)), squeeze=False)
     low, high = inputs.info["label_range"]
     bins = np.linspace(low, high, 26)
     for r, label in enumerate(shown):
         for c, fold in enumerate(folds):
             axis = axes[r, c]
-            train = index.loc[index["fold"] != fold, label].to_numpy(float)
-            validation = index.loc[index["fold"] == fold, label].to_numpy(float)
+            train = index[label].to_numpy(float) if all_rows else index.loc[index["fold"] != fold, label].to_numpy(float)
+            validation = scored.loc[scored["fold"] == fold, label].to_numpy(float)
             axis.hist(train, bins=bins, density=True, alpha=0.5, color="tab:blue", label=f"train ({len(train)})")
             axis.hist(validation, bins=bins, density=True, histtype="step", lw=2, color="tab:red", label=f"validation ({len(validation)})")
             axis.set(title=f"fold {fold}", xlabel=label, ylabel="density" if c == 0 else None)
             axis.legend(fontsize=7)
+    if inputs.config.dataset.data_sample < 1 and "Train" in inputs.config.dataset.data_sample_choice:
+        figure.suptitle(f"training rows before dataset.data_sample ({inputs.config.dataset.data_sample:g}) was drawn", fontsize=9)
     figure.tight_layout()
     return figure
 
 
-def choose_recordings(predictions: pd.DataFrame, label: str, count: int, seed: int) -> list[tuple[int, str]]:
-    """``count`` rows to look at: the worst, the best and a random few (row position, why chosen)."""
+def choose_recordings(predictions: pd.DataFrame, labels: list[str] | str, count: int, seed: int,
+                      label_range: tuple[float, float] = (0.0, 1.0)) -> list[tuple[int, str]]:
+    """``count`` rows to look at: the worst, the best and a random few (row position, why chosen), by the
+    absolute error averaged over the labels (in units of the label range)."""
     if count <= 0 or predictions.empty:
         return []
-    error = np.abs(predictions[f"pred_{label}"].to_numpy(float) - predictions[label].to_numpy(float))
+    labels = [labels] if isinstance(labels, str) else labels
+    span = (label_range[1] - label_range[0]) or 1.0
+    error = np.mean([np.abs(predictions[f"pred_{label}"].to_numpy(float) - predictions[label].to_numpy(float)) / span
+                     for label in labels], axis=0)
     order = np.argsort(-error, kind="stable")
     worst = max(1, count // 3)
     best = max(1, count // 3) if count > 1 else 0
@@ -277,7 +305,11 @@ def choose_recordings(predictions: pd.DataFrame, label: str, count: int, seed: i
 
 def recordings_section(inputs: ReportInputs) -> tuple[str, int]:
     """For ``logging.number_of_audios`` recordings: the spectrogram with a dB scale, what the model listened to
-    (``training.run_interpretations``) on one scale shared by every clip, the values, and the clip to play."""
+    (``training.run_interpretations``) on one scale shared by every clip, the values, and the clip to play.
+
+    A recording is explained by its own fold's models (those that made its prediction), over the first
+    ``MAX_WINDOW_SECONDS`` of its first scored chunk.
+    """
     import matplotlib.pyplot as plt
 
     from coughreg.interpret import occlusion_map
@@ -286,39 +318,57 @@ def recordings_section(inputs: ReportInputs) -> tuple[str, int]:
     from coughreg.training import load_members
 
     config, info = inputs.config, inputs.info
-    label = info["label_columns"][0]
-    chosen = choose_recordings(inputs.predictions, label, config.logging.number_of_audios, info["seed"])
+    labels = info["label_columns"]
+    label = labels[0]
+    wanted = config.logging.number_of_audios
+    count = min(wanted, MAX_AUDIOS)
+    chosen = choose_recordings(inputs.predictions, labels, count, info["seed"], tuple(info["label_range"]))
     if not chosen:
         return "", 0
     reader = SpectrogramShardReader(artifacts.shard_paths(inputs.features_dir))
     row_of = {identifier: row for row, identifier in enumerate(reader.index["id"])}
     manifest, _ = artifacts.read_manifest(inputs.ingest_dir)
     audio_of = manifest.set_index("id")["audio_path"]
-    regressors = load_members(inputs.model_dir) if config.training.run_interpretations else None
     hop, rate = info["feature_parameters"]["hop_size"], info["feature_parameters"]["sample_rate"]
+    window = min(MAX_WINDOW_SECONDS, config.prediction.inference_chunk_seconds)
+    frames = max(1, int(window * rate / hop))
+    members = load_members(inputs.model_dir) if config.training.run_interpretations else []
+    fold_members = {}
+    for member, meta in zip(members, info["members"], strict=True):
+        fold_members.setdefault(int(meta["fold"]), []).append(member)
 
     clips = []
-    for row, why in chosen:
+    for number, (row, why) in enumerate(chosen, 1):
         identifier = inputs.predictions["id"].iloc[row]
-        spectrogram = reader.spectrogram(row_of[identifier]).astype(np.float32)
-        attribution = occlusion_map(regressors, spectrogram) if regressors is not None else None
+        spectrogram = reader.spectrogram(row_of[identifier])[:, :frames].astype(np.float32)
+        regressors = fold_members.get(int(inputs.predictions["fold"].iloc[row]))
+        attribution = occlusion_map(regressors, spectrogram) if regressors else None
+        if attribution is not None:
+            log.info("explained recording %d/%d (%s)", number, len(chosen), identifier)
         clips.append((row, why, identifier, spectrogram, attribution))
     scale = max((float(np.abs(a.values).max()) for *_, a in clips if a is not None), default=0.0) or 1e-6
     decibels = np.concatenate([s.ravel() for _, _, _, s, _ in clips])
     db_low, db_high = np.percentile(decibels, [1, 99.9])
 
     parts = []
-    if regressors is not None:
+    if members:
         parts.append(
             "<p class='note'>How to read the right-hand map (occlusion): the spectrogram was cut into patches (mel bands × slices of time) "
             "and each patch in turn replaced by the clip's own background there (each band's median); the colour is how much "
-            f"the prediction of {html.escape(label)} fell when that patch was hidden. <span style='color:#b2182b'>Red</span>: the "
-            "patch raised the prediction (the model relies on it); <span style='color:#2166ac'>blue</span>: it lowered it; white: "
-            f"the model ignored it. Every map uses the same scale (±{scale:.3f}), so colours compare across recordings.</p>")
-    parts.append("<p class='note'>Spectrograms: log-mel power in dB, on one colour scale for every recording. "
-                 "The worst and best predictions first, then a few drawn at random.</p>")
+            f"the prediction of {html.escape(label)} by the recording's own fold's model fell when that patch was hidden. "
+            "<span style='color:#b2182b'>Red</span>: the patch raised the prediction (the model relies on it); "
+            "<span style='color:#2166ac'>blue</span>: it lowered it; white: the model ignored it. Every map uses the same "
+            f"scale (±{scale:.3f}), so colours compare across recordings.</p>")
+    parts.append(
+        "<p class='note'>Spectrograms: log-mel power in dB, on one colour scale for every recording. The worst and best "
+        + ("predictions (the error averaged over the labels) " if len(labels) > 1 else "predictions ")
+        + f"first, then a few drawn at random. Pictures and sound cover the first {window:g} s of each recording."
+        + (f" {count} of the {wanted} recordings logging.number_of_audios asks for are shown (at most {MAX_AUDIOS})." if wanted > count else "")
+        + "</p>")
     for row, why, identifier, spectrogram, attribution in clips:
-        true, predicted = inputs.predictions[label].iloc[row], inputs.predictions[f"pred_{label}"].iloc[row]
+        values = "; ".join(
+            f"{html.escape(name)}: true {inputs.predictions[name].iloc[row]:.3f}, predicted {inputs.predictions[f'pred_{name}'].iloc[row]:.3f}"
+            for name in labels)
         seconds = spectrogram.shape[1] * hop / rate
         panels = 2 if attribution is not None else 1
         figure, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 3.0), squeeze=False)
@@ -333,13 +383,12 @@ def recordings_section(inputs: ReportInputs) -> tuple[str, int]:
             axes[0, 1].set(xlabel="seconds", ylabel="mel band", title="what the model listened to (occlusion)")
         figure.tight_layout()
         try:
-            decoded = decode(inputs.ingest_dir / audio_of[identifier], rate, max_seconds=30.0)
-            player = report.audio_tag(decoded.samples, rate, f"recording {identifier}")
+            decoded = decode(inputs.ingest_dir / audio_of[identifier], rate, max_seconds=window)
+            player = report.audio_tag(decoded.samples, rate, f"recording {identifier}", max_seconds=window)
         except Exception as exc:  # noqa: BLE001 - a clip that cannot be played still has its pictures
             player = f"<p class='note'>The recording cannot be played here: {html.escape(str(exc))}</p>"
         parts.append(
-            f"<div class='clip'><h3>{html.escape(str(identifier))}: true {true:.3f}, predicted {predicted:.3f} "
-            f"(error {predicted - true:+.3f}; {why}), fold {inputs.predictions['fold'].iloc[row]}, "
+            f"<div class='clip'><h3>{html.escape(str(identifier))}: {values} ({why}), fold {inputs.predictions['fold'].iloc[row]}, "
             f"{inputs.predictions['duration_s'].iloc[row]:.1f} s</h3>{player}"
             f"{report.figure_to_img(figure, f'spectrogram of {identifier}')}</div>"
         )
@@ -372,9 +421,13 @@ def build(inputs: ReportInputs) -> str:
     report.matplotlib_agg()
     labels = inputs.info["label_columns"]
     sections = [("Quality gate", gate_section(inputs.metrics)), ("Metrics", metrics_section(inputs))]
-    for label in labels[:3]:
+    for label in labels[:MAX_LABELS_SHOWN]:
         title = "Where the errors are" + (f": {label}" if len(labels) > 1 else "")
         sections.append((title, report.figure_to_img(error_figures(inputs, label), f"errors of {label}")))
+    if len(labels) > MAX_LABELS_SHOWN:
+        note = (f"<p class='note'>{len(labels) - MAX_LABELS_SHOWN} more labels are in the metrics tables above; "
+                f"the figures show the first {MAX_LABELS_SHOWN}.</p>")
+        sections.append(("Labels not drawn", note))
     sections.append(("Folds", report.figure_to_img(fold_figure(inputs), "MAE per fold")
                      + report.figure_to_img(label_distribution_figure(inputs), "label distributions")))
     if inputs.history:

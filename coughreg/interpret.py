@@ -32,8 +32,11 @@ class Attribution:
         return self.values[np.ix_(rows, columns)]
 
 
+BATCH_CELLS = 4_000_000  # spectrogram cells scored at once (~16 MB of input; bounds memory on long clips)
+
+
 def occlusion_map(regressors: Sequence[torch.nn.Module], log_mel: np.ndarray, label: int = 0, bands: int = 8,
-                  segments: int = 16, batch_size: int = 32) -> Attribution:
+                  segments: int = 16, batch_cells: int = BATCH_CELLS) -> Attribution:
     """Occlude each time-frequency patch of one clip in turn; the ensemble's prediction change per patch.
 
     Args:
@@ -41,9 +44,10 @@ def occlusion_map(regressors: Sequence[torch.nn.Module], log_mel: np.ndarray, la
         log_mel: the clip's log-mel spectrogram, (mels, frames), in dB.
         label: which output to explain.
         bands, segments: the patch grid (fewer where the spectrogram has fewer mels or frames).
-        batch_size: occluded copies scored at once (bounds memory on long clips).
+        batch_cells: spectrogram cells scored at once: the batch holds as many occluded copies as fit.
     """
     mels, frames = log_mel.shape
+    batch_size = max(1, batch_cells // (mels * frames))
     band_edges = np.linspace(0, mels, min(bands, mels) + 1).astype(int)
     time_edges = np.linspace(0, frames, min(segments, frames) + 1).astype(int)
     background = np.median(log_mel, axis=1, keepdims=True).astype(np.float32)  # (mels, 1)

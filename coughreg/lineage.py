@@ -34,7 +34,7 @@ def device_description() -> str:
     import torch
 
     if torch.cuda.is_available():
-        return f"CUDA: {torch.cuda.get_device_name(0)} (torch {torch.version.cuda})"
+        return f"CUDA: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 

@@ -15,7 +15,8 @@ def regression_metrics(truth: np.ndarray, prediction: np.ndarray) -> dict[str, f
     truth = np.asarray(truth, dtype=np.float64).reshape(len(truth), -1)
     prediction = np.asarray(prediction, dtype=np.float64).reshape(len(prediction), -1)
     mse = mean_squared_error(truth, prediction, multioutput="raw_values")
-    r2 = r2_score(truth, prediction, multioutput="raw_values", force_finite=False) if len(truth) > 1 else np.full(truth.shape[1], np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a constant label: R² undefined, NaN below
+        r2 = r2_score(truth, prediction, multioutput="raw_values", force_finite=False) if len(truth) > 1 else np.full(truth.shape[1], np.nan)
     r2 = np.where(np.isfinite(r2) & (np.var(truth, axis=0) > 0), r2, np.nan)
     return {
         "mae": float(mean_absolute_error(truth, prediction)),

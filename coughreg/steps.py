@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -130,7 +131,8 @@ def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
     """
     if metrics is None:
         return
-    numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {k: float(v) for k, v in values.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}  # KFP refuses NaN
     for key, value in numbers.items():
         metrics.log_metric(key, value)
     if getattr(metrics, "path", None):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from coughreg.evaluation_report import choose_recordings
+from coughreg.evaluation_report import choose_recordings, lineage_section
 from coughreg.interpret import occlusion_map
 from coughreg.report import encode_ogg_opus
 
@@ -35,6 +35,13 @@ def browser_page(evaluated):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.outside = []  # every request that would leave the file: the report must need none
+
+        def refuse(route):
+            page.outside.append(route.request.url)
+            route.abort()
+
+        page.route(lambda url: not url.startswith(("file:", "data:")), refuse)
         page.goto(evaluated.report_path.as_uri(), wait_until="load")
         yield page
         browser.close()
@@ -52,12 +59,16 @@ def test_every_picture_is_drawn_and_not_blank(browser_page, evaluated):
     alts = [image["alt"] for image in images]
     assert {"errors of cough_detected", "MAE per fold", "label distributions", "training curves"} <= set(alts)
     spectrograms = [a for a in alts if a.startswith("spectrogram of ")]
-    assert len(spectrograms) == evaluated.metrics["validation_rows"] or len(spectrograms) == 3  # logging.number_of_audios
+    assert len(spectrograms) == min(3, evaluated.metrics["validation_rows"])  # logging.number_of_audios
     for image in images:
         assert image["done"] and image["width"] > 100 and image["shown"] > 100, image["alt"]
         pixels = _png_pixels(image["src"])[..., :3]
         assert pixels.std() > 0.02, f"{image['alt']} is blank"
         assert (pixels.reshape(-1, 3) != 1.0).any(axis=1).mean() > 0.02, f"{image['alt']} is mostly empty"
+        if image["alt"].startswith("spectrogram of "):  # the spectrogram fills its axes with colour
+            left = pixels[:, : pixels.shape[1] // 2]
+            assert (left.reshape(-1, 3) != 1.0).any(axis=1).mean() > 0.4, f"{image['alt']} draws no spectrogram"
+    assert browser_page.outside == []
 
 
 def test_every_clip_plays_in_the_browser(browser_page, evaluated):
@@ -96,7 +107,10 @@ def test_the_page_reads_from_summary_to_lineage(browser_page, evaluated, tmp_pat
 
 
 def test_metrics_carry_intervals_per_label_and_fold(evaluated):
-    metrics = json.loads(evaluated.metrics_path.read_text())
+    def refuse(constant):
+        raise AssertionError(f"metrics.json holds {constant}, which strict JSON parsers refuse")
+
+    metrics = json.loads(evaluated.metrics_path.read_text(), parse_constant=refuse)
     for predictor in ("model", "baseline_mean", "baseline_median"):
         overall = metrics[predictor]["overall"]
         assert next(iter(overall)) == "mae"  # the config's prediction.metric first
@@ -107,6 +121,7 @@ def test_metrics_carry_intervals_per_label_and_fold(evaluated):
     assert mae["value"] == pytest.approx(metrics["validation_mae"]) and mae["ci95"][0] <= mae["value"] <= mae["ci95"][1]
     assert metrics["intervals"]["resamples"] >= 1000 and "seed" in metrics["intervals"]
     assert metrics["validation_mae_ci95_low"] == mae["ci95"][0]
+    assert metrics["baseline_median"]["overall"]["pearson"] == {"value": None, "ci95": [None, None]}  # a constant has no correlation
     assert metrics["noise_floor_mae"] == pytest.approx(0.0525, abs=0.002)  # the project's generator wrote its law into the zip
 
 
@@ -156,3 +171,65 @@ def test_a_clip_is_embedded_as_opus_that_decodes_to_the_same_length():
         assert stream.codec_context.name == "opus"
     assert abs(len(decoded) / 48_000 - 2.0) < 0.03 and np.abs(decoded).max() > 0.2
     assert len(data) < 2 * 48_000 / 8 * 1.3  # about the bit rate, not raw samples
+
+
+def test_text_from_the_data_is_escaped():
+    facts = {"source": {"uri": "s3://b/<script>alert(1)</script>.zip", "content_identity": "<b>x</b>"},
+             "ingest": {}, "features": {"shard_set": "<i>"}, "model": {"backbone": "<img src=x>", "seed": 1},
+             "evaluated_on": "cpu", "image": "<iframe>", "python": "3.11", "libraries": {"torch": "<svg>"},
+             "config": "experiment_name: <script>"}
+    page = lineage_section(facts)
+    assert "<script>" not in page and "<img" not in page and "<iframe>" not in page and "<svg>" not in page
+    assert "&lt;script&gt;" in page
+
+
+def _synthetic_inputs(tmp_path, rows: int, labels: list[str], folds: int, constant_truth: bool = False):
+    """A report's inputs without a training run: several folds and labels, to draw every figure on."""
+    import pandas as pd
+
+    from coughreg.config import load_resolved_config
+    from coughreg.evaluate import compute_metrics
+    from coughreg.evaluation_report import ReportInputs
+    from coughreg.gate import decide
+    from tests.conftest import HT_YAML
+
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"id": [f"clip-{k}" for k in range(rows)], "fold": np.arange(rows) % folds,
+                          "duration_s": rng.uniform(0.5, 10, rows)})
+    for label in labels:
+        truth = np.full(rows, 0.5) if constant_truth else rng.uniform(0, 1, rows)
+        frame[label] = truth
+        frame[f"pred_{label}"] = np.clip(truth + rng.normal(0, 0.1, rows), 0, 1)
+    members = [{"fold": f, "seed": 0, "train_label_mean": [0.5] * len(labels), "train_label_median": [0.5] * len(labels)}
+               for f in range(folds)]
+    info = {"label_columns": labels, "label_range": [0.0, 1.0], "members": members, "seed": 5, "backbone": "test",
+            "validation_scheme": f"group k-fold ({folds} folds)"}
+    config = load_resolved_config(HT_YAML, ["logging.number_of_audios=0"])
+    metrics = compute_metrics(frame, info, config)
+    metrics.update(quality_gate=decide(metrics, 1.0), validation_truncated=0, noise_floor_mae=None)
+    facts = {"source": {"uri": "s3://b/k.zip", "content_identity": "etag"}, "ingest": {}, "features": {},
+             "model": {"backbone": "test", "seed": 5}, "evaluated_on": "cpu", "image": "none", "python": "3.11",
+             "libraries": {}, "config": "experiment_name: x"}
+    return ReportInputs(frame, metrics, [], info, config, tmp_path, tmp_path, tmp_path, facts)
+
+
+def test_several_folds_and_labels_draw_every_figure(tmp_path):
+    from coughreg.evaluation_report import build
+
+    inputs = _synthetic_inputs(tmp_path, 400, ["cough_detected", "severity"], folds=3)
+    page = build(inputs)
+    images = re.findall(r'<img alt="([^"]+)"', page)
+    assert {"errors of cough_detected", "errors of severity", "MAE per fold", "label distributions"} <= set(images)
+    assert "Per label" in page and "folds 0, 1, 2" in page
+    assert inputs.metrics["model"]["per_fold"].keys() == {"0", "1", "2"}
+
+
+def test_labels_with_no_spread_say_n_a_instead_of_nan(tmp_path):
+    from coughreg.evaluate import json_ready
+    from coughreg.evaluation_report import build
+
+    inputs = _synthetic_inputs(tmp_path, 40, ["cough_detected"], folds=2, constant_truth=True)
+    page = build(inputs)
+    lead = re.search(r"<p class='lead'>(.*?)</p>", page).group(1)
+    assert "nan" not in lead.lower() and "n/a" in lead
+    json.dumps(json_ready(inputs.metrics), allow_nan=False)  # metrics.json stays strict JSON
