@@ -45,7 +45,8 @@ def test_a_run_carries_the_pipeline_spec_and_the_parameters(api, monkeypatch, tm
     assert spec["pipelineInfo"]["name"] == "cough-regression"
     platform = body["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert platform["exec-ingest"]["secretAsEnv"][0]["secretName"] == "coughreg-s3"
-    assert {"ingest", "train", "evaluate", "export"} <= set(spec["root"]["dag"]["tasks"])
+    assert {"ingest", "train", "evaluate"} <= set(spec["root"]["dag"]["tasks"])
+    assert {"exec-export", "exec-gate-failed"} <= set(spec["deploymentSpec"]["executors"])  # the two sides of the quality gate
     assert "must-never-be-sent" not in json.dumps(api.requests)  # credentials stay in the cluster Secret
 
 
