@@ -20,7 +20,8 @@ Each step receives only the config keys that shape its output (`<step>_config`, 
 coughreg/step_config.py), so KFP's cache reruns a step only when one of them changes; the backbone,
 epochs, learning rate and batch size are typed run parameters. Kubernetes settings come from the
 config's `cluster` section and are never parameters: S3 credentials reach the steps that read S3
-as env from a Secret; training requests one nvidia.com/gpu per entry of `environment.gpus` with its
+as env from a Secret, the experiment tracker's (logging.logger) reach preflight, evaluate and export
+from an optional one; training requests one nvidia.com/gpu per entry of `environment.gpus` with its
 node selector and tolerations and gets a memory-backed /dev/shm; ingest unpacks on an ephemeral
 volume; every step has a timeout, retries with backoff (for preemption) and its own cache switch.
 
@@ -54,11 +55,13 @@ from coughreg.images import CPU_IMAGE, GPU_IMAGE
 from coughreg.resources import CPU_REQUEST_ENV, GPUS_REQUESTED_ENV
 from coughreg.step_config import STEPS, runtime_env, step_arguments
 from coughreg.steps import GPU_NODE_SELECTOR_ENV, IMAGE_ENV, PIPELINE_ENV
+from coughreg.tracking import SECRET_KEYS as TRACKING_SECRET_KEYS
 
 PIPELINE_NAME = "cough-regression"
 SCRATCH = "/scratch"  # ingest's ephemeral volume
 S3_KEYS = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
 HF_KEYS = {key: key for key in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE")}  # the hub, for pretrained weights
+TRACKING_KEYS = {key: key for key in TRACKING_SECRET_KEYS}  # the experiment tracker (logging.logger)
 
 
 def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts: int = 2, local: bool = False):
@@ -88,6 +91,10 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
     def reads_s3(task):
         return kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env=S3_KEYS, optional=True)
 
+    def tracked(task):  # where the tracker is and the credentials for it; logging.logger says whether it is used
+        return kubernetes.use_secret_as_env(task, secret_name=cluster.tracking_secret, secret_key_to_env=TRACKING_KEYS,
+                                            optional=True)
+
     fields = [("report", HTML), ("metrics", Metrics), ("model", Model), ("quality_gate", str), ("scorer_uri", str)]
     if not local:  # the scorer artifact itself (kfp.local takes dsl.OneOf of parameters only)
         fields.append(("scorer", Model))
@@ -115,6 +122,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
         )
         reads_s3(step(preflight_task, "preflight", "0. Preflight checks", cpu="1", memory="2Gi", retries=0))
         kubernetes.use_secret_as_env(preflight_task, secret_name=cluster.hf_secret, secret_key_to_env=HF_KEYS, optional=True)
+        tracked(preflight_task)  # a tracker asked for and not configured fails here, before anything runs
         preflight_task.set_caching_options(False)  # it must look every time: new data reruns ingest
         preflight_task.set_env_variable(GPU_NODE_SELECTOR_ENV, json.dumps(cluster.gpu_node_selector if gpus else {}))
 
@@ -161,12 +169,12 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
             dataset=ingest_task.outputs["dataset"], evaluate_config=evaluate_config,
             max_mae_to_median_baseline=max_mae_to_median_baseline,
         )
-        step(evaluate_task, "evaluate", "4. Evaluate")
+        tracked(step(evaluate_task, "evaluate", "4. Evaluate"))
 
         with dsl.If(evaluate_task.outputs["gate"] == PASSED, "quality-gate-passed"):
             export_task = export(model=train_task.outputs["model"], evaluation=evaluate_task.outputs["evaluation"],
                                  export_config=export_config)
-            step(export_task, "export", "5. Export the scorer")
+            tracked(step(export_task, "export", "5. Export the scorer"))
             if config.dataset.test_dataframe and config.training.build_scoring_pipelines:
                 test_task = score_test(scorer=export_task.outputs["scorer"], dataset=ingest_task.outputs["dataset"])
                 step(test_task, "score", "6. Score the test table")

@@ -25,5 +25,6 @@ def evaluate(
     from coughreg.steps import Given, evaluate_step
 
     given = Given.parameter("evaluate_config", evaluate_config, {"max_mae_to_median_baseline": max_mae_to_median_baseline})
-    values = evaluate_step(model.path, spectrograms.path, dataset.path, evaluation.path, given, metrics=metrics, html=report.path)
+    values = evaluate_step(model.path, spectrograms.path, dataset.path, evaluation.path, given, metrics=metrics, html=report.path,
+                           artifact_uri=evaluation.uri)
     return namedtuple("EvaluateOutputs", ["gate"])(values["quality_gate"]["verdict"])

@@ -188,9 +188,25 @@ class EnvironmentConfig(_Section):
 
 
 class LoggingConfig(_Section):
+    # An MLflow experiment or Neptune project named 2024 is a name, not a number.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
     log_grad_norm: bool = Field(False, description="Log the gradient norm every step.")
-    logger: Literal["Neptune"] | None = Field(None, description="External experiment logger; None = KFP metrics only.")
-    neptune_project: str = Field("", description="Neptune project (used only with logger: Neptune).")
+    logger: Literal["Neptune", "MLflow"] | None = Field(
+        None,
+        description="Experiment tracker the evaluate and export steps log to (parameters, per-epoch curves, final "
+        "metrics, the report, the scorer): 'Neptune' (NEPTUNE_API_TOKEN, NEPTUNE_PROJECT, NEPTUNE_MODE, default async), "
+        "'MLflow' (project value: the server at MLFLOW_TRACKING_URI, with MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN); None: KFP metrics and the report only. Credentials come "
+        "from the environment (the cluster.tracking_secret Secret), never from the config.",
+    )
+    neptune_project: str = Field(
+        "", description="Neptune project (workspace/project) with logger: Neptune; empty: NEPTUNE_PROJECT from the environment."
+    )
+    mlflow_experiment: str | None = Field(
+        None, min_length=1,
+        description="Project key: the MLflow experiment runs are logged to with logger: MLflow; None: experiment_name.",
+    )
     number_of_audios: int = Field(8, ge=0, description="How many recordings the report shows.")
 
 
@@ -304,6 +320,11 @@ class ClusterConfig(_Section):
         default_factory=lambda: {"preflight": 1800, "ingest": 6 * 3600, "features": 6 * 3600, "train": 72 * 3600,
                                  "evaluate": 2 * 3600, "export": 3600, "score": 6 * 3600},
         description="Seconds each step's pod may run (activeDeadlineSeconds); a step not named has no limit.",
+    )
+    tracking_secret: str = Field(
+        "coughreg-tracking", description="Optional Secret whose MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME, "
+        "MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, NEPTUNE_API_TOKEN, NEPTUNE_PROJECT and NEPTUNE_MODE keys reach "
+        "the preflight, evaluate and export steps, as env (the experiment tracker of logging.logger)."
     )
     hf_secret: str = Field(
         "coughreg-hf", description="Optional Secret whose HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE keys reach the "
@@ -482,11 +503,11 @@ def config_from_dict(
 def inert_keys(config: ExperimentConfig, keys: list[str] | None = None) -> dict[str, str]:
     """Keys whose value has no effect given the rest of the config, with the reason (only ``keys``, when given)."""
     inert: dict[str, str] = {}
-    if config.logging.logger is None:
-        inert["logging.neptune_project"] = "logger is None"
-    else:
-        inert["logging.logger"] = "external loggers are not part of this product: metrics go to KFP Metrics and the report"
-        inert["logging.neptune_project"] = "external loggers are not part of this product"
+    logger = config.logging.logger
+    if logger != "Neptune" and (logger is None or config.logging.neptune_project):
+        inert["logging.neptune_project"] = f"logger is {logger}"
+    if logger != "MLflow" and config.logging.mlflow_experiment is not None:
+        inert["logging.mlflow_experiment"] = f"logger is {logger}"
     if config.augmentation.mix_audio == "Disabled":
         for key in ("mix_concentration", "mix_iterations", "mix_probability", "mix_target"):
             inert[f"augmentation.{key}"] = "mix_audio is Disabled"

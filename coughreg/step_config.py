@@ -63,12 +63,17 @@ KEY_OWNER = {
     "experiment_name": "evaluate",  # the report's title
 }
 # Keys that shape how a step runs, not what it makes: never parameters (a new worker count must not
-# retrain a model); they reach the step as environment variables, which no cache key holds.
+# retrain a model); they reach the step (or steps) as environment variables, which no cache key holds.
+# The experiment tracker is one: where results are also sent changes none of them.
+TRACKING = ("evaluate", "export")
 RUNTIME = {
     "features.workers": ("features", "COUGHREG_FEATURE_WORKERS"),
     "environment.number_of_workers": ("train", "COUGHREG_LOADER_WORKERS"),
     "cluster.checkpoint_uri": ("train", "COUGHREG_CHECKPOINT_URI"),
     "cluster.weights_uri": ("preflight", "COUGHREG_WEIGHTS_URI"),
+    "logging.logger": (TRACKING, "COUGHREG_TRACKING_LOGGER"),
+    "logging.neptune_project": (TRACKING, "COUGHREG_NEPTUNE_PROJECT"),
+    "logging.mlflow_experiment": (TRACKING, "COUGHREG_MLFLOW_EXPERIMENT"),
 }
 # Keys a user sets in the KFP UI as typed run parameters (their step's JSON leaves them out).
 UI_PARAMETERS = {
@@ -92,6 +97,12 @@ def all_keys() -> list[str]:
         else:
             keys.append(section)
     return keys
+
+
+def runtime_users(key: str) -> tuple[str, ...]:
+    """The steps a runtime setting reaches (none for other keys)."""
+    users = RUNTIME.get(key, ((), ""))[0]
+    return (users,) if isinstance(users, str) else users
 
 
 def owner(key: str) -> str | None:
@@ -119,8 +130,8 @@ def runtime_env(config: ExperimentConfig, step: str) -> dict[str, str]:
     """The environment variables that carry a step's runtime settings (set on its task at compile time); the
     preflight step gets them all (it checks every location)."""
     flat = flatten(config.model_dump(mode="json"))
-    return {env: str(flat[key]) for key, (user, env) in RUNTIME.items()
-            if (user == step or step == "preflight") and flat.get(key) is not None}
+    return {env: str(flat[key]) for key, (_, env) in RUNTIME.items()
+            if (step in runtime_users(key) or step == "preflight") and flat.get(key) not in (None, "")}
 
 
 def runtime_from_env() -> dict[str, Any]:
@@ -232,7 +243,7 @@ def build_step_config(
             what the input artifact was made with (both values named).
     """
     flat = check_keys(step, given, where, strict)
-    own = {k: v for k, v in flat.items() if owner(k) == step or RUNTIME.get(k, ("",))[0] == step}
+    own = {k: v for k, v in flat.items() if owner(k) == step or step in runtime_users(k)}
     chain: dict[str, Any] = {}
     if upstream is not None:
         chain = config_values(upstream, [k for k in all_keys() if owner(k) in UPSTREAM[step]])
@@ -287,7 +298,7 @@ def config_reference() -> str:
     """Every key of the config model, with type, default, the step it goes to and its meaning, as a Markdown table (for the README)."""
     def goes_to(key: str) -> str:
         if key in RUNTIME:
-            return f"{RUNTIME[key][0]} (env)"
+            return f"{', '.join(runtime_users(key))} (env)"
         return owner(key) or "cluster"
 
     lines = ["| key | type | default | step | meaning |", "| --- | --- | --- | --- | --- |"]

@@ -41,6 +41,10 @@ GPU_NODE_SELECTOR_ENV = "COUGHREG_GPU_NODE_SELECTOR"  # the train task's node se
 IMAGE_ENV = "COUGHREG_IMAGE"  # the task's image reference, set on every task
 
 
+def _pipeline_name() -> str:
+    return os.environ.get(PIPELINE_ENV, "cough-regression")
+
+
 @dataclass(frozen=True)
 class Given:
     """The config keys given for one step run, nested as in the config, and where they came from."""
@@ -231,7 +235,8 @@ def whole_config(givens: dict[str, Given]) -> ExperimentConfig:
 @reports_errors("preflight")
 def preflight_step(source_uri: str, givens: dict[str, Given], *, report: str | None = None, artifact_uri: str | None = None,
                    s3: S3Options | None = None) -> dict:
-    """Every check that can be made before a recording is downloaded (``coughreg.preflight``).
+    """Every check that can be made before a recording is downloaded (``coughreg.preflight``), and, with
+    ``logging.logger``, the experiment tracker's settings.
 
     Returns the data's version and the pretrained weights' URI and SHA-256 for the run to go on with.
 
@@ -251,11 +256,13 @@ def preflight_step(source_uri: str, givens: dict[str, Given], *, report: str | N
         result = PreflightResult(checks=[PreflightCheck("config", False, str(exc), time.perf_counter() - started)])
     else:
         store = config.cluster.weights_uri
-        root = pipeline_root_of(artifact_uri, os.environ.get(PIPELINE_ENV, "cough-regression")) if artifact_uri else None
+        root = pipeline_root_of(artifact_uri, _pipeline_name()) if artifact_uri else None
         store = store or (f"{root}/weights" if root else None)
         selector = json.loads(os.environ.get(GPU_NODE_SELECTOR_ENV) or "{}")
         result = preflight(source_uri, config, store, s3, selector)
         result.checks.insert(0, PreflightCheck("config", True, "every step's keys make one valid config", 0.0))
+        if config.logging.logger is not None:
+            result.checks.append(_tracking_check(config))
     result.seconds = time.perf_counter() - started
     if report:
         write_report(result, report)
@@ -263,6 +270,21 @@ def preflight_step(source_uri: str, givens: dict[str, Given], *, report: str | N
     if result.failures:
         raise CoughPipelineError(failure_message(result))
     return {"source_version": result.source_version, "weights_uri": result.weights_uri, "weights_sha256": result.weights_sha256}
+
+
+def _tracking_check(config: ExperimentConfig):
+    """The experiment tracker's settings and credentials are there (``coughreg.tracking.describe``); whether an MLflow
+    server answers now is reported, not required (the evaluate and export steps warn and go on without it)."""
+    from coughreg import tracking
+    from coughreg.preflight import Check
+
+    began = time.perf_counter()
+    try:
+        detail, ok = tracking.describe(config), True
+    except CoughPipelineError as exc:
+        detail, ok = str(exc), False
+    (log.info if ok else log.warning)("preflight: tracking: %s", detail if ok else "failed")
+    return Check("tracking", ok, detail, time.perf_counter() - began)
 
 
 # ---------------------------------------------------------------- 1. ingest
@@ -382,9 +404,42 @@ def train_step(features: str | Path, out: str | Path, given: Given, *, metrics: 
                 return {}
         history = artifacts.read_json(out_dir, artifacts.HISTORY, "train")
         info = artifacts.read_model_info(out_dir)
-    last = {k: v for k, v in history[-1].items() if k not in ("fold", "seed", "epoch")} if history else {}
-    summary = {"members": len(info["members"]), "seed": info["seed"], **last}
+    summary = {"members": len(info["members"]), "seed": info["seed"], **training_summary(history, config.prediction.metric)}
     log_metrics(metrics, summary)
+    return summary
+
+
+def training_summary(history: list[dict], metric: str) -> dict:
+    """The training curves as the scalars KFP's UI shows: each value of the last epoch (``train_loss``,
+    ``validation_mae``, ...) and the validation values of the best epoch by ``metric`` (``best_validation_mae``,
+    ...), averaged over the models (fold, seed) when there are several; the best epoch (``best_epoch``, or
+    ``fold<k>_seed<s>_best_epoch`` for each of several models). The curves themselves are in the report and
+    the experiment tracker."""
+    import math
+
+    def numbers(row: dict, prefix: str = "") -> dict:
+        return {k: float(v) for k, v in row.items() if k.startswith(prefix) and k not in ("fold", "seed", "epoch")
+                and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def mean(rows: list[dict]) -> dict:
+        keys = sorted({key for row in rows for key in row})
+        return {key: sum(r[key] for r in rows if key in r) / sum(key in r for r in rows) for key in keys}
+
+    members: dict[tuple, list[dict]] = {}
+    for row in history:
+        members.setdefault((row.get("fold"), row.get("seed")), []).append(row)
+    ranked, higher = f"validation_{metric.lower()}", metric.upper() == "R2"
+    bests = []
+    for rows in members.values():
+        scored = [r for r in rows if isinstance(r.get(ranked), (int, float)) and math.isfinite(r[ranked])]
+        if scored:
+            bests.append((max if higher else min)(scored, key=lambda r: r[ranked]))  # the first of equals
+    summary = mean([numbers(rows[-1]) for rows in members.values()])
+    summary.update({f"best_{k}": v for k, v in mean([numbers(best, "validation_") for best in bests]).items()})
+    if len(bests) == 1:
+        summary["best_epoch"] = bests[0]["epoch"]
+    else:
+        summary.update({f"fold{b.get('fold')}_seed{b.get('seed')}_best_epoch": b["epoch"] for b in bests})
     return summary
 
 
@@ -411,8 +466,13 @@ def _train_rank(features_dir: str, out_dir: str, config: ExperimentConfig) -> No
 @reports_errors("evaluate")
 def evaluate_step(model: str | Path, features: str | Path, ingest: str | Path, out: str | Path, given: Given, *,
                   metrics: Any = None, html: str | None = None, s3: S3Options | None = None, cache_dir: Path | None = None,
-                  workers: int | None = None) -> dict:
-    """Validation recordings scored from audio, metrics, the quality gate's verdict (``metrics['quality_gate']``)."""
+                  workers: int | None = None, artifact_uri: str | None = None) -> dict:
+    """Validation recordings scored from audio, metrics, the quality gate's verdict (``metrics['quality_gate']``).
+
+    With ``logging.logger``, the config, the training curves, the metrics and the report also go to the
+    experiment tracker, into the tracker run of the pipeline run ``artifact_uri`` (default: ``out``) belongs to.
+    """
+    from coughreg import tracking
     from coughreg.evaluate import evaluate
 
     setup_logging()
@@ -422,8 +482,11 @@ def evaluate_step(model: str | Path, features: str | Path, ingest: str | Path, o
         out_dir = staging.output(out)
         upstream = artifacts.read_config(model_dir, "train")
         config = given.build("evaluate", upstream, f"the model {model}")
+        tracking.check(config)  # a tracker asked for but not configured fails before the work, not after it
         result = evaluate(model_dir, features_dir, ingest_dir, out_dir, config, workers)
         _copy_html(result.report_path, html)
+        # Before the outputs are published (and a staged folder removed); a tracker that fails is a warning.
+        tracking.log_evaluation(config, tracking.run_key(artifact_uri or str(out), _pipeline_name()), model_dir, out_dir)
     log_metrics(metrics, result.metrics)
     return result.metrics
 
@@ -441,6 +504,8 @@ def run_identity(artifact_uri: str | None) -> dict:
 @reports_errors("export")
 def export_step(model: str | Path, evaluation: str | Path, out: str | Path, given: Given, *, artifact_uri: str | None = None,
                 s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
+    """The scorer folder; with ``logging.logger``, also to the experiment tracker (the evaluate step's tracker run)."""
+    from coughreg import tracking
     from coughreg.export import export
 
     setup_logging()
@@ -449,7 +514,9 @@ def export_step(model: str | Path, evaluation: str | Path, out: str | Path, give
         model_dir, evaluation_dir, out_dir = staging.input(model), staging.input(evaluation), staging.output(out)
         upstream = artifacts.read_config(evaluation_dir, "evaluate")
         config = given.build("export", upstream, f"the evaluation {evaluation}")
+        tracking.check(config)
         result = export(model_dir, evaluation_dir, out_dir, config, run_identity(artifact_uri or str(out)))
+        tracking.log_scorer(config, tracking.run_key(artifact_uri or str(out), _pipeline_name()), result.scorer_dir)
     return {"scorer": str(out if is_s3_uri(str(out)) else result.scorer_dir), "programs": result.programs}
 
 

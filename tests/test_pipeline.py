@@ -86,7 +86,8 @@ def test_kubernetes_settings(compiled):
         secret = platform[executor]["secretAsEnv"][0]
         assert secret["secretName"] == "coughreg-s3"
         assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    assert "secretAsEnv" not in platform.get("exec-evaluate", {})
+    # evaluate reads no S3 itself: only the experiment tracker's optional Secret
+    assert [s["secretName"] for s in platform["exec-evaluate"]["secretAsEnv"]] == ["coughreg-tracking"]
     assert platform["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     tasks = compiled["root"]["dag"]["tasks"]
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 3 and tasks["ingest"]["retryPolicy"]["backoffDuration"] == "30s"

@@ -118,6 +118,10 @@ def baseline(tmp_path_factory):
     ("features.workers=1", set()),
     ("cluster.checkpoint_uri=s3://bucket/checkpoints", set()),
     ("cluster.retries=5", set()),
+    ("logging.logger=MLflow", set()),  # where results are also sent: a runtime setting of evaluate and export
+    ("logging.mlflow_experiment=coughs", set()),
+    ("logging.neptune_project=team/coughs", set()),
+    ("cluster.tracking_secret=team-tracking", set()),
 ])
 def test_a_changed_key_rekeys_its_step_and_those_after_it(baseline, tmp_path, override, rekeyed):
     changed = _compile(tmp_path, "changed", override)

@@ -47,6 +47,7 @@ def test_a_run_carries_the_pipeline_spec_and_the_parameters(api, monkeypatch, tm
     assert platform["exec-ingest"]["secretAsEnv"][0]["secretName"] == "coughreg-s3"
     assert {"ingest", "train", "evaluate"} <= set(spec["root"]["dag"]["tasks"])
     assert any("export" in c.get("dag", {}).get("tasks", {}) for c in spec["components"].values())  # behind the quality gate
+    assert {"exec-export", "exec-gate-failed"} <= set(spec["deploymentSpec"]["executors"])  # the two sides of the quality gate
     assert "must-never-be-sent" not in json.dumps(api.requests)  # credentials stay in the cluster Secret
 
 
