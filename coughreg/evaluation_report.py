@@ -20,6 +20,7 @@ import pandas as pd
 
 from coughreg import artifacts, report
 from coughreg.config import ExperimentConfig
+from coughreg.scoring import readback
 
 METRIC_TITLES = {"mae": "MAE", "mse": "MSE", "rmse": "RMSE", "r2": "R²", "pearson": "Pearson r", "spearman": "Spearman ρ",
                  "median_ae": "median |error|"}
@@ -233,7 +234,7 @@ def label_distribution_figure(inputs: ReportInputs):
     if folds_path.exists():
         from coughreg.shards import SpectrogramShardReader
 
-        assignment = pd.read_parquet(folds_path)
+        assignment = readback.read_table(folds_path, "rerun the train step").to_pandas()
         every = SpectrogramShardReader(artifacts.shard_paths(inputs.features_dir)).index[["id", *labels]]
         index = assignment.merge(every, on="id", how="inner")
     else:
