@@ -55,6 +55,7 @@ from coughreg.images import CPU_IMAGE, GPU_IMAGE
 from coughreg.resources import CPU_REQUEST_ENV, GPUS_REQUESTED_ENV
 from coughreg.step_config import STEPS, runtime_env, step_arguments
 from coughreg.steps import GPU_NODE_SELECTOR_ENV, IMAGE_ENV, PIPELINE_ENV
+from coughreg.storage import checked_uri
 from coughreg.tracking import SECRET_KEYS as TRACKING_SECRET_KEYS
 
 PIPELINE_NAME = "cough-regression"
@@ -70,6 +71,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
     ``local``: for kfp.local, which hashes a task's environment into its cache key and retries like a
     cluster: runtime settings stay in the caller's environment (``runtime_env``) and nothing retries.
     """
+    checked_uri(source_uri, "source_uri")  # the parameter's default is written into the compiled pipeline
     cluster = config.cluster
     gpus = len(config.environment.gpus)
     given = {name: value for step in STEPS for name, value in step_arguments(config, step).items()}  # the defaults

@@ -22,6 +22,7 @@ from pathlib import Path
 from coughreg.config import CONFIG_FILE_NAME, ExperimentConfig, load_config
 from coughreg.errors import CoughPipelineError
 from coughreg.feature_spec import feature_parameters
+from coughreg.scoring import readback
 
 CONFIG = CONFIG_FILE_NAME
 
@@ -67,22 +68,17 @@ def read_config(folder: str | Path, step: str) -> ExperimentConfig:
     return load_config(require(folder, CONFIG, step))
 
 
-def read_json(folder: str | Path, name: str, step: str) -> dict:
-    path = require(folder, name, step)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CoughPipelineError(f"{path}: unreadable ({exc}); rerun the {step} step") from None
+def read_json(folder: str | Path, name: str, step: str, kind: type = dict):
+    """A JSON file of a step's output folder (``coughreg.scoring.readback``: data only, a damaged file named)."""
+    return readback.read_json(require(folder, name, step), f"rerun the {step} step", kind)
 
 
 def read_manifest(folder: str | Path):
     """The manifest of an ingest folder as a DataFrame, and its metadata (source, layout, label and group columns)."""
-    import pyarrow.parquet as pq
-
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise CoughPipelineError(f"{path}: no manifest; run the ingest step into {folder} first (or it did not finish)")
-    table = pq.read_table(path)
+    table = readback.read_table(path, "rerun the ingest step")
     meta = json.loads((table.schema.metadata or {}).get(b"coughreg.manifest", b"{}"))
     return table.to_pandas(), meta
 
@@ -96,8 +92,20 @@ def shard_paths(folder: str | Path) -> list[Path]:
     return [Path(folder) / name for name in read_shard_index(folder)["shards"]]
 
 
+MODEL_KEYS = {"members": list, "backbone": str, "label_columns": list, "label_range": list}
+
+
 def read_model_info(folder: str | Path) -> dict:
-    return read_json(folder, MODEL_INFO, "train")
+    """A train output's ``model.json``, with every member's weights file present: a folder whose training did
+    not finish (or lost a file) is named here, before anything reads it or is written from it."""
+    path = Path(folder) / MODEL_INFO
+    info = readback.require_keys(read_json(folder, MODEL_INFO, "train"), MODEL_KEYS, path, "rerun the train step")
+    for member in info["members"]:
+        weights = member.get("weights") if isinstance(member, dict) else None
+        if not isinstance(weights, str) or not (Path(folder) / weights).is_file():
+            raise CoughPipelineError(f"{Path(folder) / str(weights)}: missing; {folder} is not a finished train output "
+                                     f"(its {MODEL_INFO} names a member without its weights); rerun the train step")
+    return info
 
 
 def expected_feature_parameters(config: ExperimentConfig) -> dict:

@@ -19,6 +19,17 @@ from coughreg.errors import CoughPipelineError
 log = logging.getLogger("coughreg")
 
 
+def location(text: str) -> str:
+    """An argument that names a place (an ``s3://`` or other URI, or a path): refused when it carries
+    credentials (``coughreg.storage.checked_uri``); argparse names the argument and exits with status 2."""
+    from coughreg.storage import checked_uri
+
+    try:
+        return checked_uri(text)
+    except CoughPipelineError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_config_options(parser: argparse.ArgumentParser, step: bool = False) -> None:
     default = (
         "the keys the input artifact was made with, and defaults for this step's own keys" if step
@@ -32,7 +43,7 @@ def _add_config_options(parser: argparse.ArgumentParser, step: bool = False) -> 
 
 
 def _add_s3_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL)")
+    parser.add_argument("--endpoint-url", type=location, default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL)")
     parser.add_argument("--region", default=None, help="S3 region (default: the AWS chain)")
     parser.add_argument("--no-sign-request", action="store_true", help="anonymous access to a public bucket")
     parser.add_argument("--cache-dir", type=Path, default=None, help="download cache (default: ~/.cache/coughreg)")
@@ -79,7 +90,10 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from coughreg.scoring.outputs import output_file
     from coughreg.synth import generate_coughvid_zip
+
+    output_file(args.out)
 
     report = generate_coughvid_zip(
         args.out, args.n, seed=args.seed, workers=args.workers, folder=args.folder, with_json=not args.no_json
@@ -185,6 +199,9 @@ def print_run(result) -> None:
 
 def cmd_run_local(args: argparse.Namespace) -> int:
     from coughreg.local_run import run_local
+    from coughreg.scoring.outputs import output_folder
+
+    output_folder(args.out)
 
     if not args.data:
         raise CoughPipelineError("run-local needs --data (s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder); `make demo` runs it on generated data")
@@ -195,7 +212,10 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from coughreg.scoring.outputs import output_folder
     from coughreg.submit import Submission, submit
+
+    output_folder(args.out)
 
     options = Submission(
         host=args.host, namespace=args.namespace, experiment=args.experiment, run_name=args.run_name,
@@ -211,6 +231,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from coughreg.demo import run_demo
+    from coughreg.scoring.outputs import output_folder
+
+    output_folder(args.out)
 
     return run_demo(args.pipeline, args)
 
@@ -240,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _scorer_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text)
-    parser.add_argument("--scorer", required=True, help="the export step's scorer: a folder or its s3:// artifact URI")
+    parser.add_argument("--scorer", type=location, required=True, help="the export step's scorer: a folder or its s3:// artifact URI")
     parser.add_argument("--program", choices=["torchscript", "export"], default="torchscript",
                         help="which of the folder's programs runs (default: torchscript, the faster on CPUs)")
     _add_s3_options(parser)
@@ -250,8 +273,8 @@ def _scorer_parser(commands, name: str, help_text: str) -> argparse.ArgumentPars
 def _step_parser(steps, name: str, help_text: str, inputs: list[tuple[str, str]]) -> argparse.ArgumentParser:
     parser = steps.add_parser(name, help=help_text)
     for flag, what in inputs:
-        parser.add_argument(flag, required=True, help=f"{what}: a folder or an s3:// artifact URI")
-    parser.add_argument("--out", required=True, help="a folder or an s3:// URI (uploaded when the step succeeds)")
+        parser.add_argument(flag, type=location, required=True, help=f"{what}: a folder or an s3:// artifact URI")
+    parser.add_argument("--out", type=location, required=True, help="a folder or an s3:// URI (uploaded when the step succeeds)")
     _add_s3_options(parser)
     _add_config_options(parser, step=True)
     return parser
@@ -283,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     step = commands.add_parser("step", help="run one step outside KFP (the same code the pipeline's component runs)")
     steps = step.add_subparsers(dest="step", required=True)
     ingest = steps.add_parser("ingest", help="data set (s3://, zip, folder) -> manifest.parquet + audio")
-    ingest.add_argument("--input", required=True, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
-    ingest.add_argument("--out", required=True, help="a folder or an s3:// URI")
+    ingest.add_argument("--input", type=location, required=True, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
+    ingest.add_argument("--out", type=location, required=True, help="a folder or an s3:// URI")
     ingest.add_argument("--workers", type=int, default=None)
     _add_config_options(ingest, step=True)
     _add_s3_options(ingest)
@@ -303,21 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
                           [("--model", "the train output"), ("--evaluation", "the evaluate output of that model")])
     export.set_defaults(func=cmd_step_export)
     score_step = steps.add_parser("score", help="the test table (dataset.test_dataframe) scored with an exported scorer")
-    score_step.add_argument("--scorer", required=True, help="the export output: a folder or an s3:// artifact URI")
-    score_step.add_argument("--input", required=True, help="the ingest output holding the test rows: a folder or an s3:// URI")
-    score_step.add_argument("--out", required=True, help="a folder or an s3:// URI (uploaded when the step succeeds)")
+    score_step.add_argument("--scorer", type=location, required=True, help="the export output: a folder or an s3:// artifact URI")
+    score_step.add_argument("--input", type=location, required=True, help="the ingest output holding the test rows: a folder or an s3:// URI")
+    score_step.add_argument("--out", type=location, required=True, help="a folder or an s3:// URI (uploaded when the step succeeds)")
     _add_s3_options(score_step)
     score_step.set_defaults(func=cmd_step_score)
 
     check = commands.add_parser("preflight", help="the pipeline's first step here: config, data, locations, GPUs, weights")
-    check.add_argument("--data", default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
+    check.add_argument("--data", type=location, default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
     _add_s3_options(check)
     _add_config_options(check)
     check.set_defaults(func=cmd_preflight)
 
     compile_ = commands.add_parser("compile", help="compile the DAG to KFP IR YAML")
     compile_.add_argument("-o", "--output", type=Path, required=True)
-    compile_.add_argument("--data", default=None, help="default value of the source_uri parameter")
+    compile_.add_argument("--data", type=location, default=None, help="default value of the source_uri parameter")
     compile_.add_argument("--feature-parts", type=int, default=2, help="feature extraction pods (ParallelFor)")
     _add_config_options(compile_)
     compile_.set_defaults(func=cmd_compile)
@@ -328,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.set_defaults(func=cmd_cache_diff)
 
     run_local = commands.add_parser("run-local", help="run the whole DAG through kfp.local")
-    run_local.add_argument("--data", default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
+    run_local.add_argument("--data", type=location, default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")
     run_local.add_argument("--out", type=Path, default=Path("out"), help="where the run's artifacts go (default: out/)")
     run_local.add_argument("--no-cache", action="store_true", help="run every step (default: reuse unchanged steps from an earlier run in --out)")
     run_local.add_argument("--feature-parts", type=int, default=2, help="branches of the features ParallelFor")
@@ -336,12 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_local.set_defaults(func=cmd_run_local)
 
     submit = commands.add_parser("submit", help="submit the pipeline to Kubeflow Pipelines on a cluster")
-    submit.add_argument("--host", default=None, help="KFP API endpoint (default: in-cluster or kube config)")
+    submit.add_argument("--host", type=location, default=None, help="KFP API endpoint (default: in-cluster or kube config)")
     submit.add_argument("--namespace", default="kubeflow")
     submit.add_argument("--experiment", default="cough-regression")
     submit.add_argument("--run-name", default=None)
-    submit.add_argument("--data", required=True, help="s3:// URI of the data set as the cluster sees it")
-    submit.add_argument("--pipeline-root", default=None, help="s3://bucket/prefix for artifacts (default: kfp-launcher's)")
+    submit.add_argument("--data", type=location, required=True, help="s3:// URI of the data set as the cluster sees it")
+    submit.add_argument("--pipeline-root", type=location, default=None, help="s3://bucket/prefix for artifacts (default: kfp-launcher's)")
     submit.add_argument("--token", default=None, help="bearer token (default: KF_PIPELINES_TOKEN or the service account)")
     submit.add_argument("--service-account", default=None, help="Kubernetes service account the pods run as")
     submit.add_argument("--feature-parts", type=int, default=2, help="feature extraction pods (ParallelFor)")
@@ -365,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     from coughreg.scoring.cli import add_score_arguments, add_serve_arguments
 
     score = _scorer_parser(commands, "score", "score recordings (files, folders, globs, s3:// prefixes) with an exported scorer")
-    add_score_arguments(score)
+    add_score_arguments(score, location)
     score.set_defaults(func=cmd_score)
     serve = _scorer_parser(commands, "serve", "serve an exported scorer over HTTP (plain and KServe V1)")
     add_serve_arguments(serve)

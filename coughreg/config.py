@@ -17,13 +17,13 @@ import copy
 import difflib
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from coughreg.errors import ConfigError
-from coughreg.storage import atomic_write_text
+from coughreg.errors import ConfigError, StorageError
+from coughreg.storage import atomic_write_text, checked_uri, redacted
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _no_credentials(value: str) -> str:
+    """A location key's value passes ``coughreg.storage.checked_uri`` (the key is named by the error's place)."""
+    try:
+        return checked_uri(value)
+    except StorageError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# A key that names a place (a file, a folder, a URI): written into step configs and the compiled pipeline,
+# so credentials in it are refused here, once, whichever way the key arrives (file, --set, pipeline parameter).
+Location = Annotated[str, AfterValidator(_no_credentials)]
+
+
 class ArchitectureConfig(_Section):
     backbone: str = Field("resnet50", description="timm model name; the network takes one input channel.")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the regression head.")
@@ -49,7 +62,7 @@ class ArchitectureConfig(_Section):
         True, description="Start from pretrained backbone weights: pretrained_weights, the local Hugging Face cache, "
         "or timm's download from the hub (HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN)."
     )
-    pretrained_weights: str | None = Field(
+    pretrained_weights: Location | None = Field(
         None, description="Project key: where pretrained weights are: a file, a Hugging Face cache folder or an s3:// URI."
     )
     pretrained_sha256: str | None = Field(
@@ -117,8 +130,8 @@ class AugmentationConfig(_Section):
 
 class DatasetConfig(_Section):
     audio_column: str = Field("filename", description="Column with the audio file name, relative to data_folder.")
-    data_folder: str | None = Field(None, description="Folder of the audio files, relative to the data root.")
-    data_folder_test: str | None = Field(None, description="Folder of the test table's audio files.")
+    data_folder: Location | None = Field(None, description="Folder of the audio files, relative to the data root.")
+    data_folder_test: Location | None = Field(None, description="Folder of the test table's audio files.")
     data_sample: float = Field(1.0, gt=0, le=1, description="Fraction of the data used (subsampling).")
     data_sample_choice: list[Literal["Train", "Validation"]] = Field(
         default_factory=lambda: ["Train", "Validation"], description="Which splits data_sample applies to."
@@ -133,10 +146,10 @@ class DatasetConfig(_Section):
         default_factory=lambda: ["cough_detected"], min_length=1, description="Regression targets."
     )
     selected_folds: list[str] = Field(default_factory=lambda: ["0"], min_length=1, description="Folds trained; -1 = all.")
-    test_dataframe: str | None = Field(None, description="A table scored by the exported model.")
-    train_dataframe: str | None = Field(None, description="The training table (CSV), relative to the data root.")
-    unlabeled_dataframe: str | None = Field(None, description="Unlabeled table: not used by this product.")
-    validation_dataframe: str | None = Field(None, description="A custom holdout table.")
+    test_dataframe: Location | None = Field(None, description="A table scored by the exported model.")
+    train_dataframe: Location | None = Field(None, description="The training table (CSV), relative to the data root.")
+    unlabeled_dataframe: Location | None = Field(None, description="Unlabeled table: not used by this product.")
+    validation_dataframe: Location | None = Field(None, description="A custom holdout table.")
     validation_size: float = Field(0.2, gt=0, lt=1, description="Validation share; 1/validation_size folds.")
     validation_strategy: Literal["kfold", "custom", "automatic"] = Field("kfold", description="How validation rows are chosen.")
 
@@ -295,7 +308,7 @@ class ClusterConfig(_Section):
     gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pod needs.")
     gpu_tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration()], description="Taints training tolerates.")
     retries: int = Field(3, ge=0, description="Retries (with backoff) of the steps that touch the network or a GPU.")
-    checkpoint_uri: str | None = Field(
+    checkpoint_uri: Location | None = Field(
         None,
         description="s3:// prefix (or folder) where training also keeps its per-epoch checkpoints, so a retried "
         "pod or a preempted node resumes where the last one stopped; None: only inside the model folder.",
@@ -330,7 +343,7 @@ class ClusterConfig(_Section):
         "coughreg-hf", description="Optional Secret whose HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE keys reach the "
         "preflight step, as env (a hub mirror, a token for private weights)."
     )
-    weights_uri: str | None = Field(
+    weights_uri: Location | None = Field(
         None, description="Where the preflight step keeps fetched pretrained weights by SHA-256 (s3:// or a folder); "
         "None: weights/ beside the runs in the pipeline root.",
     )
@@ -408,24 +421,34 @@ def _describe_errors(error: ValidationError, source: str) -> str:
             lines.append(f"unknown key '{key}'{hint}")
         else:
             value = item.get("input")
-            shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+            value = redacted(value) if isinstance(value, str) else value  # a message never repeats a secret
+            said = isinstance(value, (dict, list)) or (isinstance(value, str) and bool(value) and value in item["msg"])
+            shown = "" if said else f" (got {value!r})"
             where = f"'{key}'" if key else "the config"
-            lines.append(f"key {where}: {item['msg']}{shown}")
+            lines.append(f"key {where}: {item['msg'].removeprefix('Value error, ')}{shown}")
     return f"{source}: invalid experiment config:\n  " + "\n  ".join(lines)
+
+
+def _shown(text: str) -> str:
+    """An override as a message shows it: a URI value with its credentials replaced by ``***``."""
+    key, sign, value = text.partition("=")
+    return f"{key}{sign}{redacted(value.strip())}" if sign else redacted(text)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value``; the value is read as YAML (numbers, booleans, lists)."""
+    shown = _shown(text)
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
+        raise ConfigError(f"--set {shown!r}: expected section.key=value")
     key, raw = text.split("=", 1)
     path = [part for part in key.strip().split(".") if part]
     if not path:
-        raise ConfigError(f"--set {text!r}: empty key")
+        raise ConfigError(f"--set {shown!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+        detail = f": {exc}" if shown == text else ""  # YAML's message quotes the value
+        raise ConfigError(f"--set {shown!r}: value is not valid YAML{detail}") from None
     return path, value
 
 
@@ -438,7 +461,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if dotted not in known or dotted.startswith("resolved"):
             close = difflib.get_close_matches(dotted, sorted(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"--set {text!r}: unknown key '{dotted}'{hint}")
+            raise ConfigError(f"--set {_shown(text)!r}: unknown key '{dotted}'{hint}")
         node = data
         for part in path[:-1]:
             child = node.get(part)

@@ -30,6 +30,7 @@ from coughreg.frontend import LogMel
 from coughreg.intervals import flat_scalars, metrics_with_intervals
 from coughreg.metrics import metric_value, regression_metrics
 from coughreg.model import CoughScorer
+from coughreg.scoring import readback
 from coughreg.scoring.cli import plan_threads
 from coughreg.scoring.policy import Policy
 from coughreg.scoring.scorer import Scorer
@@ -183,7 +184,7 @@ def json_ready(value):
 def noise_floor(ingest_dir: Path) -> float | None:
     """The generator's expected noise floor (best reachable MAE) when the data is the project's own generated data."""
     path = ingest_dir / artifacts.INGEST_REPORT
-    generator = json.loads(path.read_text()).get("generator") if path.exists() else None
+    generator = readback.read_json(path, "rerun the ingest step").get("generator") if path.exists() else None
     value = generator.get("noise_floor_mae_expected") if isinstance(generator, dict) else None
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -206,10 +207,9 @@ def evaluate(model_dir: str | Path, features_dir: str | Path, ingest_dir: str | 
     config = with_upstream(config, "evaluate", artifacts.read_config(model_dir, "train"))
     info = artifacts.read_model_info(model_dir)
     artifacts.check_same_shards(info, artifacts.read_shard_index(features_dir), model_dir, features_dir)
-    trained = pd.read_parquet(artifacts.require(model_dir, artifacts.PREDICTIONS, "train"))
+    trained = readback.read_table(artifacts.require(model_dir, artifacts.PREDICTIONS, "train"), "rerun the train step").to_pandas()
     predictions = score_validation(model_dir, ingest_dir, trained, info, config, workers)
-    history_path = model_dir / artifacts.HISTORY
-    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    history = artifacts.read_json(model_dir, artifacts.HISTORY, "train", list) if (model_dir / artifacts.HISTORY).exists() else []
     metrics = compute_metrics(predictions, info, config)
     verdict = gate.decide(metrics, config.prediction.max_mae_to_median_baseline)
     metrics.update(quality_gate=verdict, quality_gate_passed=int(verdict["passed"]),

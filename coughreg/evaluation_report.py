@@ -21,6 +21,7 @@ import pandas as pd
 
 from coughreg import artifacts, report
 from coughreg.config import ExperimentConfig
+from coughreg.scoring import readback
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,9 @@ def label_distribution_figure(inputs: ReportInputs):
     if folds_path.exists():  # every labelled row and its fold: the training side of each fold
         from coughreg.shards import SpectrogramShardReader
 
+        assignment = readback.read_table(folds_path, "rerun the train step").to_pandas()
         every = SpectrogramShardReader(artifacts.shard_paths(inputs.features_dir)).index[["id", *labels]]
-        index = pd.read_parquet(folds_path).merge(every, on="id", how="inner")
+        index = assignment.merge(every, on="id", how="inner")
     else:
         index = scored[["id", "fold", *labels]]
     all_rows = inputs.config.training.train_validation_data

@@ -25,13 +25,13 @@ import torch
 
 from coughreg import artifacts
 from coughreg.config import ExperimentConfig, save_config
-from coughreg.errors import CoughPipelineError
+from coughreg.errors import CoughPipelineError, StorageError
 from coughreg.frontend import LogMel
 from coughreg.model import CoughScorer
 from coughreg.scoring import policy as scoring_policy
 from coughreg.scoring.scorer import PROGRAMS, SCORER_FORMAT, SCORER_INFO, Scorer
 from coughreg.step_config import chain_keys, with_upstream
-from coughreg.storage import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from coughreg.storage import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file, staged_folder
 from coughreg.training import load_members
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,10 @@ def export(model_dir: str | Path, evaluation_dir: str | Path, out_dir: str | Pat
            run: dict | None = None) -> ExportResult:
     """Write the scorer folder (when ``training.build_scoring_pipelines``) and its provenance.
 
+    Every input is read and checked before anything is written, and the folder is built beside
+    ``out_dir`` and moved in only when whole (``coughreg.storage.staged_folder``): an export that fails
+    (a model folder whose training did not finish, a damaged weights file, a full disk) writes nothing.
+
     Args:
         model_dir: the train step's output; the network is rebuilt from the config saved beside it.
         evaluation_dir: the evaluate step's output for that model: its config holds the chunking the
@@ -175,7 +179,8 @@ def export(model_dir: str | Path, evaluation_dir: str | Path, out_dir: str | Pat
         run: what identifies the run (pipeline name, artifact URI, image), recorded in ``provenance.json``.
 
     Raises:
-        CoughPipelineError: the evaluation is of another model, or no program agrees with the model.
+        CoughPipelineError: the model folder is not a finished train output (naming the missing or damaged
+            file), the evaluation is of another model, or no program agrees with the model.
     """
     model_dir, evaluation_dir, out_dir = Path(model_dir), Path(evaluation_dir), Path(out_dir)
     config = with_upstream(config, "export", artifacts.read_config(evaluation_dir, "evaluate"))
@@ -187,21 +192,22 @@ def export(model_dir: str | Path, evaluation_dir: str | Path, out_dir: str | Pat
     gate = metrics.get("quality_gate", {})
     if gate and not gate.get("passed"):
         log.warning("export: the model did not pass the quality gate (%s); exporting it as asked", gate.get("message"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir, chain_keys("export"))
-    provenance_path = out_dir / artifacts.PROVENANCE
-    atomic_write_text(provenance_path, json.dumps(provenance(model_dir, info, run, gate), indent=2))
-    if not config.training.build_scoring_pipelines:
+    build = config.training.build_scoring_pipelines
+    regressors = load_members(model_dir) if build else []
+    programs: dict[str, str] = {}
+    with staged_folder(out_dir, SCORER_INFO) as staging:
+        save_config(config, staging, chain_keys("export"))
+        atomic_write_text(staging / artifacts.PROVENANCE, json.dumps(provenance(model_dir, info, run, gate), indent=2))
+        if build:
+            eager = CoughScorer(LogMel.from_config(config.audio), regressors).eval()
+            facts = {"backbone": info["backbone"], "label_columns": info["label_columns"], "label_range": info["label_range"],
+                     "folds": sorted({m["fold"] for m in info["members"]}), "feature_parameters": info["feature_parameters"]}
+            programs = write_scorer(eager, config, staging, facts)
+    if build:
+        log.info("export: scorer (%d models, %s; %s) -> %s", len(regressors), info["backbone"], ", ".join(programs.values()), out_dir)
+    else:
         log.info("training.build_scoring_pipelines is false: no scorer exported")
-        return ExportResult(out_dir, provenance_path, {})
-
-    regressors = load_members(model_dir)
-    eager = CoughScorer(LogMel.from_config(config.audio), regressors).eval()
-    facts = {"backbone": info["backbone"], "label_columns": info["label_columns"], "label_range": info["label_range"],
-             "folds": sorted({m["fold"] for m in info["members"]}), "feature_parameters": info["feature_parameters"]}
-    programs = write_scorer(eager, config, out_dir, facts)
-    log.info("export: scorer (%d models, %s; %s) -> %s", len(regressors), info["backbone"], ", ".join(programs.values()), out_dir)
-    return ExportResult(out_dir, provenance_path, programs)
+    return ExportResult(out_dir, out_dir / artifacts.PROVENANCE, programs)
 
 
 def write_scorer(eager: CoughScorer, config: ExperimentConfig, out_dir: Path, facts: dict) -> dict[str, str]:
@@ -220,6 +226,8 @@ def write_scorer(eager: CoughScorer, config: ExperimentConfig, out_dir: Path, fa
         try:
             writer(eager, policy, path)
             programs[name] = path.name
+        except StorageError:  # a full disk is not a backbone the compiler cannot take
+            raise
         except Exception as exc:  # noqa: BLE001 - a backbone one compiler cannot take may still work with the other
             errors[name] = _first_line(exc)
             log.warning("%s not written: %s", path.name, errors[name])

@@ -31,6 +31,7 @@ from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import AudioDecodeError, CoughPipelineError
 from coughreg.feature_spec import feature_hash
 from coughreg.resources import available_cpus
+from coughreg.scoring import readback
 from coughreg.shards import SpectrogramShardWriter, read_shard_metadata
 from coughreg.step_config import chain_keys, config_values
 from coughreg.storage import atomic_path, atomic_write_text, sha256_file
@@ -293,7 +294,7 @@ def collect_feature_parts(
         report_path = folder / PART_REPORT
         if not report_path.exists():
             raise CoughPipelineError(f"{folder}: not a finished feature part (no {PART_REPORT})")
-        summary = json.loads(report_path.read_text())
+        summary = readback.read_json(report_path, "run that feature part again")
         failures.extend(summary["failures"])
         audio_seconds += summary["audio_seconds"]
         for name in summary["shards"]:

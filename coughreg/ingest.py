@@ -2,7 +2,10 @@
 
 Every metadata row and every audio file of the source appears exactly once in the manifest,
 ``ok`` or ``rejected`` with a reason a person understands. Accepted recordings are copied as
-they came (decoding is the features step's job) after a header probe proves they are audio.
+they came (decoding is the features step's job) after a header probe proves they are audio, under
+their own names in ``audio/`` (a name part longer than a file system takes is shortened and tagged
+with its digest; ``source_name`` keeps the original). A recording that cannot be stored is rejected
+alone; a full disk stops the step with a message naming the folder.
 The manifest is written last and atomically: a folder without it is an unfinished ingest.
 """
 
@@ -31,6 +34,7 @@ from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import AudioDecodeError, CoughPipelineError, StorageError
 from coughreg.quality import quality_page, quality_summary
 from coughreg.resources import available_cpus
+from coughreg.scoring.filenames import fitting_path
 from coughreg.sources import DataSource, SourceLimits, open_source, safe_relative_name
 from coughreg.step_config import chain_keys
 from coughreg.storage import S3Options, atomic_path, atomic_write_text
@@ -423,11 +427,13 @@ def _copy_and_probe(source: DataSource, rows: list[dict], config: ExperimentConf
         if info.duration_s < minimum:
             reject(row, f"shorter than {minimum:g} s ({info.duration_s:.3f} s)")
             return
-        relative = f"{AUDIO_FOLDER}/{name}"
-        target = out_dir / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(data)
+        relative = f"{AUDIO_FOLDER}/{fitting_path(name)}"  # a name too long for a file system is shortened; the manifest keeps it
+        try:
+            with atomic_path(out_dir / relative) as tmp:
+                tmp.write_bytes(data)
+        except OSError as exc:  # this recording's name (a full disk is a StorageError, which stops the step)
+            reject(row, f"cannot be stored as {relative}: {exc.strerror or exc}")
+            return
         row["audio_path"] = relative
 
     with ThreadPoolExecutor(max(1, workers)) as pool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ from types import ModuleType
 from coughreg import artifacts
 from coughreg.config import ExperimentConfig
 from coughreg.errors import CoughPipelineError
+from coughreg.scoring import readback
 from coughreg.step_config import RUNTIME, STEPS, runtime_env
 from coughreg.steps import ERROR_FILE_ENV
 
@@ -85,12 +85,12 @@ def run_local(pipeline: ModuleType, source_uri: str, config: ExperimentConfig, o
         except RuntimeError as exc:  # kfp.local's "Task ... finished with status FAILURE": the step's own words instead
             if not error_file.exists():
                 raise
-            failed = json.loads(error_file.read_text())
+            failed = readback.read_json(error_file, "see the step's log above")
             raise CoughPipelineError(f"{failed['message']}\n(the {failed['step']} step failed; its log is above)") from exc
     report = Path(run.outputs["report"].path)
     evaluation = report.parent / "evaluation"  # the evaluate task's folder
     metrics_file = evaluation / artifacts.METRICS
-    values = json.loads(metrics_file.read_text()) if metrics_file.exists() else dict(run.outputs["metrics"].metadata)
+    values = readback.read_json(metrics_file, "rerun the evaluate step") if metrics_file.exists() else dict(run.outputs["metrics"].metadata)
     html_copy = evaluation / artifacts.REPORT  # the same page, with a name browsers open
     scorer = run.outputs["scorer_uri"]  # the export task's artifact (a local path here), "" when the gate failed
     return LocalRunResult(

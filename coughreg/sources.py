@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import posixpath
 import stat
-import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from coughreg.data_version import etag_of, is_archive_key, prefix_listing, source_identity
 from coughreg.errors import StorageError
+from coughreg.scoring.filenames import fitting_path, temporary_name
 from coughreg.storage import (
     DEFAULT_CACHE,
     S3Options,
@@ -160,18 +161,18 @@ class FolderSource(DataSource):
         return str(self.root / name)
 
 
-def download_prefix(uri: str, options: S3Options, cache_dir: Path) -> Path:
+def download_prefix(uri: str, options: S3Options, cache_dir: Path, renamed: dict[str, str] | None = None) -> Path:
     """Mirror an ``s3://bucket/prefix/`` into the cache: one folder of links per version of the listing.
 
     Each object is downloaded once per ETag (and pinned to the ETag the listing showed); the mirror
     folder is named by the listing's digest, so an object deleted from the prefix is never seen again.
+    A key part longer than a file name may be (S3 takes 1024 bytes) is linked under its shortened
+    name (``coughreg.scoring.filenames.fitting_path``), recorded in ``renamed`` (mirror name -> key name).
     """
-    import os
-
     location = parse_s3_uri(uri if uri.endswith("/") else uri + "/")
     client = s3_client(options)
     objects, digest = prefix_listing(location.uri, options, client)
-    mirror = cache_dir / "prefix" / location.bucket / location.key / digest[:16]
+    mirror = cache_dir / "prefix" / location.bucket / fitting_path(location.key) / digest[:16]
     mirror.mkdir(parents=True, exist_ok=True)
 
     def fetch(obj: dict) -> None:
@@ -181,10 +182,11 @@ def download_prefix(uri: str, options: S3Options, cache_dir: Path) -> Path:
             return
         etag = str(obj.get("ETag", "")).strip('"') or None
         cached = download_s3_object(f"s3://{location.bucket}/{obj['Key']}", cache_dir, options, client, etag=etag)
-        target = mirror / relative
+        target = mirror / fitting_path(relative)
+        if renamed is not None and fitting_path(relative) != relative:
+            renamed[fitting_path(relative)] = relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        link = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.link")
-        link.unlink(missing_ok=True)
+        link = temporary_name(target, ".link")
         link.symlink_to(cached)
         os.replace(link, target)  # atomic: processes mirroring the same prefix never see half a link
 
@@ -195,19 +197,31 @@ def download_prefix(uri: str, options: S3Options, cache_dir: Path) -> Path:
 
 
 class _MirrorSource(FolderSource):
-    """A folder of symlinks into the download cache (an S3 prefix): links are expected here."""
+    """A folder of symlinks into the download cache (an S3 prefix): links are expected here.
 
-    def __init__(self, root: Path, uri: str, limits: SourceLimits) -> None:
+    ``renamed`` maps the mirror's shortened names back to the keys' names, which are the names seen.
+    """
+
+    def __init__(self, root: Path, uri: str, limits: SourceLimits, renamed: dict[str, str] | None = None) -> None:
         DataSource.__init__(self, uri=uri)
         self.root = root
+        renamed = renamed or {}
         for path in sorted(root.rglob("*")):
             if (path.is_dir() and not path.is_symlink()) or path.name.endswith(".link"):
                 continue
             relative = path.relative_to(root).as_posix()
-            self.names.append(relative)
-            self.sizes[relative] = path.stat().st_size
+            name = renamed.get(relative, relative)
+            self.names.append(name)
+            self.sizes[name] = path.stat().st_size
+        self.names.sort()
         if len(self.names) > limits.max_files:
             raise StorageError(f"{uri}: more than {limits.max_files} objects (ingest.max_archive_files)")
+
+    def read(self, name: str) -> bytes:
+        try:
+            return (self.root / fitting_path(name)).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"{self.describe(name)}: cannot read: {exc}") from None
 
     def describe(self, name: str) -> str:
         return f"{self.uri.rstrip('/')}/{name}"
@@ -243,7 +257,8 @@ def _open(uri: str, options: S3Options, cache_dir: Path, limits: SourceLimits, i
     if is_s3_uri(uri):
         if is_archive_key(parse_s3_uri(uri).key):
             return ZipSource(download_s3_object(uri, cache_dir, options, etag=etag_of(identity)), uri, limits)
-        return _MirrorSource(download_prefix(uri, options, cache_dir), uri, limits)
+        renamed: dict[str, str] = {}
+        return _MirrorSource(download_prefix(uri, options, cache_dir, renamed), uri, limits, renamed)
     path = local_path(uri)
     if path.is_dir():
         return FolderSource(path, uri, limits)

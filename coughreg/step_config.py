@@ -16,7 +16,8 @@ with; a disagreement is an error naming both values, never a silent mix.
 from __future__ import annotations
 
 import json
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -290,6 +291,10 @@ def with_upstream(config: ExperimentConfig, step: str, upstream: ExperimentConfi
 
 
 def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:  # a type with a validator (config.Location): shown as its type
+        return _type_name(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType) and any(get_origin(a) is Annotated for a in get_args(annotation)):
+        return " \\| ".join("None" if a is type(None) else _type_name(a) for a in get_args(annotation))
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
     return text.replace("coughreg.config.", "").replace("|", "\\|")  # a bare | would end the table cell
 

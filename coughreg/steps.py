@@ -31,6 +31,7 @@ from coughreg import artifacts
 from coughreg.config import ExperimentConfig, load_settings
 from coughreg.errors import ConfigError, CoughPipelineError
 from coughreg.resources import limit_threads
+from coughreg.scoring.outputs import output_folder
 from coughreg.step_config import UI_PARAMETERS, build_step_config, runtime_from_env
 from coughreg.storage import DEFAULT_CACHE, S3Options, is_s3_uri
 
@@ -160,8 +161,9 @@ class _Staging:
         return download_prefix(str(value), self.s3, self.cache_dir) if is_s3_uri(str(value)) else Path(value)
 
     def output(self, value: str | Path) -> Path:
+        """The local folder the step writes to; a local ``value`` is checked first (a file is refused)."""
         if not is_s3_uri(str(value)):
-            return Path(value)
+            return output_folder(value)
         local = Path(tempfile.mkdtemp(prefix="coughreg-step-"))
         self.uploads.append((local, str(value)))
         return local
@@ -402,7 +404,7 @@ def train_step(features: str | Path, out: str | Path, given: Given, *, metrics: 
             if not is_main_process():  # one of ranks started by hand (torchrun): rank 0 writes and publishes
                 staging.uploads.clear()
                 return {}
-        history = artifacts.read_json(out_dir, artifacts.HISTORY, "train")
+        history = artifacts.read_json(out_dir, artifacts.HISTORY, "train", list)
         info = artifacts.read_model_info(out_dir)
     summary = {"members": len(info["members"]), "seed": info["seed"], **training_summary(history, config.prediction.metric)}
     log_metrics(metrics, summary)

@@ -2,23 +2,30 @@
 
 The S3 client follows boto3's standard credential chain and ``AWS_*`` variables, including
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for S3-compatible stores (MinIO, SeaweedFS, Ceph).
-Credentials are never logged: messages name buckets and keys only.
+Credentials are never logged: messages name buckets and keys only. Every URI that enters the product
+(a command's argument, a config key, a pipeline parameter) goes through ``checked_uri``, which refuses
+credentials written into it (``s3://KEY:SECRET@bucket/...``) without repeating them.
+
+A write that fails because the file system is full, over quota or read-only is one message naming
+the folder (``StorageError``), never a bare ``Errno 28``; its temporary file is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from coughreg.errors import StorageError
+from coughreg.scoring.filenames import fitting_name, temporary_file, temporary_folder
 from coughreg.scoring.scorer import sha256_file  # noqa: F401 - one place (every scorer folder carries it)
 
 log = logging.getLogger(__name__)
@@ -55,19 +62,69 @@ def is_s3_uri(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _authority(text: str) -> str | None:
+    """What follows ``scheme://`` up to the first ``/``, ``?`` or ``#``; None when ``text`` is not a URI."""
+    match = _SCHEME.match(text)
+    if match is None:
+        return None
+    return re.split(r"[/?#]", text[match.end():], maxsplit=1)[0]
+
+
+def has_credentials(uri: str | Path) -> bool:
+    """Whether a URI carries user info: ``user@``, ``user:secret@``, or a secret holding ``/`` (which
+    ends the host early: ``s3://KEY:SE/CRET@bucket`` leaves ``KEY:SE``, not a host[:port])."""
+    authority = _authority(str(uri))
+    if authority is None:
+        return False
+    if "@" in authority or (str(uri).startswith("s3://") and ":" in authority):  # no bucket name holds a colon
+        return True
+    host = re.sub(r"^\[[^\]]*\]", "", authority)  # an IPv6 literal holds colons of its own
+    port = host.rsplit(":", 1)[1] if ":" in host else ""
+    return bool(port) and not port.isdigit()
+
+
+def redacted(uri: str | Path) -> str:
+    """A URI as a message may show it: with any user info replaced by ``***`` (everything up to the last
+    ``@``, or all but the scheme when there is none)."""
+    text = str(uri)
+    if not has_credentials(text):
+        return text
+    scheme = _SCHEME.match(text).group(0)
+    rest = text[len(scheme):]
+    return f"{scheme}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else f"{scheme}***"
+
+
+def checked_uri(uri: str | Path, argument: str | None = None) -> str:
+    """``uri`` unchanged when it carries no credentials. The one check every URI entering the product passes.
+
+    Args:
+        uri: an ``s3://``, ``file://`` or ``http(s)://`` URI, or a plain path (always accepted here).
+        argument: what the URI was given as (``--data``, ``cluster.checkpoint_uri``), named in the message.
+
+    Raises:
+        StorageError: the URI holds user info; the message shows it with the user info replaced by ``***``.
+    """
+    text = str(uri)
+    if has_credentials(text):
+        where = f"{argument}: " if argument else ""
+        raise StorageError(f"{where}{redacted(text)}: credentials in a URI are not accepted (they would be written "
+                           "into logs, configs and the compiled pipeline); use the AWS_* variables, a profile or a Secret")
+    return text
+
+
 def parse_s3_uri(uri: str) -> S3Location:
-    parsed = urlparse(uri)
+    parsed = urlparse(checked_uri(uri))
     if parsed.scheme != "s3" or not parsed.netloc:
         raise StorageError(f"{uri}: not an s3://bucket/key URI")
-    if "@" in parsed.netloc:  # never echo what looks like a secret
-        redacted = f"s3://***@{parsed.netloc.rsplit('@', 1)[1]}{parsed.path}"
-        raise StorageError(f"{redacted}: credentials in the URI are not accepted; use the AWS_* variables or a profile")
     return S3Location(parsed.netloc, parsed.path.lstrip("/"))
 
 
 def local_path(uri: str | Path) -> Path:
     """A plain path or a ``file://`` URI as a local path."""
-    text = str(uri)
+    text = checked_uri(uri)
     if text.startswith("file://"):
         return Path(unquote(urlparse(text).path))
     if "://" in text:
@@ -141,7 +198,7 @@ def download_s3_object(
     etag = quoted.strip('"') or "no-etag"
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     key_digest = hashlib.sha256(f"{location.bucket}/{location.key}".encode()).hexdigest()[:16]
-    name = Path(location.key).name or "object"
+    name = fitting_name(Path(location.key).name or "object")  # an S3 key's last part may be longer than a file name can be
     target = cache_dir / "s3" / key_digest / etag.replace("/", "_") / name
     size = int(head.get("ContentLength", 0))
     if target.exists() and target.stat().st_size == size:
@@ -246,22 +303,76 @@ def upload_file(path: Path, uri: str, options: S3Options | None = None, client=N
                else StorageError(f"{uri}: upload failed: {exc}")) from None
 
 
+_SPACE = "free space there or write to a larger volume"
+_NO_ROOM = {  # errno -> (what happened, what to do)
+    errno.ENOSPC: ("no space left on the device", _SPACE),
+    errno.EDQUOT: ("the disk quota is used up", _SPACE),
+    errno.EFBIG: ("the file is larger than the file system (or this process's file size limit) allows",
+                  "raise the limit or write to another volume"),
+    errno.EROFS: ("the file system is read-only", "write to a writable folder"),
+}
+_LOW_SPACE_BYTES = 2**20
+
+
+def _no_room(exc: Exception, folder: Path) -> tuple[str, str] | None:
+    """Why writes to ``folder`` fail, and what to do, when ``exc`` came from a full (or read-only) file system.
+
+    Writers name a full disk differently: ``OSError`` 28, Arrow's and safetensors' text ("errno 28",
+    "os error 28"), or a ``RuntimeError`` from torch's writer ("unexpected pos") with nothing else to go
+    on; that last kind is told by the file system having (almost) no space left now.
+    """
+    code = getattr(exc, "errno", None)
+    if code in _NO_ROOM:
+        return _NO_ROOM[code]
+    text = str(exc).lower()
+    if "no space left on device" in text or "errno 28" in text or "os error 28" in text:
+        return _NO_ROOM[errno.ENOSPC]
+    if "file too large" in text or "errno 27" in text or "os error 27" in text:
+        return _NO_ROOM[errno.EFBIG]
+    if not isinstance(exc, RuntimeError):
+        return None
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return _NO_ROOM[errno.ENOSPC] if stats.f_bavail * stats.f_frsize < _LOW_SPACE_BYTES else None
+
+
+def storage_error(exc: Exception, target: Path) -> StorageError | None:
+    """The message for a write to ``target`` that failed for lack of room, naming the folder; None otherwise."""
+    found = _no_room(exc, Path(target).parent)
+    if found is None:
+        return None
+    reason, remedy = found
+    return StorageError(f"{Path(target).parent}: {reason} (while writing {Path(target).name}); {remedy}, then run the step again")
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success.
+
+    The temporary name fits the file system whatever ``target``'s name (``coughreg.scoring.filenames``).
+
+    Raises:
+        StorageError: the file system is full, over quota or read-only (naming the folder).
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are read by other users and pods
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_file(target)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are read by other users and pods
         yield tmp
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~_UMASK)  # writers that recreate the file (safetensors) reset the mode
         os.replace(tmp, target)
+    except Exception as exc:
+        error = storage_error(exc, target)
+        if error is None:
+            raise
+        raise error from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
@@ -278,24 +389,34 @@ def atomic_write_text(target: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Build a folder under a temporary name and swap it in whole when the block succeeds."""
+def staged_folder(target: Path, last: str) -> Iterator[Path]:
+    """Build a folder's files beside ``target`` and move them in only when the block succeeds.
+
+    A block that fails leaves ``target`` as it was (nothing half written). On success, ``target``'s old
+    ``last`` file (what marks the folder finished) is removed first, every file is moved in, and
+    ``last`` is moved in last: a reader never sees a finished folder holding a mix.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    tmp = temporary_folder(target)
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        target.mkdir(exist_ok=True)
+        (target / last).unlink(missing_ok=True)
+        files = [p for p in tmp.rglob("*") if p.is_file() or p.is_symlink()]
+        for path in sorted(files, key=lambda p: (p.relative_to(tmp).as_posix() == last, p.as_posix())):
+            destination = target / path.relative_to(tmp)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, destination)  # a rename (the folders share a file system unless target is a mount)
+    except StorageError as exc:  # named after the folder being built, which is gone once this returns
+        raise StorageError(str(exc).replace(str(tmp), str(target))) from None
+    except Exception as exc:
+        error = storage_error(exc, target / last)
+        if error is None:
+            raise
+        raise error from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def upload_folder(folder: Path, uri: str, options: S3Options | None = None) -> int:

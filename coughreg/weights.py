@@ -26,6 +26,7 @@ from pathlib import Path
 
 from coughreg.config import ExperimentConfig
 from coughreg.errors import CoughPipelineError, StorageError
+from coughreg.scoring import readback
 from coughreg.storage import atomic_write_text, download_s3_object, is_s3_uri, local_path, sha256_file, upload_file
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,11 @@ def _from_store(store: str, repo: str, revision: str | None) -> Weights | None:
     if record is None:
         return None
     try:
-        entry = json.loads(record.read_text())
+        entry = readback.read_json(record, "it is fetched again")
         path = _read(entry["uri"])
         if path is None or sha256_file(path) != entry["sha256"]:
             raise ValueError(f"{entry['uri']} is missing or is not SHA-256 {entry['sha256']}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (CoughPipelineError, ValueError, KeyError, TypeError) as exc:
         log.warning("%s: not used (%s); fetching the weights again", record_uri, exc)
         return None
     return Weights(path, entry["sha256"], f"{entry['uri']} (fetched before from {entry['source']})")

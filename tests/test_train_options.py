@@ -19,7 +19,7 @@ from coughreg.artifacts import shard_paths
 from coughreg.config import load_resolved_config, save_config
 from coughreg.errors import CoughPipelineError
 from coughreg.shards import SpectrogramShardReader
-from coughreg.training import load_members, train
+from coughreg.training import checkpoints, load_members, train
 from coughreg.training.folds import truncate_groups
 from coughreg.training.mixing import mix_batch
 from tests.conftest import HT_YAML, PROJECT, REAL_METADATA, TINY
@@ -116,7 +116,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tiny_run, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert checkpoint.exists() and not (tmp_path / "killed" / "model.json").exists()
-    epoch_at_kill = torch.load(checkpoint, weights_only=False)["epoch"]
+    epoch_at_kill = checkpoints.load(checkpoint, torch.device("cpu"))["epoch"]  # the product's loader: weights only
     assert epoch_at_kill < 4
     done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

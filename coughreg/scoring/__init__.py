@@ -10,5 +10,8 @@ package into every scorer folder as ``coughscore``, where it runs with torch, nu
   chunk shorter than the network's minimum padded with digital silence, chunk scores averaged by length;
 - ``scorer``: a scorer folder loaded (its program checked against its recorded SHA-256);
 - ``inputs``, ``table``, ``cli``: files, folders and globs in, one row per input out;
+- ``filenames``, ``outputs``, ``readback``: temporary names that fit any file system, output paths checked
+  before work starts, and one loader per format for every file read back (none runs code), which the
+  whole product uses;
 - ``server``: the HTTP service (plain and KServe V1 protocol).
 """

@@ -59,8 +59,9 @@ def serve_scorer(scorer, host: str, port: int, workers: int | None, max_body_mb:
     return EXIT_OK
 
 
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="recordings: files, folders (recursive), quoted globs")
+def add_score_arguments(parser: argparse.ArgumentParser, location=None) -> None:
+    """``INPUT...``, ``--out``, ``--workers``; ``location`` checks each input (the product's URI check)."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", type=location, help="recordings: files, folders (recursive), quoted globs")
     parser.add_argument("--out", default=None, help="write the table here (.csv or .parquet; default: CSV on standard output)")
     parser.add_argument("--workers", type=int, default=None, help="recordings scored at once (default: one per CPU)")
 

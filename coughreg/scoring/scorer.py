@@ -2,14 +2,17 @@
 
 The folder (written by the export step) holds the trained model(s) with the mel front end inside, as a
 frozen TorchScript module (``scorer.ts``, the fast path on CPUs) and a ``torch.export`` program
-(``scorer.pt2``); ``scorer.json`` says how to score (rate, chunking) and records each file's SHA-256,
-which is checked when the folder loads. Neither needs timm or the training package.
+(``scorer.pt2``); ``scorer.json`` says how to score (rate, chunking) and records each file's SHA-256.
+A program is code (TorchScript and torch.export files run what they hold), so one is loaded only after
+every file the folder's ``scorer.json`` lists matches its SHA-256 (the program among them; another
+program, which is not loaded, is not read). That catches a damaged or changed copy; it does not make a
+folder from an untrusted source safe (whoever can write the folder can write its ``scorer.json``): load
+scorers from where only the pipeline writes. Neither program needs timm or the training package.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +24,7 @@ import numpy as np
 from .decode import Decoded, decode
 from .errors import AudioDecodeError, CoughPipelineError
 from .policy import Policy, score_samples
+from .readback import read_json, require_keys
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +67,38 @@ def load_exported(path: str | Path):
         return torch.export.load(str(path)).module()
 
 
+AGAIN = "export the scorer again, or copy the whole scorer folder again"
+INFO_KEYS = {"format": int, "programs": dict, "files": dict, "label_columns": list, "sample_rate": (int, float),
+             "inference_chunk_seconds": (int, float), "max_inference_chunk_seconds": (int, float)}
+
+
 def read_info(folder: str | Path) -> dict:
     """A scorer folder's ``scorer.json``; a clear error when the folder is not a whole scorer."""
     path = Path(folder) / SCORER_INFO
     if not path.is_file():
         raise CoughPipelineError(f"{path}: missing; {folder} is not a scorer folder (the export step writes one)")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CoughPipelineError(f"{path}: unreadable ({exc}); export the scorer again") from None
-    if not isinstance(info, dict) or info.get("format") != SCORER_FORMAT:
-        raise CoughPipelineError(f"{path}: scorer format {info.get('format') if isinstance(info, dict) else '?'}, "
-                                 f"not {SCORER_FORMAT}; export the scorer again")
-    return info
+    info = read_json(path, AGAIN)
+    if info.get("format") != SCORER_FORMAT:
+        raise CoughPipelineError(f"{path}: scorer format {info.get('format', '?')}, not {SCORER_FORMAT}; {AGAIN}")
+    return require_keys(info, INFO_KEYS, path, AGAIN)
+
+
+def verify_files(folder: str | Path, info: dict, program: str) -> None:
+    """Every file ``scorer.json`` lists has the SHA-256 it records (but the other programs, which are not
+    loaded); a file missing, changed or outside the folder is named. ``program`` (a file name) must be listed."""
+    folder = Path(folder)
+    if program not in info["files"]:
+        raise CoughPipelineError(f"{folder / SCORER_INFO}: records no SHA-256 for {program}, which is never loaded "
+                                 f"unchecked; {AGAIN}")
+    others = {str(file) for file in info["programs"].values()} - {program}
+    for name, expected in sorted(info["files"].items()):
+        if name in others:
+            continue
+        path = folder / str(name)
+        inside = not Path(str(name)).is_absolute() and ".." not in Path(str(name)).parts
+        if not inside or not path.is_file() or sha256_file(path) != expected:
+            raise CoughPipelineError(f"{path}: missing or damaged (its SHA-256 is not the {expected} the export recorded); "
+                                     "copy the scorer folder again")
 
 
 class Scorer:
@@ -87,7 +110,6 @@ class Scorer:
     """
 
     def __init__(self, folder: str | Path, program: str = "torchscript") -> None:
-        import torch
 
         self.folder = Path(folder)
         self.info = read_info(self.folder)
@@ -95,11 +117,8 @@ class Scorer:
         if not available:
             raise CoughPipelineError(f"{self.folder / SCORER_INFO}: names no program; export the scorer again")
         name = available[0]
-        path = self.folder / self.info["programs"][name]
-        expected = self.info.get("files", {}).get(path.name)
-        if not path.is_file() or (expected and sha256_file(path) != expected):
-            raise CoughPipelineError(f"{path}: missing or damaged (its SHA-256 is not the {expected} the export recorded); "
-                                     "copy the scorer folder again")
+        path = self.folder / str(self.info["programs"][name])
+        verify_files(self.folder, self.info, str(self.info["programs"][name]))
         try:
             module = load_torchscript(path) if name == "torchscript" else load_exported(path)
         except Exception as exc:  # noqa: BLE001 - a file that torch cannot read is one message, not a traceback

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import CoughPipelineError
+from .filenames import temporary_file
+from .outputs import output_file
 
 TAIL_COLUMNS = ["duration_s", "n_chunks", "truncated", "status", "reason"]
 FORMATS = (".csv", ".parquet")
@@ -23,13 +24,9 @@ def check_target(path: str | Path | None) -> None:
     """Refuse an output file the scores could not be written to, before anything is scored."""
     if path is None:
         return
-    target = Path(path)
+    target = output_file(path)
     if target.suffix.lower() not in FORMATS:
         raise CoughPipelineError(f"--out {target}: name a .csv or a .parquet file")
-    if target.is_dir():
-        raise CoughPipelineError(f"--out {target}: is a folder; name a file in it")
-    if not target.parent.exists():
-        raise CoughPipelineError(f"--out {target}: the folder {target.parent} does not exist")
 
 
 def write(table, path: str | Path | None) -> None:
@@ -38,8 +35,7 @@ def write(table, path: str | Path | None) -> None:
         table.to_csv(sys.stdout, index=False)
         return
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    os.close(fd)
+    tmp = temporary_file(target)
     try:
         if target.suffix.lower() == ".parquet":
             table.to_parquet(tmp, index=False)

@@ -5,7 +5,10 @@ history, best epoch) is written atomically after every epoch, and also to
 ``cluster.checkpoint_uri`` when set (a retried pod starts with an empty folder). It is keyed by a
 fingerprint of everything that shapes the member, so a checkpoint of another config or data is
 never resumed. It holds tensors, numbers, strings, lists and dicts only and is read with
-``torch.load(weights_only=True)``: loading a checkpoint never runs code.
+``torch.load(weights_only=True)`` (``coughreg.scoring.readback``): loading a checkpoint never runs code.
+A file that is damaged or holds anything else (a planted object whose unpickling would run code, in
+the member's folder or under ``cluster.checkpoint_uri``) is refused with a warning naming it, and the
+member starts afresh; its first epoch's checkpoint replaces the file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from coughreg.config import ExperimentConfig
 from coughreg.errors import CoughPipelineError, StorageError
+from coughreg.scoring import readback
 from coughreg.step_config import chain_keys, config_values
 from coughreg.storage import atomic_path
 
@@ -71,21 +75,23 @@ def remote_location(base: str | None, key: str, member: str) -> str | None:
     return f"{base.rstrip('/')}/{key[:16]}/{member}/{CHECKPOINT}"
 
 
-def fetch(remote: str, local: Path) -> None:
-    """Copy a stored checkpoint into the member's folder; nothing stored yet is a first run."""
+def fetch(remote: str, local: Path) -> bool:
+    """Copy a stored checkpoint into the member's folder; nothing stored yet is a first run (False)."""
     from coughreg.storage import download_s3_object, is_s3_uri, local_path
 
     try:
         source = download_s3_object(remote) if is_s3_uri(remote) else local_path(remote)
     except StorageError as exc:
         if "no such object" in str(exc):
-            return
+            return False
         raise
     if source.exists():
         local.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(local) as tmp:
             shutil.copyfile(source, tmp)
         log.info("checkpoint fetched from %s", remote)
+        return True
+    return False
 
 
 def store(local: Path, remote: str) -> None:
@@ -114,12 +120,22 @@ def save(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+CHECKPOINT_KEYS = {"fingerprint": str, "epoch": int, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict,
+                   "rng": dict, "history": list, "best": dict}
+
+
 def load(path: Path, device: torch.device) -> dict:
-    """Read a checkpoint without running code; numpy arrays come back as numpy arrays."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe file is refused the same way
-        raise CoughPipelineError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]}); delete it to start afresh") from None
+    """Read a checkpoint without running code (``weights_only``); numpy arrays come back as numpy arrays.
+
+    Raises:
+        CoughPipelineError: the file is damaged, is not a checkpoint, or holds objects whose unpickling
+            would run code (never executed: refused); the caller starts the member afresh.
+    """
+    remedy = "it is not used"
+    state = readback.read_weights_only(path, remedy, map_location=device)
+    if not isinstance(state, dict):
+        raise CoughPipelineError(f"{path}: not a checkpoint (a {type(state).__name__}); {remedy}")
+    readback.require_keys(state, CHECKPOINT_KEYS, path, remedy)
     for holder, key in ((state, "validation"), (state["best"], "validation")):
         if isinstance(holder.get(key), torch.Tensor):
             holder[key] = holder[key].cpu().numpy()

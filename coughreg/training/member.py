@@ -22,6 +22,7 @@ from coughreg.config import ExperimentConfig
 from coughreg.errors import CoughPipelineError
 from coughreg.metrics import baseline_constants, regression_metrics
 from coughreg.model import CoughRegressor, create_model
+from coughreg.scoring import readback
 from coughreg.shards import SpectrogramShardReader
 from coughreg.storage import atomic_path, atomic_write_text
 from coughreg.training import checkpoints
@@ -61,11 +62,13 @@ def train_member(run: TrainingRun, fold: int, seed_index: int, train_rows: np.nd
     member_dir = run.out_dir / f"fold{fold}_seed{seed_index}"
     batch_size = config.training.batch_size
     if (member_dir / MEMBER_DONE).exists():
-        done = json.loads((member_dir / MEMBER_DONE).read_text())
+        again = "delete the member's folder to train it again"
+        done = readback.require_keys(readback.read_json(member_dir / MEMBER_DONE, again), {"member": dict, "history": list},
+                                     member_dir / MEMBER_DONE, again)
         made_with = checkpoints.fingerprint(config, run.shard_set, train_rows, done["member"].get("batch_size", batch_size))
         if done.get("fingerprint") == made_with:
-            log.info("fold %d seed %d: already trained, kept (%s)", fold, done["member"]["seed"], member_dir)
-            return done["member"], np.load(member_dir / MEMBER_VALIDATION), done["history"]
+            log.info("fold %d seed %d: already trained, kept (%s)", fold, done["member"].get("seed"), member_dir)
+            return done["member"], readback.read_array(member_dir / MEMBER_VALIDATION, again), done["history"]
         log.warning("%s: trained with another config or data; training this member again", member_dir)
         (member_dir / MEMBER_DONE).unlink()
     while True:
@@ -149,13 +152,13 @@ def _fit(run: TrainingRun, fold, seed_index, train_rows, validation_rows, member
     key = checkpoints.fingerprint(config, run.shard_set, train_rows, batch_size)
     checkpoint_path = member_dir / checkpoints.CHECKPOINT
     remote = checkpoints.remote_location(config.cluster.checkpoint_uri, key, member_dir.name)
-    if not checkpoint_path.exists() and remote is not None:
-        checkpoints.fetch(remote, checkpoint_path)
+    fetched = not checkpoint_path.exists() and remote is not None and checkpoints.fetch(remote, checkpoint_path)
     if checkpoint_path.exists():
         try:
             checkpoint = checkpoints.load(checkpoint_path, device)
         except CoughPipelineError as exc:
-            log.warning("%s; starting this member afresh", exc)
+            log.warning("%s%s; this member starts afresh (its first checkpoint replaces the file)", exc,
+                        f" (fetched from {remote})" if fetched else "")
             checkpoint = {}
         if checkpoint.get("fingerprint") == key:
             model.load_state_dict(checkpoint["model"])

@@ -21,6 +21,7 @@ from coughreg import artifacts, report
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import CoughPipelineError
 from coughreg.model import CoughRegressor, create_model
+from coughreg.scoring import readback
 from coughreg.shards import SpectrogramShardReader
 from coughreg.step_config import chain_keys
 from coughreg.storage import atomic_path, atomic_write_text
@@ -69,7 +70,8 @@ def run_seed(config: ExperimentConfig, out_dir: str | Path, identity: str | None
 
 def _draw(record: Path, identity: str | None) -> tuple[int, str]:
     if record.exists():
-        seed = int(json.loads(record.read_text())["seed"])
+        seed = readback.require_keys(readback.read_json(record, "delete it to draw a new seed"), {"seed": int}, record,
+                                     "delete it to draw a new seed")["seed"]
         how = f"the seed drawn for this folder ({record})"
     elif identity:
         seed = int(hashlib.sha256(identity.encode()).hexdigest(), 16) % (2**31 - 1)
@@ -185,14 +187,21 @@ def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig) -> Train
 
 
 def load_members(model_dir: str | Path) -> list[CoughRegressor]:
-    """The trained regressors of a model folder, built from the config saved beside them, in eval mode on the CPU."""
-    from safetensors.torch import load_file
+    """The trained regressors of a model folder, built from the config saved beside them, in eval mode on the CPU.
 
+    Raises:
+        CoughPipelineError: the folder's training did not finish, or a weights file is damaged (naming it).
+    """
     info = artifacts.read_model_info(model_dir)
     config = artifacts.read_config(model_dir, "train")
     regressors = []
     for member in info["members"]:
         model = create_model(config, tuple(info["label_range"]))
-        model.load_state_dict(load_file(str(Path(model_dir) / member["weights"])))
+        path = Path(model_dir) / member["weights"]
+        try:
+            model.load_state_dict(readback.read_tensors(path, "rerun the train step"))
+        except RuntimeError as exc:  # tensors of another network
+            raise CoughPipelineError(f"{path}: does not fit the model its config describes ({str(exc).splitlines()[0][:200]}); "
+                                     "rerun the train step") from None
         regressors.append(model.eval())
     return regressors
