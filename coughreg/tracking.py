@@ -22,6 +22,7 @@ while logging (a server down, a refused request) costs a warning naming it, neve
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
@@ -234,7 +235,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 # ---------------------------------------------------------------- trackers
 
 
-class Tracker:
+class Tracker(abc.ABC):
     """One run of an experiment tracker. Its methods raise when the tracker fails; ``log_evaluation`` and
     ``log_scorer`` turn that into a warning."""
 
@@ -244,32 +245,34 @@ class Tracker:
         self.where = where  # for messages: no credentials
         self.url: str | None = None
 
+    @abc.abstractmethod
     def log_params(self, params: dict[str, Any]) -> None:
         """Flat ``{dotted key: value}``; values are logged as text, cut to the tracker's limit."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Flat ``{dotted key: number}``: final values (``step`` None) or one point of each series."""
-        raise NotImplementedError
 
     def log_history(self, rows: Iterable[dict]) -> None:
         """Training history rows -> one series per (fold, seed) and value, the epoch as the step
         (``history_series``). Series a run already holds (a retried step's) are not logged twice."""
         self._log_series(history_series(rows))
 
+    @abc.abstractmethod
     def _log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
-        raise NotImplementedError
+        """Each series' points, the step first."""
 
+    @abc.abstractmethod
     def log_file(self, path: str | Path, name: str) -> None:
         """One file, as the artifact ``name`` (``report.html``, ``evaluation/metrics.json``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def log_folder(self, path: str | Path, name: str) -> None:
         """A folder and everything in it, as the artifact folder ``name``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self, failed: bool = False) -> None:
-        raise NotImplementedError
+        """End the run (marked failed when the step failed)."""
 
 
 class MlflowTracker(Tracker):
