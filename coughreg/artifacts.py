@@ -83,6 +83,44 @@ def read_manifest(folder: str | Path):
     return table.to_pandas(), meta
 
 
+def recording_path(ingest_dir: str | Path, audio_path: str, identifier: str) -> Path:
+    """The recording a manifest row names: a file under the ingest folder's ``audio/``, never anywhere else.
+
+    Every step that reads a recording through a manifest (features, evaluate, test scoring, the report) asks here.
+
+    Raises:
+        CoughPipelineError: ``audio_path`` is absolute, climbs out with ``..`` or leads out through a link;
+            the message names the manifest, the row and the path (the caller refuses that row alone).
+    """
+    folder = Path(ingest_dir)
+    path = folder / str(audio_path)
+    inside = (folder / AUDIO_FOLDER).resolve()
+    if Path(str(audio_path)).is_absolute() or inside not in path.resolve().parents:
+        raise CoughPipelineError(f"{folder / MANIFEST}: the row of {identifier!r} names audio_path {str(audio_path)!r}, which is "
+                                 f"outside {folder / AUDIO_FOLDER}; that row is refused (the manifest was changed after "
+                                 "ingest: run the ingest step again)")
+    return path
+
+
+def recording_sources(ingest_dir: str | Path, rows) -> list[tuple[str, object]]:
+    """``(id, path)`` of each ``(id, audio_path)`` manifest row, for ``Scorer.score_paths``; a row whose path leaves
+    the ingest folder gets a source that fails with the reason (``recording_path``), so it is one failed row."""
+    items: list[tuple[str, object]] = []
+    for identifier, audio_path in rows:
+        try:
+            items.append((identifier, recording_path(ingest_dir, audio_path, identifier)))
+        except CoughPipelineError as exc:
+            items.append((identifier, _refused(exc)))
+    return items
+
+
+def _refused(error: CoughPipelineError):
+    def fetch():
+        raise error
+
+    return fetch
+
+
 def read_shard_index(folder: str | Path) -> dict:
     return read_json(folder, SHARD_INDEX, "features")
 
