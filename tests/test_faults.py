@@ -571,6 +571,19 @@ def test_features_refuse_a_manifest_row_outside_the_ingest_folder(how, tiny_run,
     assert result.rows == len(ok) - 1  # every other recording featurized
 
 
+def test_an_ingest_folder_from_its_s3_uri_is_not_outside_itself(s3_env, bucket, tiny_run, tmp_path):
+    """The features step mirrors an ``s3://`` ingest artifact as a folder of links into the download cache: its
+    recordings are the folder's own, every one featurized."""
+    from coughreg.storage import upload_folder
+
+    upload_folder(tiny_run["ingest"], f"s3://{bucket}/run-1/ingest/dataset/")
+    done = _cli("step", "features", "--input", f"s3://{bucket}/run-1/ingest/dataset/", "--out", tmp_path / "features",
+                env={**s3_env.credentials.env(s3_env.endpoint_url), "COUGHREG_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ok = int((read_manifest(tiny_run["ingest"])[0]["status"] == "ok").sum())
+    assert f"({ok} recordings in" in done.stdout and ", 0 failed)" in done.stdout
+
+
 def test_evaluate_refuses_a_manifest_row_outside_the_ingest_folder(tiny_run, tmp_path):
     from coughreg.evaluate import evaluate
 
