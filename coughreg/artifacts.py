@@ -17,6 +17,7 @@ from its own config, and refuses a folder that does not fit with a message namin
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from coughreg.config import CONFIG_FILE_NAME, ExperimentConfig, load_config
@@ -81,6 +82,46 @@ def read_manifest(folder: str | Path):
     table = readback.read_table(path, "rerun the ingest step")
     meta = json.loads((table.schema.metadata or {}).get(b"coughreg.manifest", b"{}"))
     return table.to_pandas(), meta
+
+
+def recording_path(ingest_dir: str | Path, audio_path: str, identifier: str) -> Path:
+    """The recording a manifest row names: a file under the ingest folder's ``audio/``, never anywhere else.
+
+    Every step that reads a recording through a manifest (features, evaluate, test scoring, the report) asks here.
+    The path is judged as written (an ingest folder mirrored from S3 is a folder of links into the download
+    cache, which are its own).
+
+    Raises:
+        CoughPipelineError: ``audio_path`` is absolute or climbs out with ``..``; the message names the manifest,
+            the row and the path (the caller refuses that row alone).
+    """
+    folder = Path(ingest_dir)
+    path = folder / str(audio_path)
+    inside = os.path.normpath(folder / AUDIO_FOLDER) + os.sep
+    if Path(str(audio_path)).is_absolute() or not os.path.normpath(path).startswith(inside):
+        raise CoughPipelineError(f"{folder / MANIFEST}: the row of {identifier!r} names audio_path {str(audio_path)!r}, which is "
+                                 f"outside {folder / AUDIO_FOLDER}; that row is refused (the manifest was changed after "
+                                 "ingest: run the ingest step again)")
+    return path
+
+
+def recording_sources(ingest_dir: str | Path, rows) -> list[tuple[str, object]]:
+    """``(id, path)`` of each ``(id, audio_path)`` manifest row, for ``Scorer.score_paths``; a row whose path leaves
+    the ingest folder gets a source that fails with the reason (``recording_path``), so it is one failed row."""
+    items: list[tuple[str, object]] = []
+    for identifier, audio_path in rows:
+        try:
+            items.append((identifier, recording_path(ingest_dir, audio_path, identifier)))
+        except CoughPipelineError as exc:
+            items.append((identifier, _refused(exc)))
+    return items
+
+
+def _refused(error: CoughPipelineError):
+    def fetch():
+        raise error
+
+    return fetch
 
 
 def read_shard_index(folder: str | Path) -> dict:

@@ -1,14 +1,17 @@
-"""Audio files: what a recording's header says (``probe_audio``), and decoding, which lives with the
+"""Audio files: what a recording is (``probe_audio``: container, codec and the duration that decodes), and decoding, which lives with the
 scoring package (``coughreg.scoring.decode``) so that features, evaluation and every scorer decode alike."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from coughreg.errors import AudioDecodeError
-from coughreg.scoring.decode import AUDIO_SUFFIXES, decode, decode_audio, is_audio_name  # noqa: F401 - one place
+from coughreg.scoring.decode import AUDIO_SUFFIXES, DecodedStream, decode, decode_audio, is_audio_name  # noqa: F401 - one place
 from coughreg.scoring.decode import _name, _open
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,10 @@ class AudioInfo:
 def probe_audio(source: str | Path | bytes) -> AudioInfo:
     """Container, codec, rate, channels and duration of a recording.
 
-    The duration comes from the header when the container has one; browser WebM files from
-    MediaRecorder often do not, and then the packets are demuxed (not decoded) to find the end.
-    One packet is decoded to prove the codec really reads the data.
+    The duration is what decodes: every packet is decoded (nothing resampled or kept) and the samples counted,
+    so a header that promises more (a truncated upload, a WAV whose header gives a bogus size, a WebM from
+    MediaRecorder with no duration at all) never reaches the manifest. A file whose end does not decode keeps
+    the duration of what did, as the features step will.
 
     Raises:
         AudioDecodeError: naming the file when it is not readable audio.
@@ -38,6 +42,7 @@ def probe_audio(source: str | Path | bytes) -> AudioInfo:
     import av
 
     name = _name(source)
+    seconds = 0.0
     try:
         with _open(source) as container:
             if not container.streams.audio:
@@ -46,34 +51,20 @@ def probe_audio(source: str | Path | bytes) -> AudioInfo:
             codec = stream.codec_context.codec.canonical_name  # "mp3", not the decoder "mp3float"
             rate = int(stream.codec_context.sample_rate or stream.rate or 0)
             channels = int(stream.codec_context.channels or 0)
-            duration = None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / av.time_base
-            decoded_one = False
-            end = 0.0
-            needs_scan = duration is None or duration <= 0
-            for packet in container.demux(stream):
-                if packet.size == 0:
-                    continue
-                if not decoded_one:
-                    for frame in packet.decode():
-                        decoded_one = True
-                        rate = rate or frame.sample_rate
-                        channels = channels or len(frame.layout.channels)
-                    if not needs_scan and decoded_one:
-                        break
-                if needs_scan and packet.pts is not None and packet.time_base is not None:
-                    packet_end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-                    end = max(end, packet_end)
-            if needs_scan:
-                duration = end
-            if not decoded_one:
-                raise AudioDecodeError(f"{name}: no decodable audio frames ({codec})")
             format_name = container.format.name.split(",")[0]
+            try:
+                for frame in container.decode(stream):
+                    rate = rate or frame.sample_rate
+                    channels = channels or len(frame.layout.channels)
+                    seconds += frame.samples / frame.sample_rate
+            except (av.FFmpegError, OSError, ValueError):
+                if not seconds:
+                    raise
+                log.debug("%s: the end does not decode; %.3f s did", name, seconds)
+            if not seconds:
+                raise AudioDecodeError(f"{name}: no decodable audio frames ({codec})")
     except AudioDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
         raise AudioDecodeError(f"{name}: not readable audio: {exc}") from None
-    return AudioInfo(float(duration or 0.0), rate, channels, codec, format_name)
+    return AudioInfo(seconds, rate, channels, codec, format_name)

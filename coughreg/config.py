@@ -256,7 +256,7 @@ class TrainingConfig(_Section):
         description="Project key: validate and keep an exponential moving average of the weights with this "
         "decay per optimizer step (e.g. 0.998; 0: off).",
     )
-    epochs: int = Field(2, ge=0, description="Training epochs.")
+    epochs: int = Field(2, ge=1, description="Training epochs (at least 1: a model that never trained is no model).")
     evaluate_before_training: bool = Field(False, description="Validate once before the first step.")
     evaluation_epochs: float = Field(1, gt=0, description="Validate every this many epochs.")
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -284,6 +284,10 @@ class IngestConfig(_Section):
     max_archive_bytes: int = Field(200 * 2**30, gt=0, description="Refuse archives that unpack to more than this.")
     max_archive_files: int = Field(2_000_000, gt=0, description="Refuse archives with more members than this.")
     max_compression_ratio: float = Field(200.0, gt=1, description="Refuse members compressed more than this (zip bombs).")
+    retry_budget_seconds: float = Field(
+        120.0, ge=0, description="S3 failing for longer than this in a row fails the step naming the URI; shorter outages "
+        "are waited out, and the parts of a download that arrived whole are kept for a next run.",
+    )
 
 
 class FeaturesConfig(_Section):
@@ -498,8 +502,9 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if raw is None:
-        raw = {}
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path}: the config file holds no keys (empty, or comments only); write the experiment's "
+                          f"sections into it, or leave --config out to use {DEFAULT_CONFIG.name}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     return raw

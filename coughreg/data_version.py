@@ -64,7 +64,8 @@ def etag_of(identity: str) -> str | None:
 
 
 def _s3_object_identity(uri: str, options: S3Options | None) -> str:
-    head = head_object(s3_client(options), parse_s3_uri(uri))
+    options = options or S3Options()
+    head = head_object(s3_client(options), parse_s3_uri(uri), options.retry_budget_seconds)
     etag = str(head.get("ETag", "")).strip('"')
     version = head.get("VersionId") or "-"
     return f"s3-object etag={etag} version={version} size={int(head.get('ContentLength', 0))}"

@@ -96,7 +96,7 @@ def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, i
 
             scorer = Scorer.from_predict(predict, policy, labels)
             log.info("fold %s: scoring %d validation recordings from audio", fold, len(rows))
-            scored = scorer.score_paths([(identifier, ingest_dir / audio[identifier]) for identifier in rows["id"]], workers)
+            scored = scorer.score_paths(artifacts.recording_sources(ingest_dir, [(i, audio[i]) for i in rows["id"]]), workers)
             frame = rows.drop(columns=[c for c in rows.columns if c.startswith("pred_")]).reset_index(drop=True)
             table = pd.DataFrame(scored)
             for label in labels:

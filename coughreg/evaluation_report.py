@@ -385,7 +385,7 @@ def recordings_section(inputs: ReportInputs) -> tuple[str, int]:
             axes[0, 1].set(xlabel="seconds", ylabel="mel band", title="what the model listened to (occlusion)")
         figure.tight_layout()
         try:
-            decoded = decode(inputs.ingest_dir / audio_of[identifier], rate, max_seconds=window)
+            decoded = decode(artifacts.recording_path(inputs.ingest_dir, audio_of[identifier], identifier), rate, max_seconds=window)
             player = report.audio_tag(decoded.samples, rate, f"recording {identifier}", max_seconds=window)
         except Exception as exc:  # noqa: BLE001 - a clip that cannot be played still has its pictures
             player = f"<p class='note'>The recording cannot be played here: {html.escape(str(exc))}</p>"

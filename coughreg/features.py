@@ -3,7 +3,9 @@
 Shards depend only on the audio parameters and the manifest, never on folds or seeds, so they are
 cached and reused: a rerun with the same inputs skips complete shards, and changed parameters go
 to a new shard set (its folder is named by the parameters' and the manifest's hashes), never a mix.
-A recording that fails to decode is reported and skipped; the others in its shard are kept.
+A recording that fails to decode is reported and skipped; the others in its shard are kept, and so is a
+manifest row that names a file outside the ingest folder (``coughreg.artifacts.recording_path``). A recording
+is decoded and turned into its log-mel ``WINDOW_SECONDS`` at a time, so a long one costs a worker little memory.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from coughreg.artifacts import (
     SHARD_INDEX,
     expected_feature_parameters,
     read_manifest,
+    recording_path,
 )
 from coughreg.config import ExperimentConfig, save_config
-from coughreg.errors import AudioDecodeError, CoughPipelineError
+from coughreg.errors import CoughPipelineError
 from coughreg.feature_spec import feature_hash
 from coughreg.resources import available_cpus
 from coughreg.scoring import readback
@@ -71,16 +74,18 @@ def _frontend(params: dict):
     return _WORKER_FRONTEND[1]
 
 
+WINDOW_SECONDS = 10.0  # decoded and transformed at a time: a worker's memory does not grow with a recording's length
+
+
 def log_mel_of_file(path: Path, params: dict) -> np.ndarray:
-    """Decode one recording and return its (mels, frames) log-mel as float32."""
-    import torch
+    """Decode one recording and return its (mels, frames) log-mel as float32 (possibly a view), the whole clip's,
+    computed in windows of ``WINDOW_SECONDS`` as the samples are decoded (``coughreg.frontend.windowed_log_mel``)."""
+    from coughreg.audio import DecodedStream
+    from coughreg.frontend import windowed_log_mel
 
-    from coughreg.audio import decode_audio
-
-    samples = decode_audio(path, params["sample_rate"], max_seconds=params["max_seconds"])
-    with torch.inference_mode():
-        log_mel = _frontend(params)(torch.from_numpy(samples)[None])[0]  # (1, samples) -> (mels, frames)
-    return log_mel.numpy()
+    stream = DecodedStream(path, params["sample_rate"], max_seconds=params["max_seconds"])
+    window_frames = int(WINDOW_SECONDS * params["sample_rate"]) // params["hop_size"]
+    return windowed_log_mel(_frontend(params), stream, window_frames, stream.limit)
 
 
 def _write_shard(task: dict) -> dict:
@@ -91,8 +96,8 @@ def _write_shard(task: dict) -> dict:
     seconds = 0.0
     for record in task["records"]:
         try:
-            log_mel = log_mel_of_file(Path(task["root"]) / record["audio_path"], task["params"])
-        except AudioDecodeError as exc:
+            log_mel = log_mel_of_file(recording_path(task["root"], record["audio_path"], record["id"]), task["params"])
+        except CoughPipelineError as exc:  # undecodable, or a manifest row naming a file outside the ingest folder
             failures.append({"id": record["id"], "audio_path": record["audio_path"], "reason": str(exc)})
             continue
         seconds += log_mel.shape[1] * task["params"]["hop_size"] / task["params"]["sample_rate"]

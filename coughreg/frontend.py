@@ -8,6 +8,9 @@ statistics) is applied by the model, so shards never depend on training choices.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,11 +60,21 @@ class LogMel(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         # (batch, samples) -> (batch, mels, frames)
-        spectrum = torch.stft(
-            waveform.float(), self.n_fft, hop_length=self.hop_size, win_length=self.n_fft, window=self.window,
-            center=True, pad_mode="constant",  # reflect padding fails on clips shorter than half a window
+        return self._decibels(self._stft(waveform.float(), center=True))
+
+    def frames_of_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        """The log-mel frames of a stretch of the zero-padded signal ``forward`` sees (``n_fft // 2`` zeros each side):
+        (batch, samples) -> (batch, mels, 1 + (samples - n_fft) // hop). Frame k starts at sample k * hop of the stretch."""
+        return self._decibels(self._stft(padded.float(), center=False))
+
+    def _stft(self, waveform: torch.Tensor, center: bool) -> torch.Tensor:
+        return torch.stft(
+            waveform, self.n_fft, hop_length=self.hop_size, win_length=self.n_fft, window=self.window,
+            center=center, pad_mode="constant",  # reflect padding fails on clips shorter than half a window
             normalized=False, onesided=True, return_complex=True,
         )  # (batch, freqs, frames) complex
+
+    def _decibels(self, spectrum: torch.Tensor) -> torch.Tensor:
         power = spectrum.real.square() + spectrum.imag.square()  # |X|^2 without a square root and back
         mel = torch.matmul(power.transpose(1, 2), self.mel_filters).transpose(1, 2)  # (batch, mels, frames)
         return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
@@ -91,3 +104,78 @@ class SpectrogramNormalizer(nn.Module):
         if self.mode == "Dataset":
             return (log_mel - self.mean) / self.std.clamp(min=1e-3)
         return log_mel
+
+
+def windowed_log_mel(module: LogMel, blocks: Iterable[np.ndarray], window_frames: int,
+                     max_samples: int | None = None) -> np.ndarray:
+    """``module(samples)`` of the samples ``blocks`` give one after another, computed ``window_frames`` frames at a
+    time: memory stays at a window's STFT, however long the recording, and the result equals the whole clip's.
+
+    The whole clip's frame k covers samples [k * hop - n_fft // 2, k * hop + n_fft // 2) of the signal with zeros
+    outside it; each window takes exactly those samples (consecutive windows share n_fft - hop of them), and the
+    last one ends with the same zeros ``forward`` pads with. With ``max_samples`` (at most that many come), the
+    frames go straight into one array sized for them, of which only the part written is ever resident.
+
+    Returns:
+        (mels, frames) float32.
+    """
+    hop, half = module.hop_size, module.n_fft // 2
+    window_frames = max(1, window_frames)
+    needed = module.n_fft + (window_frames - 1) * hop  # samples of one window of frames
+    pending: list[np.ndarray] = [np.zeros(half, dtype=np.float32)]  # the padded signal from the next frame's start
+    count = half
+    out = _Frames(module.mel_frequency_bins, None if max_samples is None else max_samples // hop + 1)
+
+    def frames(stretch: np.ndarray) -> None:
+        with torch.inference_mode():
+            out.add(module.frames_of_padded(torch.from_numpy(stretch)[None])[0].numpy())
+
+    for block in blocks:
+        pending.append(np.asarray(block, dtype=np.float32))
+        count += block.size
+        if count >= needed:
+            stretch = np.concatenate(pending)
+            start = 0
+            while stretch.size - start >= needed:
+                frames(stretch[start : start + needed])
+                start += window_frames * hop
+            pending, count = [stretch[start:]], stretch.size - start
+    pending.append(np.zeros(half, dtype=np.float32))
+    stretch = np.concatenate(pending)
+    if stretch.size >= module.n_fft:  # the frames left: all of them end in the closing zeros
+        frames(stretch)
+    return out.result()
+
+
+class _Frames:
+    """Log-mel windows gathered side by side. A clip of one window is that window. From the second window on,
+    when ``capacity`` (the most frames that can come) is known, they go into one array of that many frames: no
+    copy at the end and nothing between the windows to fragment the heap; the array is frame-major, so only the
+    frames written are ever touched (resident). Without ``capacity``, a list joined at the end."""
+
+    def __init__(self, mels: int, capacity: int | None) -> None:
+        self.mels = mels
+        self.capacity = capacity
+        self.array: np.ndarray | None = None
+        self.parts: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, window: np.ndarray) -> None:
+        frames = window.shape[1]
+        if self.array is None and len(self.parts) == 1 and self.capacity is not None and self.count + frames <= self.capacity:
+            self.array = np.empty((self.capacity, self.mels), dtype=np.float32)
+            self.array[: self.count] = self.parts.pop().T
+        if self.array is not None and self.count + frames <= self.array.shape[0]:
+            self.array[self.count : self.count + frames] = window.T
+        else:
+            if self.array is not None:  # more frames than announced: the list from here on
+                self.parts, self.array = [self.array[: self.count].T], None
+            self.parts.append(window)
+        self.count += frames
+
+    def result(self) -> np.ndarray:
+        if self.array is not None:
+            return self.array[: self.count].T
+        if not self.parts:
+            return np.zeros((self.mels, 0), dtype=np.float32)
+        return np.concatenate(self.parts, axis=1) if len(self.parts) > 1 else self.parts[0]

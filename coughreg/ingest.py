@@ -2,25 +2,32 @@
 
 Every metadata row and every audio file of the source appears exactly once in the manifest,
 ``ok`` or ``rejected`` with a reason a person understands. Accepted recordings are copied as
-they came (decoding is the features step's job) after a header probe proves they are audio, under
-their own names in ``audio/`` (a name part longer than a file system takes is shortened and tagged
-with its digest; ``source_name`` keeps the original). A recording that cannot be stored is rejected
+they came, after a probe decodes them through (nothing kept: spectrograms are the features step's
+job), which proves they are audio and gives the duration that decodes, under their own names in
+``audio/`` (a name part longer than a file system takes is shortened and tagged with its digest;
+``source_name`` keeps the original). A recording that cannot be stored is rejected
 alone; a full disk stops the step with a message naming the folder.
 The manifest is written last and atomically: a folder without it is an unfinished ingest.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import posixpath
+import re
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +42,7 @@ from coughreg.errors import AudioDecodeError, CoughPipelineError, StorageError
 from coughreg.quality import quality_page, quality_summary
 from coughreg.resources import available_cpus
 from coughreg.scoring.filenames import fitting_path
-from coughreg.sources import DataSource, SourceLimits, open_source, safe_relative_name
+from coughreg.sources import DataSource, SourceLimits, is_archive_name, open_source, safe_relative_name
 from coughreg.step_config import chain_keys
 from coughreg.storage import S3Options, atomic_path, atomic_write_text
 
@@ -117,6 +124,13 @@ def detect_layout(source: DataSource, config: ExperimentConfig) -> Layout:
         table = candidates[0]
         return Layout("coughvid", {"train": table}, {"train": posixpath.dirname(table)}, id_column="uuid", audio_column=None)
 
+    archives = sorted(n for n in names if is_archive_name(n))
+    if archives:
+        raise CoughPipelineError(
+            f"{source.uri}: no known layout, and it holds the archive {archives[0]}"
+            + (f" (and {len(archives) - 1} more)" if len(archives) > 1 else "")
+            + ": archives inside a data set are not unpacked; unpack it and ingest its contents (a folder, or a zip of them)"
+        )
     csvs = sorted(n for n in names if n.lower().endswith(".csv"))[:10]
     raise CoughPipelineError(
         f"{source.uri}: no known layout: neither dataset.train_dataframe "
@@ -128,29 +142,67 @@ def detect_layout(source: DataSource, config: ExperimentConfig) -> Layout:
 # ---------------------------------------------------------------- metadata tables
 
 
+DELIMITERS = (",", ";", "\t")  # in this order on a tie: a comma unless the header says otherwise
+DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+")
+
+
 def read_metadata_table(data: bytes, where: str) -> pd.DataFrame:
-    """Read a CSV as text columns: UTF-8 (with or without BOM), else Latin-1 with a warning."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
+    """Read a CSV as text columns, the way spreadsheets export them.
+
+    UTF-8 (with or without BOM), UTF-16 with a BOM (Excel's "Unicode text"), else Latin-1 with a warning; the
+    delimiter the header uses (comma, semicolon as in European exports, or tab). ``attrs`` keeps the header as
+    written (``header``: duplicates are not renamed there) and the ``delimiter``.
+    """
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16")
+    else:
         try:
-            text = data.decode("cp1252")
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
-            text = data.decode("latin-1")
-        log.warning("%s: not UTF-8; read as Latin-1/Windows-1252", where)
+            try:
+                text = data.decode("cp1252")
+            except UnicodeDecodeError:
+                text = data.decode("latin-1")
+            log.warning("%s: not UTF-8; read as Latin-1/Windows-1252", where)
     if "\x00" in text:
-        raise CoughPipelineError(f"{where}: the metadata table holds NUL bytes (UTF-16 or binary?); save it as UTF-8 CSV")
+        raise CoughPipelineError(f"{where}: the metadata table holds NUL bytes (UTF-16 without a byte order mark, or "
+                                 "binary?); save it as UTF-8 CSV")
+    first = text.lstrip("\r\n").split("\n", 1)[0].rstrip("\r")
+    delimiter = max(DELIMITERS, key=first.count)
+    header = [name.strip() for name in next(csv.reader([first], delimiter=delimiter), [])]
     try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+        table = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CoughPipelineError(f"{where}: cannot read the metadata table as CSV: {exc}") from None
+    table.attrs.update(header=header, delimiter=delimiter)
+    return table
 
 
-def _parse_label(text: str) -> float:
+def _conflicting_labels(first: dict, first_at: str, second: dict, second_at: str, labels: list[str]) -> str:
+    """How two rows of one id disagree: each label both give, with different values (empty: they agree)."""
+    differing = [label for label in labels
+                 if np.isfinite(first[label]) and np.isfinite(second[label]) and first[label] != second[label]]
+    return "; ".join(f"{label} {first[label]:g} ({first_at}) and {second[label]:g} ({second_at})" for label in differing)
+
+
+def _parse_label(text: str, decimal_comma: bool = False) -> float:
+    """A label as written: empty and NaN-like words are missing; ``0,85`` is 0.85 in a table whose cells are
+    separated by semicolons (where a comma is the decimal mark).
+
+    Raises:
+        ValueError: not a number; the message says when a decimal comma was what kept it from being one.
+    """
     text = text.strip()
     if text == "" or text.lower() in ("nan", "none", "null", "na", "n/a"):
         return float("nan")
-    return float(text)
+    if DECIMAL_COMMA.fullmatch(text):
+        if decimal_comma:
+            return float(text.replace(",", "."))
+        raise ValueError(f"{text!r} has a decimal comma in a comma-separated table; write it with a decimal point")
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(repr(text[:40])) from None
 
 
 # ---------------------------------------------------------------- the step
@@ -228,6 +280,7 @@ def ingest(
     manifest_path.unlink(missing_ok=True)  # an ingest in progress never shows an old manifest
     settings = config.ingest
     limits = SourceLimits(settings.max_archive_bytes, settings.max_archive_files, settings.max_compression_ratio)
+    s3 = dataclasses.replace(s3 or S3Options(), retry_budget_seconds=settings.retry_budget_seconds)
     source = open_source(source_uri, s3, cache_dir, limits, expected_identity=source_version)
     try:
         layout = detect_layout(source, config)
@@ -302,7 +355,7 @@ def _build_manifest(source: DataSource, layout: Layout, config: ExperimentConfig
     manifest = _Rows(dataset.label_columns, group_column)
     audio_names = [n for n in source.names if is_audio_name(n)]
     claimed: set[str] = set()
-    seen_ids: dict[str, int] = {}
+    seen_ids: dict[str, tuple[str, int, dict]] = {}  # id -> (table, line, manifest row) of its first row
 
     for split, table_name in layout.tables.items():
         where = source.describe(table_name)
@@ -311,6 +364,11 @@ def _build_manifest(source: DataSource, layout: Layout, config: ExperimentConfig
         required = [layout.id_column] + (dataset.label_columns if split != "test" else [])
         if group_column and split != "test":
             required.append(group_column)
+        twice = sorted({c for c in required if table.attrs["header"].count(c) > 1})
+        if twice:
+            raise CoughPipelineError(f"{where}: column(s) {twice} appear more than once in the header, and which one is "
+                                     "meant cannot be told; keep one of each")
+        decimal_comma = table.attrs["delimiter"] == ";"
         missing = [c for c in required if c not in table.columns]
         if missing:
             raise CoughPipelineError(
@@ -332,16 +390,26 @@ def _build_manifest(source: DataSource, layout: Layout, config: ExperimentConfig
             for label in dataset.label_columns:
                 if label in record:
                     try:
-                        row[label] = _parse_label(str(record[label]))
-                    except ValueError:
-                        reject(row, f"label '{label}' is not a number: {str(record[label])[:40]!r}")
+                        row[label] = _parse_label(str(record[label]), decimal_comma)
+                    except ValueError as exc:
+                        reject(row, f"label '{label}' is not a number: {exc}")
             if not identifier:
                 reject(row, f"empty {layout.id_column} ({where}, line {number})")
                 continue
             if identifier in seen_ids:
-                reject(row, f"duplicate id: also on line {seen_ids[identifier]} of the metadata")
+                first_where, first_line, first_row = seen_ids[identifier]
+                same = first_where == where
+                conflict = _conflicting_labels(first_row, f"line {first_line}" + ("" if same else f" of {first_where}"),
+                                               row, f"line {number}" + ("" if same else f" of {where}"), dataset.label_columns)
+                if conflict:
+                    reason = (f"{layout.id_column} '{identifier}' is on two rows with different labels: {conflict}"
+                              f"{f' of {where}' if same else ''}; both rows are rejected")
+                    reject(row, reason)
+                    reject(first_row, reason)
+                else:
+                    reject(row, f"duplicate id: also on line {first_line} of the metadata")
             else:
-                seen_ids[identifier] = number
+                seen_ids[identifier] = (where, number, row)
             if layout.audio_column is None:
                 matches = by_stem.get(identifier, [])
                 if len(matches) > 1:
@@ -395,7 +463,30 @@ def _build_manifest(source: DataSource, layout: Layout, config: ExperimentConfig
     return manifest
 
 
+# Recordings from which probing (decoding each through) goes to one process per core: decoding holds Python's
+# GIL, so threads decode one at a time; starting the processes costs about a second.
+PROCESS_PROBES = 200
+
+
 def _copy_and_probe(source: DataSource, rows: list[dict], config: ExperimentConfig, out_dir: Path, workers: int) -> None:
+    """Read, hash, probe and store each accepted row's recording (threads for the I/O; the probes in worker
+    processes when there are ``PROCESS_PROBES`` recordings or more and more than one core)."""
+    cpus = available_cpus()
+    probes = (ProcessPoolExecutor(cpus, mp_context=get_context("spawn"))  # no fork while threads run
+              if cpus > 1 and len(rows) >= PROCESS_PROBES else None)
+    try:
+        _copy_and_probe_with(source, rows, config, out_dir, workers,
+                             (lambda data: probes.submit(probe_audio, data).result()) if probes else probe_audio)
+    except BrokenProcessPool:
+        raise CoughPipelineError(f"{source.uri}: the audio decoder crashed while probing its recordings (a file FFmpeg "
+                                 "cannot survive); find it with `pipeline.py score` on the recordings") from None
+    finally:
+        if probes is not None:
+            probes.shutdown(cancel_futures=True)
+
+
+def _copy_and_probe_with(source: DataSource, rows: list[dict], config: ExperimentConfig, out_dir: Path, workers: int,
+                         probe) -> None:
     audio_dir = out_dir / AUDIO_FOLDER
     if audio_dir.exists():
         shutil.rmtree(audio_dir)
@@ -418,7 +509,7 @@ def _copy_and_probe(source: DataSource, rows: list[dict], config: ExperimentConf
             return
         row["sha256"] = hashlib.sha256(data).hexdigest()
         try:
-            info = probe_audio(data)
+            info = probe(data)
         except AudioDecodeError as exc:
             reject(row, "undecodable: " + str(exc).split(": ", 1)[-1])
             return

@@ -2,7 +2,8 @@
 
 Archives are read member by member (never unpacked whole). Unsafe members (absolute paths,
 ``..``, symlinks, device files, members compressed beyond a sane ratio) are listed in ``refused``
-with the reason and never read; an archive over the size or file-count bounds is refused whole.
+with the reason and never read; an archive over the size or file-count bounds is refused whole, and a
+damaged one is named damaged. Archives inside a data set are not unpacked (``is_archive_name``).
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class ZipSource(DataSource):
         super().__init__(uri=uri)
         try:
             self._zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise StorageError(f"{uri}: not a readable zip archive: {exc}") from None
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise StorageError(f"{uri}: a damaged zip archive ({exc}: its directory at the end is missing or broken, as after "
+                               "an interrupted download or copy); copy or download the archive again") from None
         self.comment = self._zip.comment
         members = self._zip.infolist()
         if len(members) > limits.max_files:
@@ -262,6 +264,26 @@ def _open(uri: str, options: S3Options, cache_dir: Path, limits: SourceLimits, i
     path = local_path(uri)
     if path.is_dir():
         return FolderSource(path, uri, limits)
-    if zipfile.is_zipfile(path):
+    if looks_like_zip(path):  # a damaged zip is named as one (zipfile.is_zipfile says no to it)
         return ZipSource(path, uri, limits)
     raise StorageError(f"{uri}: not a zip archive or a folder")
+
+
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")  # a member, an empty archive, a spanned archive
+# Archives inside a data set are never unpacked (a layout inside one is not seen): names ending so are named instead.
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".zst", ".7z", ".rar")
+
+
+def looks_like_zip(path: Path) -> bool:
+    """A ``.zip`` name or a zip signature at the start: a zip archive, whole or damaged."""
+    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) in ZIP_SIGNATURES
+    except OSError:
+        return False
+
+
+def is_archive_name(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)

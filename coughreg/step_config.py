@@ -69,6 +69,7 @@ KEY_OWNER = {
 TRACKING = ("evaluate", "export")
 RUNTIME = {
     "features.workers": ("features", "COUGHREG_FEATURE_WORKERS"),
+    "ingest.retry_budget_seconds": ("ingest", "COUGHREG_S3_RETRY_BUDGET"),
     "environment.number_of_workers": ("train", "COUGHREG_LOADER_WORKERS"),
     "cluster.checkpoint_uri": ("train", "COUGHREG_CHECKPOINT_URI"),
     "cluster.weights_uri": ("preflight", "COUGHREG_WEIGHTS_URI"),

@@ -251,7 +251,7 @@ def preflight_step(source_uri: str, givens: dict[str, Given], *, report: str | N
     setup_logging()
     started = time.perf_counter()
     # Short timeouts and few attempts: a check that cannot get an answer should say so in seconds.
-    s3 = dataclasses.replace(s3 or S3Options(), max_attempts=2, connect_timeout=5, read_timeout=10)
+    s3 = dataclasses.replace(s3 or S3Options(), max_attempts=2, connect_timeout=5, read_timeout=10, retry_budget_seconds=0)
     try:
         config = whole_config(givens)
     except ConfigError as exc:

@@ -15,16 +15,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from coughreg.errors import StorageError
+from coughreg.retry_budget import BudgetSpent, Outage, ShortRead
 from coughreg.scoring.filenames import fitting_name, temporary_file, temporary_folder
 from coughreg.scoring.scorer import sha256_file  # noqa: F401 - one place (every scorer folder carries it)
 
@@ -52,10 +55,11 @@ class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
     anonymous: bool = False
-    max_attempts: int = 8
+    max_attempts: int = 2  # botocore's tries of one request; past them, the retry budget
     max_concurrency: int = 8
     connect_timeout: float = 60.0
     read_timeout: float = 60.0
+    retry_budget_seconds: float = 120.0  # failures in a row waited out (``coughreg.retry_budget``)
 
 
 def is_s3_uri(uri: str) -> bool:
@@ -184,16 +188,18 @@ def download_s3_object(
 ) -> Path:
     """Download one object into a local cache keyed by its ETag; a rerun reuses the cached file.
 
-    Downloads go through boto3's transfer manager: parallel ranged GETs, each part retried on its
-    own when a connection drops, every request pinned to the ETag (``IfMatch``) so an object
-    replaced mid-download fails instead of mixing versions. With ``etag``, the object must still be
-    that version. The file lands under a temporary name first, so an interrupted download never
-    looks complete.
+    The object comes in ranged GETs of ``PART_BYTES`` (``max_concurrency`` at once), each pinned to the ETag
+    (``IfMatch``) so an object replaced mid-download fails instead of mixing versions. With ``etag``, the object
+    must still be that version. Failures that pass (an outage, a dropped connection) are tried again within
+    ``options.retry_budget_seconds`` (``coughreg.retry_budget``); every part that arrived whole is kept, also
+    when the budget runs out, and a next run fetches only the others. The file is written under a fixed
+    temporary name (``.download.partial``, beside its record of whole parts) and renamed when complete,
+    so an interrupted download never looks complete.
     """
     location = parse_s3_uri(uri)
     options = options or S3Options()
     client = client or s3_client(options)
-    head = head_object(client, location, **({"IfMatch": f'"{etag}"'} if etag else {}))
+    head = head_object(client, location, options.retry_budget_seconds, **({"IfMatch": f'"{etag}"'} if etag else {}))
     quoted = str(head.get("ETag", ""))
     etag = quoted.strip('"') or "no-etag"
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
@@ -205,20 +211,28 @@ def download_s3_object(
         log.info("%s: cached (ETag %s) at %s", uri, etag, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("%s: downloading %.1f MB", uri, size / 2**20)
-    with atomic_path(target) as tmp:
-        _transfer(client, location, quoted or None, size, tmp, options)
-        if tmp.stat().st_size != size:
-            raise StorageError(f"{uri}: download incomplete ({tmp.stat().st_size} of {size} bytes)")
+    with _locked(target.parent):  # one process downloads an object version; another waits and finds it cached
+        if target.exists() and target.stat().st_size == size:
+            return target
+        log.info("%s: downloading %.1f MB", uri, size / 2**20)
+        try:
+            _download_parts(client, location, quoted or None, size, target, options)
+        except Exception as exc:
+            error = storage_error(exc, target)
+            if error is None:
+                raise
+            raise error from None
     return target
 
 
-def head_object(client, location: S3Location, **kwargs) -> dict:
-    """HEAD one object; a missing object and a missing bucket are told apart, a replaced version (412) is named."""
+def head_object(client, location: S3Location, retry_budget: float = 0.0, **kwargs) -> dict:
+    """HEAD one object; a missing object and a missing bucket are told apart, a replaced version (412) is named.
+    Failures that pass are tried again for ``retry_budget`` seconds (``coughreg.retry_budget``)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    outage = Outage(location.uri, retry_budget)
     try:
-        return client.head_object(Bucket=location.bucket, Key=location.key, **kwargs)
+        return outage.call(lambda: client.head_object(Bucket=location.bucket, Key=location.key, **kwargs))
     except (ClientError, BotoCoreError) as exc:
         code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
         if code in ("PreconditionFailed", "412"):
@@ -236,53 +250,122 @@ def head_object(client, location: S3Location, **kwargs) -> dict:
 
 
 PART_BYTES = 16 * 2**20
+CHUNK_BYTES = 2**20  # written as it arrives: a part is never held whole in memory
+DOWNLOADING = ".download.partial"  # the object being downloaded, beside its final name
+WHOLE_PARTS = ".download.parts.partial"  # which of its parts arrived whole (JSON), kept for a next run
 
 
-def _transfer(client, location: S3Location, etag: str | None, size: int, path: Path, options: S3Options) -> None:
-    """boto3's transfer manager, told the size and ETag we saw: no second HEAD, and every GET pinned to that version."""
-    from boto3.s3.transfer import TransferConfig
-    from botocore.exceptions import BotoCoreError, ClientError
-    from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
-    from s3transfer.manager import TransferManager
-    from s3transfer.subscribers import BaseSubscriber
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (flock on the directory itself: no lock file is left behind)."""
+    import fcntl
 
-    class KnownObject(BaseSubscriber):
-        def on_queued(self, future, **kwargs):
-            future.meta.provide_transfer_size(size)
-            if etag:
-                future.meta.provide_object_etag(etag)
-
-    # multipart_threshold=1: every object takes the ranged path, whose GETs carry IfMatch (a plain GET would not)
-    config = TransferConfig(
-        multipart_threshold=1, multipart_chunksize=PART_BYTES, max_concurrency=max(1, options.max_concurrency),
-        num_download_attempts=options.max_attempts, use_threads=True,
-    )
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        with TransferManager(client, config) as manager:
-            manager.download(location.bucket, location.key, str(path), subscribers=[KnownObject()]).result()
-    except (S3DownloadFailedError, ClientError) as exc:
-        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
-        if code in ("PreconditionFailed", "412") or "did not match expected ETag" in str(exc):
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _download_parts(client, location: S3Location, etag: str | None, size: int, target: Path, options: S3Options) -> None:
+    """Ranged, pinned GETs into ``target``'s temporary file, resuming from the parts a run before kept whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    partial, record = target.parent / DOWNLOADING, target.parent / WHOLE_PARTS
+    count = max(1, -(-size // PART_BYTES))
+    whole = _whole_parts(partial, record, size, count)
+    if whole:
+        log.info("%s: %d of %d parts kept from an earlier run", location.uri, len(whole), count)
+    else:
+        with open(partial, "wb") as handle:
+            handle.truncate(size)
+    outage = Outage(location.uri, options.retry_budget_seconds)
+    lock = threading.Lock()
+
+    def part(index: int) -> None:
+        start, end = index * PART_BYTES, min(size, (index + 1) * PART_BYTES)
+        outage.call(lambda: _get_range(client, location, etag, start, end, partial))
+        with lock:
+            whole.add(index)
+            atomic_write_text(record, json.dumps({"size": size, "parts": count, "whole": sorted(whole)}))
+
+    try:
+        with ThreadPoolExecutor(max(1, options.max_concurrency)) as pool:
+            futures = [pool.submit(part, index) for index in range(count) if index not in whole]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    except BudgetSpent as exc:
+        raise BudgetSpent(f"{exc}; {len(whole)} of {count} parts were downloaded whole and are kept "
+                          f"in {target.parent}: a next run fetches only the rest") from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "412"):
+            partial.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
             raise StorageError(f"{location.uri}: the object changed during the download; run again") from None
-        if isinstance(exc, ClientError):
-            raise describe_client_error(exc, location.uri) from None
-        raise StorageError(f"{location.uri}: download failed: {exc}") from None
-    except RetriesExceededError as exc:
-        raise StorageError(f"{location.uri}: download failed {options.max_attempts} times: {exc.last_exception}") from None
+        raise describe_client_error(exc, location.uri) from None
     except BotoCoreError as exc:
         raise describe_client_error(exc, location.uri) from None
+    if partial.stat().st_size != size:
+        raise StorageError(f"{location.uri}: download incomplete ({partial.stat().st_size} of {size} bytes); run again")
+    os.chmod(partial, 0o666 & ~_UMASK)
+    os.replace(partial, target)
+    record.unlink(missing_ok=True)
+
+
+def _whole_parts(partial: Path, record: Path, size: int, count: int) -> set[int]:
+    """The parts an earlier run downloaded whole into ``partial`` (none when its record does not fit this object)."""
+    try:
+        kept = json.loads(record.read_text())
+        if partial.stat().st_size == size and kept.get("size") == size and kept.get("parts") == count:
+            return {int(index) for index in kept.get("whole", []) if 0 <= int(index) < count}
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return set()
+
+
+def _get_range(client, location: S3Location, etag: str | None, start: int, end: int, path: Path) -> None:
+    """Bytes [start, end) of the object (pinned to ``etag``) written at ``start`` of ``path``, flushed to disk."""
+    if end <= start:
+        return
+    response = client.get_object(Bucket=location.bucket, Key=location.key, Range=f"bytes={start}-{end - 1}",
+                                 **({"IfMatch": etag} if etag else {}))
+    written = 0
+    with open(path, "r+b") as handle:
+        handle.seek(start)
+        for chunk in response["Body"].iter_chunks(CHUNK_BYTES):
+            handle.write(chunk)
+            written += len(chunk)
+        if written != end - start:
+            raise ShortRead(f"{end - start - written} bytes of bytes={start}-{end - 1} missing")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def list_s3_prefix(uri: str, options: S3Options | None = None, client=None) -> Iterator[dict]:
-    """Every object under an ``s3://bucket/prefix/``, streamed page by page."""
+    """Every object under an ``s3://bucket/prefix/``, streamed page by page (each page tried within the retry budget)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     location = parse_s3_uri(uri)
+    options = options or S3Options()
     client = client or s3_client(options)
-    paginator = client.get_paginator("list_objects_v2")
+    outage = Outage(uri, options.retry_budget_seconds)
+    token: dict = {}
     try:
-        for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key):
+        while True:
+            page = outage.call(lambda token=token: client.list_objects_v2(Bucket=location.bucket, Prefix=location.key, **token))
             yield from page.get("Contents", [])
+            if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
     except (ClientError, BotoCoreError) as exc:
         raise describe_client_error(exc, uri) from None
 

@@ -36,7 +36,7 @@ def score_test_table(scorer_dir: str | Path, ingest_dir: str | Path, out_dir: st
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     accepted = test["status"] == "ok"
     log.info("test table: %d rows, %d recordings accepted by ingest", len(test), int(accepted.sum()))
-    scored = scorer.score_paths([(row.id, ingest_dir / row.audio_path) for row in test[accepted].itertuples()],
+    scored = scorer.score_paths(artifacts.recording_sources(ingest_dir, [(row.id, row.audio_path) for row in test[accepted].itertuples()]),
                                 plan_threads(workers))
     by_id = {row["path"]: row for row in scored}
     rows = []

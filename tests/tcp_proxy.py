@@ -1,16 +1,20 @@
-"""A loopback TCP proxy that can cut a connection after N bytes: real network faults for tests."""
+"""A loopback TCP proxy that can cut a connection after N bytes, or fail every connection for N seconds
+(an outage: connections reset at once, open ones cut): real network faults for tests."""
 
 from __future__ import annotations
 
 import socket
+import struct
 import threading
+import time
 
 
 class FaultProxy:
     """Forward 127.0.0.1:<port> to ``upstream``; ``cut_next(n)`` cuts a connection once n more bytes went down.
 
     Bytes from upstream to the client are counted (``bytes_down``), so a test can tell whether a
-    second run downloaded anything.
+    second run downloaded anything. ``outage_after(n, seconds)``: once n more bytes went down, every
+    connection fails for ``seconds`` (``refused`` counts those reset on arrival), then all is well again.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
@@ -28,6 +32,9 @@ class FaultProxy:
         self.requests: list[bool] = []  # one per HTTP request seen: did it carry an Authorization header?
         self.request_heads: list[str] = []  # the request line and headers of each, lower-cased
         self.cuts_done = 0
+        self.refused = 0
+        self._outage: tuple[int, float] | None = None  # (bytes_down that starts it, its seconds)
+        self.down_until = 0.0  # time.monotonic() until which every connection fails
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -36,6 +43,14 @@ class FaultProxy:
         with self._lock:
             self._cuts.extend([after_bytes] * connections)
             self._armed_sent = 0
+
+    def outage_after(self, after_bytes: int, seconds: float) -> None:
+        """Once ``after_bytes`` more bytes went down, every connection fails for ``seconds``."""
+        with self._lock:
+            self._outage = (self.bytes_down + after_bytes, seconds)
+
+    def down(self) -> bool:
+        return time.monotonic() < self.down_until
 
     def _accept(self) -> None:
         while not self._closed:
@@ -46,6 +61,12 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        if self.down():  # reset at once: what a client sees from a store that is down
+            with self._lock:
+                self.refused += 1
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            return
         try:
             upstream = socket.create_connection(self.upstream, timeout=30)
         except OSError:
@@ -78,6 +99,11 @@ class FaultProxy:
                             else:
                                 self._armed_sent += len(data)
                         self.bytes_down += keep
+                        if self._outage and self.bytes_down >= self._outage[0]:
+                            self.down_until = time.monotonic() + self._outage[1]
+                            self._outage = None
+                if self.down():
+                    break
                 target.sendall(data[:keep])
                 if keep < len(data):
                     break

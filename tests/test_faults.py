@@ -9,25 +9,37 @@ tmpfs), and the real command line in a subprocess wherever the issue speaks of a
 from __future__ import annotations
 
 import contextlib
+import http.server
+import io
 import json
 import os
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
+import av
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import soundfile
 import torch
 
 from coughreg.artifacts import read_manifest
+from coughreg.audio import decode_audio
 from coughreg.config import load_resolved_config, save_config
 from coughreg.ingest import ingest
 from coughreg.scoring.filenames import NAME_BYTES, fits, fitting_name
 from coughreg.shards import read_shard_metadata
+from coughreg.synth import encode_audio
 from coughreg.training import checkpoints
 from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
 
@@ -466,3 +478,491 @@ def test_a_temporary_name_fits_whatever_the_final_name(tmp_path):
         assert target.read_text() == "whole"
     assert not _partials(tmp_path)
     assert fitting_name(LONG_ACCENTS) != fitting_name("é" * 131 + ".mp3") and fits(fitting_name(LONG_ACCENTS))
+
+
+# ---------------------------------------------------------------- silently odd outcomes
+
+
+class _Web(http.server.BaseHTTPRequestHandler):
+    """A web server on loopback that serves a REAL recording to whoever asks, and notes every request."""
+
+    def do_GET(self):  # noqa: N802 - the http.server interface
+        data = REAL[0].read_bytes()
+        self.server.requests.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "audio/mpeg")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def web_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Web)
+    server.requests = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["http-url", "local-name-ffmpeg-reads-as-a-url", "local-name-with-colons"])
+def test_score_reads_local_files_and_never_a_url(kind, scorer_folder, web_server, tmp_path):
+    """``http://...`` is refused; a local file whose name FFmpeg would take for a URL (``http:/host:port/x.mp3``)
+    or a protocol (``10:30:00.mp3``) is read as the file it is. The web server is never asked."""
+    url_like = f"http:/127.0.0.1:{web_server.server_address[1]}/cough.mp3"
+    argument = {"http-url": f"http://127.0.0.1:{web_server.server_address[1]}/cough.mp3",
+                "local-name-ffmpeg-reads-as-a-url": url_like, "local-name-with-colons": "2020-04-01T10:30:00.mp3"}[kind]
+    if kind != "http-url":
+        (tmp_path / argument).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REAL[0], tmp_path / argument)
+    out = tmp_path / "scores.csv"
+    done = subprocess.run([sys.executable, PROJECT / "pipeline.py", "score", "--scorer", scorer_folder, argument, "--out", out],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert web_server.requests == []
+    _no_traceback(done)
+    if kind == "http-url":
+        assert done.returncode == 2
+        assert _last_error(done) == f"error: {argument}: http:// is not read here; score local files, folders or globs"
+        assert not out.exists()
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+        scored = pd.read_csv(out)
+        assert scored["path"].tolist() == [argument] and scored["status"].tolist() == ["ok"]
+        assert scored["duration_s"].iloc[0] == pytest.approx(0.648, abs=0.01)  # the REAL recording (0.65 s), read from disk
+
+
+def _tampered_ingest(tiny_run, tmp_path: Path, how: str, test_rows: int = 0, among: set | None = None) -> tuple[Path, str, str]:
+    """A copy of the tiny run's ingest folder whose manifest sends one accepted row (of ``among``, when given) to a
+    REAL recording outside the folder (reading it would succeed); ``test_rows`` rows (that one first) become test
+    rows. Returns the folder, the row's id and the path written."""
+    ingest = tmp_path / "ingest"
+    shutil.copytree(tiny_run["ingest"], ingest)
+    table = pq.read_table(ingest / "manifest.parquet")
+    frame = table.to_pandas()
+    ok = list(frame.index[(frame["status"] == "ok") & (frame["id"].isin(among) if among else True)])
+    victim = frame.loc[ok[0], "id"]
+    outside = tmp_path / "outside.webm"
+    shutil.copy(ingest / frame.loc[ok[0], "audio_path"], outside)
+    path = {"climbs-out": "audio/../../outside.webm", "absolute": str(outside)}[how]
+    frame.loc[ok[0], "audio_path"] = path
+    frame.loc[ok[:test_rows], "split"] = "test"
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(table.schema.metadata),
+                   ingest / "manifest.parquet")
+    return ingest, victim, path
+
+
+def _refusal(ingest: Path, victim: str, path: str) -> str:
+    return (f"{ingest / 'manifest.parquet'}: the row of {victim!r} names audio_path {path!r}, which is outside "
+            f"{ingest / 'audio'}; that row is refused (the manifest was changed after ingest: run the ingest step again)")
+
+
+@pytest.mark.parametrize("how", ["climbs-out", "absolute"])
+def test_features_refuse_a_manifest_row_outside_the_ingest_folder(how, tiny_run, tmp_path):
+    from coughreg.features import extract_features
+
+    ingest, victim, path = _tampered_ingest(tiny_run, tmp_path, how)
+    result = extract_features(ingest, tmp_path / "features", tiny_run["config"], workers=1)
+    assert result.failures == [{"id": victim, "audio_path": path, "reason": _refusal(ingest, victim, path)}]
+    ok = read_manifest(ingest)[0].query("status == 'ok'")
+    assert result.rows == len(ok) - 1  # every other recording featurized
+
+
+def test_an_ingest_folder_from_its_s3_uri_is_not_outside_itself(s3_env, bucket, tiny_run, tmp_path):
+    """The features step mirrors an ``s3://`` ingest artifact as a folder of links into the download cache: its
+    recordings are the folder's own, every one featurized."""
+    from coughreg.storage import upload_folder
+
+    upload_folder(tiny_run["ingest"], f"s3://{bucket}/run-1/ingest/dataset/")
+    done = _cli("step", "features", "--input", f"s3://{bucket}/run-1/ingest/dataset/", "--out", tmp_path / "features",
+                env={**s3_env.credentials.env(s3_env.endpoint_url), "COUGHREG_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ok = int((read_manifest(tiny_run["ingest"])[0]["status"] == "ok").sum())
+    assert f"({ok} recordings in" in done.stdout and ", 0 failed)" in done.stdout
+
+
+def test_evaluate_refuses_a_manifest_row_outside_the_ingest_folder(tiny_run, tmp_path):
+    from coughreg.evaluate import evaluate
+
+    validated = set(pd.read_parquet(tiny_run["model"] / "predictions.parquet")["id"])
+    ingest, victim, path = _tampered_ingest(tiny_run, tmp_path, "climbs-out", among=validated)
+    result = evaluate(tiny_run["model"], tiny_run["features"], ingest, tmp_path / "evaluation", tiny_run["config"], workers=1)
+    rows = pd.read_parquet(result.predictions_path).set_index("id")
+    assert rows.loc[victim, "status"] == "failed" and rows.loc[victim, "reason"] == _refusal(ingest, victim, path)
+    assert (rows.drop(index=victim)["status"] == "ok").all()
+    assert result.metrics["validation_unscored"] == 1
+
+
+def test_test_scoring_refuses_a_manifest_row_outside_the_ingest_folder(tiny_run, scorer_folder, tmp_path):
+    from coughreg.test_scoring import score_test_table
+
+    ingest, victim, path = _tampered_ingest(tiny_run, tmp_path, "absolute", test_rows=3)
+    summary = score_test_table(scorer_folder, ingest, tmp_path / "scored", workers=1)
+    rows = pd.read_parquet(tmp_path / "scored" / "test_predictions.parquet").set_index("id")
+    assert rows.loc[victim, "status"] == "failed" and rows.loc[victim, "reason"] == _refusal(ingest, victim, path)
+    assert (summary["test_rows"], summary["test_scored"], summary["test_failed"]) == (3, 2, 1)
+
+
+@pytest.mark.parametrize(("text", "override", "message"), [
+    ("", None, "{config}: the config file holds no keys (empty, or comments only); write the experiment's sections into it"),
+    ("# training:\n#   epochs: 3\n\n", None, "{config}: the config file holds no keys (empty, or comments only)"),
+    ("training:\n  epochs: 0\n", None,
+     "{config}: invalid experiment config:\n  key 'training.epochs': Input should be greater than or equal to 1 (got 0)"),
+    ("training:\n  epochs: 3\n", "training.epochs=0", "key 'training.epochs': Input should be greater than or equal to 1"),
+], ids=["empty-file", "comments-only", "epochs-0-in-the-file", "epochs-0-by-set"])
+def test_a_config_that_would_train_nothing_is_refused_when_read(text, override, message, tiny_run, tmp_path):
+    config = tmp_path / "experiment.yaml"
+    config.write_text(text)
+    out = tmp_path / "model"
+    done = _cli("step", "train", "--input", tiny_run["features"], "--out", out, "--config", config,
+                *(["--set", override] if override else []))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message.format(config=config) in done.stderr and str(config) in done.stderr
+    _no_traceback(done)
+    assert not out.exists()
+
+
+def _good_recordings(root: Path, count: int = 4) -> list[dict]:
+    """``count`` good recordings in a COUGHVID-layout folder, and their metadata rows."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(count):
+        shutil.copy(REAL[k], root / f"good-{k}.mp3")
+        rows.append({"uuid": f"good-{k}", "datetime": f"2020-04-0{k + 1}", "cough_detected": f"0.{k + 2}"})
+    return rows
+
+
+def test_one_uuid_with_two_different_labels_rejects_both_rows(config, tmp_path):
+    """Different labels: neither row is trusted (both named, with both labels). The same label twice: the first row
+    stands and the second is the duplicate."""
+    root = tmp_path / "release"
+    rows = _good_recordings(root)
+    for uid in ("twice-differing", "twice-same"):
+        shutil.copy(REAL[5], root / f"{uid}.mp3")
+    rows[1:1] = [{"uuid": "twice-differing", "datetime": "2020-04-10", "cough_detected": "0.9"},
+                 {"uuid": "twice-same", "datetime": "2020-04-11", "cough_detected": "0.4"}]
+    rows += [{"uuid": "twice-differing", "datetime": "2020-04-12", "cough_detected": "0.1"},
+             {"uuid": "twice-same", "datetime": "2020-04-13", "cough_detected": "0.4"}]
+    pd.DataFrame(rows).to_csv(root / "metadata_compiled.csv", index=False)
+    config.ingest.max_invalid_fraction = 0.9
+    ingest(str(root), tmp_path / "ingest", config)
+    manifest = read_manifest(tmp_path / "ingest")[0]
+    differing = manifest[manifest["id"] == "twice-differing"]
+    expected = (f"uuid 'twice-differing' is on two rows with different labels: cough_detected 0.9 (line 3) and 0.1 (line 8) "
+                f"of {root / 'metadata_compiled.csv'}; both rows are rejected")
+    assert differing["status"].tolist() == ["rejected", "rejected"] and set(differing["reason"]) == {expected}
+    same = manifest[manifest["id"] == "twice-same"].sort_values("status")
+    assert same["status"].tolist() == ["ok", "rejected"] and same["reason"].iloc[1] == "duplicate id: also on line 4 of the metadata"
+    assert sorted(manifest.loc[manifest["status"] == "ok", "id"]) == ["good-0", "good-1", "good-2", "good-3", "twice-same"]
+
+
+def _truncated_zip(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _directory_overwritten(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = data.rfind(b"PK\x01\x02")  # the last entry of the central directory
+    data[start : start + 46] = b"\x00" * 46
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncated_zip, _directory_overwritten], ids=["cut-in-half", "directory-overwritten"])
+def test_a_damaged_zip_is_named_damaged(damage, coughvid_zip, tmp_path):
+    archive = tmp_path / "coughvid.zip"
+    shutil.copy(coughvid_zip, archive)
+    damage(archive)
+    done = _cli("step", "ingest", "--input", archive, "--out", tmp_path / "ingest")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert _last_error(done).startswith(f"error: {archive}: a damaged zip archive (")
+    assert _last_error(done).endswith("copy or download the archive again")
+    _no_traceback(done)
+    assert not (tmp_path / "ingest" / "manifest.parquet").exists()
+
+
+def test_a_zip_holding_only_a_zip_names_the_inner_archive(coughvid_zip, tmp_path):
+    archive = tmp_path / "outer.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.write(coughvid_zip, "download/coughvid_small.zip")
+    done = _cli("step", "ingest", "--input", archive, "--out", tmp_path / "ingest")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert _last_error(done) == (f"error: {archive}: no known layout, and it holds the archive download/coughvid_small.zip: "
+                                 "archives inside a data set are not unpacked; unpack it and ingest its contents "
+                                 "(a folder, or a zip of them)")
+    _no_traceback(done)
+
+
+# ---------------------------------------------------------------- recordings from phones, browsers and uploads
+
+
+def _tone(seconds: float, rate: int = 48000, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    mono = (0.3 * np.sin(2 * np.pi * 600 * t)).astype(np.float32)
+    return mono if channels == 1 else np.stack([mono * (k + 1) / channels for k in range(channels)], axis=1)
+
+
+def _wav(samples: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _aac(container: str, rate: int, seconds: float = 2.0) -> bytes:
+    """AAC as phones record it: in MP4/M4A (iPhone, Safari's MediaRecorder) or 3GP (Android)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream("aac", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(_tone(seconds, rate).reshape(1, -1), format="flt", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def _wav_with_a_bogus_size(seconds: float = 2.0, claimed: float = 60.0) -> bytes:
+    """A recorder that wrote the header before the data: its sizes claim 60 s, 2 s follow."""
+    data = bytearray(_wav(_tone(seconds), 48000))
+    size = int(claimed * 48000 * 2)
+    at = data.find(b"data")
+    data[at + 4 : at + 8] = struct.pack("<I", size)
+    data[4:8] = struct.pack("<I", size + 36)
+    return bytes(data)
+
+
+def _cut_upload() -> bytes:
+    """A 6 s WebM/Opus upload cut off after 55% of its bytes: its header still says 6 s."""
+    data = encode_audio(_tone(6.0), "webm", "opus")
+    return data[: int(len(data) * 0.55)]
+
+
+HTML_ERROR = b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>\n"
+
+# name -> (file suffix, bytes, rejected with this reason (None: accepted), container, codec, rate, channels, seconds decoded)
+RECORDINGS = {
+    "html-error-page-as-webm": ("webm", lambda: HTML_ERROR, "undecodable: not readable audio: ", None, None, None, None, None),
+    "eight-channels": ("wav", lambda: _wav(_tone(2.0, channels=8), 48000), None, "wav", "pcm_s16le", 48000, 8, 2.0),
+    "8-khz-phone-call": ("wav", lambda: _wav(_tone(2.0, 8000), 8000), None, "wav", "pcm_s16le", 8000, 1, 2.0),
+    "wav-with-a-bogus-size": ("wav", _wav_with_a_bogus_size, None, "wav", "pcm_s16le", 48000, 1, 2.0),
+    "upload-cut-off": ("webm", _cut_upload, None, "matroska", "opus", 48000, 1, 3.4335),
+    "iphone-m4a": ("m4a", lambda: _aac("ipod", 44100), None, "mov", "aac", 44100, 1, 2.0201),
+    "android-3gp": ("3gp", lambda: _aac("3gp", 16000), None, "mov", "aac", 16000, 1, 2.048),
+    "digital-silence": ("wav", lambda: _wav(np.zeros(96000, np.float32), 48000), None, "wav", "pcm_s16le", 48000, 1, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(RECORDINGS))
+def test_recordings_from_phones_and_browsers(name, config, tmp_path):
+    """Each kind beside four REAL recordings, through ingest and features: rejected with its reason, or accepted with
+    the container, codec, rate and channels it has and the duration that decodes (not what a header claims), and a
+    finite spectrogram of that length; the REAL recordings all featurized."""
+    from coughreg.features import extract_features
+    from coughreg.shards import SpectrogramShardReader
+
+    suffix, make, reason, container, codec, rate, channels, seconds = RECORDINGS[name]
+    root = tmp_path / "release"
+    rows = _good_recordings(root)
+    (root / f"{name}.{suffix}").write_bytes(make())
+    rows.append({"uuid": name, "datetime": "2020-04-20", "cough_detected": "0.5"})
+    pd.DataFrame(rows).to_csv(root / "metadata_compiled.csv", index=False)
+    ingest(str(root), tmp_path / "ingest", config)
+    manifest = read_manifest(tmp_path / "ingest")[0].set_index("id")
+    assert (manifest.drop(index=name)["status"] == "ok").all()
+    row = manifest.loc[name]
+    if reason is not None:
+        assert row["status"] == "rejected" and row["reason"].startswith(reason), row["reason"]
+        return
+    assert row["status"] == "ok", row["reason"]
+    assert (row["container"], row["codec"], row["sample_rate"], row["channels"]) == (container, codec, rate, channels)
+    assert row["duration_s"] == pytest.approx(seconds, abs=0.002)
+    result = extract_features(tmp_path / "ingest", tmp_path / "features", config, workers=1)
+    assert result.failures == [] and result.rows == 5
+    reader = SpectrogramShardReader(result.shards)
+    spectrogram = reader.spectrogram(list(reader.index["id"]).index(name)).astype(np.float32)
+    stored = tmp_path / "ingest" / row["audio_path"]
+    assert np.isfinite(spectrogram).all() and spectrogram.shape[1] == decode_audio(stored, 48000).size // 512 + 1
+    if name == "digital-silence":
+        assert (spectrogram == -100).all()  # the floor: 10 log10(1e-10)
+
+
+def _table_rows(rows: list[dict], delimiter: str = ",") -> str:
+    return pd.DataFrame(rows).to_csv(index=False, sep=delimiter)
+
+
+def _utf16_tabbed(rows: list[dict]) -> bytes:
+    """Excel's "Unicode text": UTF-16 with a byte order mark, tab-separated."""
+    return _table_rows(rows, "\t").encode("utf-16")
+
+
+def _semicolons_with_decimal_commas(rows: list[dict]) -> bytes:
+    """A European spreadsheet's CSV: semicolons between cells, a comma for the decimal point."""
+    return _table_rows([{**row, "cough_detected": row["cough_detected"].replace(".", ",")} for row in rows], ";").encode()
+
+
+def _decimal_comma_in_a_comma_table(rows: list[dict]) -> bytes:
+    rows = [*rows[:-1], {**rows[-1], "cough_detected": "0,85"}]
+    return _table_rows(rows).encode()  # the cell is quoted: "0,85"
+
+
+def _a_column_twice(rows: list[dict]) -> bytes:
+    lines = ["uuid,datetime,cough_detected,cough_detected"]
+    lines += [f"{row['uuid']},{row['datetime']},{row['cough_detected']},0.99" for row in rows]
+    return ("\n".join(lines) + "\n").encode()
+
+
+# name -> (make the table from the rows, what happens: "read", a row reason, or the step's error)
+TABLES = {
+    "utf-16-with-bom-tab-separated": (_utf16_tabbed, "read"),
+    "semicolons-and-decimal-commas": (_semicolons_with_decimal_commas, "read"),
+    "decimal-comma-in-a-comma-table": (_decimal_comma_in_a_comma_table,
+                                       ("label 'cough_detected' is not a number: '0,85' has a decimal comma in a comma-separated "
+                                        "table; write it with a decimal point")),
+    "a-label-column-twice": (_a_column_twice,
+                             ("error: {table}: column(s) ['cough_detected'] appear more than once in the header, and which one "
+                              "is meant cannot be told; keep one of each")),
+}
+
+
+@pytest.mark.parametrize("name", list(TABLES))
+def test_metadata_tables_from_spreadsheets(name, tmp_path):
+    """Through the command line: read with every label right, one row rejected with its reason, or one line naming
+    the table (exit status 2)."""
+    make, outcome = TABLES[name]
+    root = tmp_path / "release"
+    rows = _good_recordings(root, 5)
+    table = root / "metadata_compiled.csv"
+    table.write_bytes(make(rows))
+    done = _cli("step", "ingest", "--input", root, "--out", tmp_path / "ingest", "--set", "ingest.max_invalid_fraction=0.5")
+    _no_traceback(done)
+    if outcome.startswith("error: "):
+        assert done.returncode == 2 and _last_error(done) == outcome.format(table=table)
+        assert not (tmp_path / "ingest" / "manifest.parquet").exists()
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "ingest")[0].set_index("id")
+    if outcome == "read":
+        assert (manifest["status"] == "ok").all() and len(manifest) == 5
+        assert manifest["cough_detected"].tolist() == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6])  # every cell where it belongs
+    else:
+        assert manifest.loc["good-4", "status"] == "rejected" and manifest.loc["good-4", "reason"] == outcome
+        assert (manifest.drop(index="good-4")["status"] == "ok").all()
+
+
+# ---------------------------------------------------------------- bounded, not brittle
+
+
+def _ingest_through(fault_proxy, bucket: str, config, tmp_path: Path, budget: float, out: str = "ingest"):
+    from coughreg.storage import S3Options
+
+    config.ingest.retry_budget_seconds = budget
+    return ingest(f"s3://{bucket}/coughvid.zip", tmp_path / out, config, s3=S3Options(endpoint_url=fault_proxy.endpoint_url),
+                  cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Parts of 64 KiB, so the test's zip comes in many of them (the cluster's are 16 MiB)."""
+    from coughreg import storage
+
+    monkeypatch.setattr(storage, "PART_BYTES", 64 * 2**10)
+    monkeypatch.setattr(storage, "CHUNK_BYTES", 16 * 2**10)
+    return storage.PART_BYTES
+
+
+def test_an_s3_outage_shorter_than_the_retry_budget_is_waited_out(s3_env, bucket, fault_proxy, coughvid_zip, config,
+                                                                  small_parts, tmp_path):
+    """The store goes down (every connection reset) for 3 s a third of the way into the download: with a budget
+    of 10 s the ingest finishes, and the parts that had arrived are not fetched again."""
+    s3_env.client().upload_file(str(coughvid_zip), bucket, "coughvid.zip")
+    size = coughvid_zip.stat().st_size
+    fault_proxy.outage_after(size // 3, seconds=3.0)
+    started = time.monotonic()
+    result = _ingest_through(fault_proxy, bucket, config, tmp_path, budget=10)
+    assert result.counts == {"ok": 24}
+    assert fault_proxy.refused > 0 and time.monotonic() - started >= 3.0  # the outage happened and was waited out
+    assert fault_proxy.bytes_down < size + 9 * small_parts + 200_000  # at most the parts in flight again (8 threads)
+
+
+def test_an_s3_outage_longer_than_the_budget_fails_naming_the_uri_and_keeps_the_parts(s3_env, bucket, fault_proxy, coughvid_zip,
+                                                                                      config, small_parts, tmp_path):
+    """Down for 8 s with a budget of 2 s: the step fails within seconds, naming the object and the budget; the whole
+    parts stay in the cache, and the run after the outage fetches only the rest."""
+    from coughreg.errors import StorageError
+
+    s3_env.client().upload_file(str(coughvid_zip), bucket, "coughvid.zip")
+    size = coughvid_zip.stat().st_size
+    fault_proxy.outage_after(size // 2, seconds=8.0)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as error:
+        _ingest_through(fault_proxy, bucket, config, tmp_path, budget=2)
+    message = str(error.value)
+    assert message.startswith(f"s3://{bucket}/coughvid.zip: S3 failed for ")
+    assert "longer than the retry budget of 2 s (ingest.retry_budget_seconds)" in message
+    assert "parts were downloaded whole and are kept in" in message and "a next run fetches only the rest" in message
+    assert time.monotonic() - started < 8.0  # it gave up before the store came back
+    assert not (tmp_path / "ingest" / "manifest.parquet").exists()
+    while fault_proxy.down():
+        time.sleep(0.2)
+    before = fault_proxy.bytes_down
+    result = _ingest_through(fault_proxy, bucket, config, tmp_path, budget=2, out="again")
+    assert result.counts == {"ok": 24}
+    assert fault_proxy.bytes_down - before < size * 0.75  # the half before the outage was kept
+    assert not _partials(tmp_path / "cache")
+
+
+def _long_recording(path: Path, minutes: float) -> Path:
+    sys.path.insert(0, str(PROJECT))
+    from benchmarks.bench_long_recording import long_recording
+
+    return long_recording(path, minutes)
+
+
+def test_a_ten_minute_recording_stays_small_in_a_feature_worker(tmp_path):
+    """A 10-minute 48 kHz Opus/WebM recording through the features step's per-recording path, in a process of its own:
+    the recording itself adds far less than the 600 MB a worker may take (decoding the whole clip and one STFT over
+    it added 1.3 GB), and the spectrogram is the whole clip's."""
+    from benchmarks.bench_long_recording import measure
+    from coughreg.config import load_resolved_config
+    from coughreg.feature_spec import feature_parameters
+    from coughreg.features import WINDOW_SECONDS
+
+    path = _long_recording(tmp_path / "ten-minutes.webm", 10)
+    config = load_resolved_config(HT_YAML)
+    params = {**feature_parameters(config.audio), "max_seconds": float(config.prediction.max_inference_chunk_seconds)}
+    imports = measure("imports", path, params, WINDOW_SECONDS)
+    windowed = measure("windowed", path, params, WINDOW_SECONDS)
+    assert windowed["frames"] == 600 * 48000 // 512 + 1
+    assert windowed["peak_mb"] - imports["peak_mb"] < 300, (windowed, imports)
+
+
+@pytest.mark.parametrize("samples", [1, 1023, 2048, 2049, 48000 * 3 + 17, 48000 * 25 + 511])
+@pytest.mark.parametrize("window_frames", [1, 3, 94, 1000])
+def test_the_windowed_log_mel_equals_the_whole_clips(samples, window_frames):
+    """Any length, any window, blocks of any size: the same frames as one STFT over the whole clip."""
+    from coughreg.frontend import LogMel, windowed_log_mel
+
+    module = LogMel(48000, 2048, 512, 128, 50.0, 24000.0).eval()
+    rng = np.random.default_rng(samples)
+    signal = (0.1 * rng.standard_normal(samples)).astype(np.float32)
+    with torch.inference_mode():
+        whole = module(torch.from_numpy(signal)[None])[0].numpy()
+    blocks = np.array_split(signal, max(1, samples // 960))  # an Opus frame's worth at a time, as decoding gives them
+    for announced in (None, samples):
+        windowed = windowed_log_mel(module, iter(blocks), window_frames, announced)
+        assert windowed.shape == whole.shape
+        np.testing.assert_allclose(windowed, whole, atol=1e-3, rtol=0)
+
+
+def test_the_features_of_a_long_recording_equal_the_whole_clips(tmp_path):
+    """70 s of Opus (seven windows of 10 s): ``log_mel_of_file`` against decoding it whole and one STFT."""
+    from coughreg.config import load_resolved_config
+    from coughreg.feature_spec import feature_parameters
+    from coughreg.features import _frontend, log_mel_of_file
+
+    path = _long_recording(tmp_path / "seventy-seconds.webm", 70 / 60)
+    params = {**feature_parameters(load_resolved_config(HT_YAML).audio), "max_seconds": 600.0}
+    with torch.inference_mode():
+        whole = _frontend(params)(torch.from_numpy(decode_audio(path, 48000))[None])[0].numpy()
+    np.testing.assert_allclose(log_mel_of_file(path, params), whole, atol=1e-3, rtol=0)

@@ -156,11 +156,11 @@ def test_bad_input_is_reported_row_by_row_and_good_recordings_survive(config, tm
     assert reasons["too-high"] == "label 'cough_detected' = 1.7 is outside [0, 1]"
     assert reasons["no-audio"] == REASON_NO_RECORDING
     assert reasons["orphan"] == REASON_NO_METADATA
-    duplicates = manifest[(manifest["id"] == "good-0")]
-    assert sorted(duplicates["status"]) == ["ok", "rejected"]
-    assert duplicates[duplicates["status"] == "rejected"]["reason"].iloc[0].startswith("duplicate id")
+    duplicates = manifest[(manifest["id"] == "good-0")]  # one uuid, two different labels: both rows rejected
+    assert sorted(duplicates["status"]) == ["rejected", "rejected"]
+    assert all(r.startswith("uuid 'good-0' is on two rows with different labels") for r in duplicates["reason"])
     ok = manifest[manifest["status"] == "ok"]
-    assert sorted(ok["id"]) == [f"good-{i}" for i in range(6)]
+    assert sorted(ok["id"]) == [f"good-{i}" for i in range(1, 6)]
     assert len(manifest) == len(rows) + 1  # every row and the orphan file, exactly once
 
 

@@ -77,7 +77,7 @@ def test_a_run_parameter_that_breaks_the_config_fails_the_preflight(s3_env, buck
     s3_env.client().upload_file(str(coughvid_zip), bucket, "data.zip")
     givens = _givens()
     givens["train"] = Given.parameter("train_config", '{"training": {"epochs": -1}}')
-    with pytest.raises(CoughPipelineError, match=r"key 'training.epochs': Input should be greater than or equal to 0"):
+    with pytest.raises(CoughPipelineError, match=r"key 'training.epochs': Input should be greater than or equal to 1"):
         preflight_step(f"s3://{bucket}/data.zip", givens)
     givens["train"] = Given.parameter("train_config", '{"audio": {"hop_size": 256}}')  # a key of another step
     with pytest.raises(CoughPipelineError, match="'audio.hop_size' belong to another step"):

@@ -140,7 +140,7 @@ def test_pretrained_weights_from_a_file(tiny_run, tmp_path):
     save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path / "weights.safetensors"))
     config = load_resolved_config(
         HT_YAML, [*TINY, "architecture.pretrained=true", f"architecture.pretrained_weights={tmp_path / 'weights.safetensors'}",
-                  "training.epochs=0"],
+                  "training.epochs=1", "training.learning_rate=1e-12"],  # one epoch that leaves the loaded weights as they were
     )
     result = train(tiny_run["features"], tmp_path / "model", config)
     digest = hashlib.sha256((tmp_path / "weights.safetensors").read_bytes()).hexdigest()
@@ -154,7 +154,7 @@ def test_dataset_normalization_statistics_come_from_the_training_rows(tiny_run, 
     from coughreg.artifacts import shard_paths
     from coughreg.shards import SpectrogramShardReader
 
-    config = load_resolved_config(HT_YAML, [*TINY, "audio.spectrogram_normalization=Dataset", "training.epochs=0"])
+    config = load_resolved_config(HT_YAML, [*TINY, "audio.spectrogram_normalization=Dataset", "training.epochs=1"])
     result = train(tiny_run["features"], tmp_path / "model", config)
     member = result.members[0]
     folds = pd.read_parquet(tmp_path / "model" / "folds.parquet")

@@ -42,7 +42,8 @@ def _train_cli(tiny_run, out, tmp_path, env, *extra):
     config_path = save_config(load_resolved_config(HT_YAML, TINY), tmp_path)
     return subprocess.run(
         [sys.executable, "pipeline.py", "step", "train", "--input", str(tiny_run["features"]), "--out", str(out),
-         "--config", str(config_path), "--set", "architecture.pretrained=true", "--set", "training.epochs=0", *extra],
+         "--config", str(config_path), "--set", "architecture.pretrained=true", "--set", "training.epochs=1",
+         "--set", "training.learning_rate=1e-12", *extra],  # one epoch that leaves the loaded weights as they were
         cwd=PROJECT, capture_output=True, text=True, timeout=300, env=env,
     )
 
@@ -93,7 +94,7 @@ def test_a_private_mirror_takes_the_token_and_the_token_stays_out_of_everything(
 
 
 def test_no_weights_anywhere_names_the_key_and_what_to_do(tiny_run, tmp_path):
-    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=0"])
+    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=1"])
     with pytest.raises(CoughPipelineError) as error:  # the tests run with HF_HUB_OFFLINE: the hub is never asked
         train(tiny_run["features"], tmp_path / "model", config)
     message = str(error.value)
@@ -103,7 +104,7 @@ def test_no_weights_anywhere_names_the_key_and_what_to_do(tiny_run, tmp_path):
 
 def test_weights_of_another_backbone_are_refused_naming_the_file_the_backbone_and_a_tensor(tiny_run, tmp_path):
     _timm_weights("test_resnet", tmp_path / "resnet.safetensors")
-    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=0",
+    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=1",
                                             f"architecture.pretrained_weights={tmp_path / 'resnet.safetensors'}"])
     with pytest.raises(CoughPipelineError) as error:
         train(tiny_run["features"], tmp_path / "model", config)
@@ -114,7 +115,7 @@ def test_weights_of_another_backbone_are_refused_naming_the_file_the_backbone_an
 
 def test_weights_that_changed_after_they_were_resolved_are_refused(tiny_run, tmp_path):
     state = _timm_weights("test_efficientnet", tmp_path / "weights.safetensors")
-    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=0",
+    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=1",
                                             f"architecture.pretrained_weights={tmp_path / 'weights.safetensors'}",
                                             f"architecture.pretrained_sha256={'f' * 64}"])
     with pytest.raises(CoughPipelineError, match="architecture.pretrained_sha256: .* has SHA-256 [0-9a-f]{64}, not f{64}"):
@@ -167,10 +168,10 @@ def test_the_cache_gives_the_backbones_own_weights_never_a_neighbours(tiny_run, 
     _timm_weights("test_resnet", snapshot / "model.safetensors")
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
-    own = load_resolved_config(HT_YAML, [*TINY, "architecture.backbone=test_resnet", "architecture.pretrained=true", "training.epochs=0"])
+    own = load_resolved_config(HT_YAML, [*TINY, "architecture.backbone=test_resnet", "architecture.pretrained=true", "training.epochs=1"])
     result = train(tiny_run["features"], tmp_path / "own", own)
     assert result.members[0]["pretrained_from"].startswith(f"the Hugging Face cache ({repo})")
-    other = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=0"])  # test_efficientnet
+    other = load_resolved_config(HT_YAML, [*TINY, "architecture.pretrained=true", "training.epochs=1"])  # test_efficientnet
     with pytest.raises(CoughPipelineError, match="no weights for 'test_efficientnet'"):
         train(tiny_run["features"], tmp_path / "other", other)
 
