@@ -44,6 +44,7 @@ CURVES = "training_curves.png"
 
 METRICS = "metrics.json"
 REPORT = "report.html"
+ROBUSTNESS = "robustness.parquet"  # each measured clip's score as recorded and through each recording-chain transform
 
 SCORER_INFO = "scorer.json"
 PROVENANCE = "provenance.json"
@@ -131,6 +132,11 @@ def read_shard_index(folder: str | Path) -> dict:
 def shard_paths(folder: str | Path) -> list[Path]:
     """The shards of a features folder, from its index."""
     return [Path(folder) / name for name in read_shard_index(folder)["shards"]]
+
+
+def view_shard_paths(folder: str | Path) -> list[Path]:
+    """The shards of a features folder's recording-chain copies (``augmentation.recording_chain_views``; none: [])."""
+    return [Path(folder) / name for name in read_shard_index(folder).get("view_shards", [])]
 
 
 MODEL_KEYS = {"members": list, "backbone": str, "label_columns": list, "label_range": list}

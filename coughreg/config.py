@@ -83,7 +83,8 @@ class AudioConfig(_Section):
     sample_rate: int = Field(48000, ge=1000, le=384000, description="Audio is resampled to this rate, Hz.")
     spectrogram_normalization: Literal["No", "Clip", "Dataset"] = Field(
         "No",
-        description="'No': log-mel as is; 'Clip': each clip to zero mean, unit variance; "
+        description="'No': log-mel as is; 'Clip': each clip's sounding cells to zero mean, unit variance (digital "
+        "silence to a constant, so gain, gates and codecs' empty bands move the clip little); "
         "'Dataset': mean/std of the training rows, stored with the model.",
     )
     stft_window_size: int = Field(2048, gt=0, description="STFT window (and FFT) length in samples.")
@@ -126,6 +127,26 @@ class AugmentationConfig(_Section):
     frequency_mask_bins: int = Field(0, ge=0, description="Project key: widest frequency mask, in mel bands.")
     time_masks: int = Field(0, ge=0, description="Project key: SpecAugment masks over time per clip (0: off).")
     time_mask_frames: int = Field(0, ge=0, description="Project key: widest time mask, in frames.")
+    recording_chain_views: int = Field(
+        0, ge=0, le=8,
+        description="Project key: for every training recording, the features step also stores this many copies passed "
+        "through a random recording chain (knock, gain, browser noise gate, low-pass, Opus or MP3 re-encoding; "
+        "coughreg/recording_chain.py, at most the first 60 s); 0: off.",
+    )
+    recording_chain_probability: float = Field(
+        0.0, ge=0, le=1,
+        description="Project key: probability that a training clip is taken, in an epoch, from one of its "
+        "recording-chain copies instead of as recorded (needs recording_chain_views).",
+    )
+
+    @model_validator(mode="after")
+    def _chain_views_exist(self) -> AugmentationConfig:
+        if self.recording_chain_probability > 0 and self.recording_chain_views == 0:
+            raise ValueError(
+                f"recording_chain_probability {self.recording_chain_probability:g} needs recording_chain_views of 1 or more "
+                "(the copies it draws from)"
+            )
+        return self
 
 
 class DatasetConfig(_Section):
@@ -231,6 +252,11 @@ class PredictionConfig(_Section):
     max_mae_to_median_baseline: float = Field(
         1.0, gt=0, description="Project key, the quality gate: the scorer is exported (and the test table scored) only when "
         "validation MAE / median-baseline MAE is at most this; 1.0: the model must beat predicting the median.",
+    )
+    robustness_recordings: int = Field(
+        300, ge=0,
+        description="Project key: validation recordings that evaluation also scores through each recording-chain "
+        "transform (quieter, low-passed, noise-gated, re-encoded, a knock) to report how far scores move; 0: not measured.",
     )
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from coughreg import artifacts, gate, lineage
+from coughreg import artifacts, gate, lineage, robustness
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import CoughPipelineError
 from coughreg.evaluation_report import ReportInputs, build
@@ -64,9 +64,12 @@ def scoring_policy(config: ExperimentConfig) -> Policy:
 
 
 def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, info: dict, config: ExperimentConfig,
-                     workers: int | None = None) -> pd.DataFrame:
+                     workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every validation recording decoded from the ingested audio and scored by its own fold's models (the
-    seeds averaged) through the scoring pipeline: one row each, with the training's id, fold and labels."""
+    seeds averaged) through the scoring pipeline: one row each, with the training's id, fold and labels.
+
+    Up to ``prediction.robustness_recordings`` of them are also scored through each recording-chain transform
+    (``coughreg.robustness``): the second table, one row per clip, transform and label."""
     manifest, _ = artifacts.read_manifest(ingest_dir)
     audio = manifest[(manifest["status"] == "ok") & (manifest["split"] != "test")].set_index("id")["audio_path"]
     missing = sorted(set(trained["id"]) - set(audio.index))
@@ -83,8 +86,10 @@ def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, i
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     threads = torch.get_num_threads()
     workers = plan_threads(workers)
+    measured = set(robustness.choose(sorted(trained["id"]), config.prediction.robustness_recordings)) \
+        if config.prediction.robustness_recordings else set()
     try:
-        parts = []
+        parts, changes = [], []
         for fold, rows in trained.groupby("fold", sort=True):
             ensemble = CoughScorer(LogMel.from_config(config.audio),
                                    [m for m, meta in zip(members, info["members"], strict=True) if meta["fold"] == fold]).eval().to(device)
@@ -104,10 +109,18 @@ def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, i
             for column in SCORE_COLUMNS:
                 frame[column] = table[column].to_numpy()
             parts.append(frame)
+            chosen = [i for i in rows["id"] if i in measured]
+            if chosen:
+                torch.set_num_threads(1 if workers > 1 and device.type == "cpu" else threads)  # one per worker thread
+                fold_scorer = robustness.FoldScorer(int(fold), lambda samples, s=scorer: s.score_samples(samples)[0],
+                                                    policy.sample_rate, policy.max_seconds)
+                sources = dict(artifacts.recording_sources(ingest_dir, [(i, audio[i]) for i in chosen]))
+                changes.append(robustness.measure(fold_scorer, list(sources.items()), labels, workers=workers))
     finally:
         torch.set_num_threads(threads)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    return pd.concat(parts, ignore_index=True)
+    changes = pd.concat(changes, ignore_index=True) if changes else pd.DataFrame(columns=robustness.CHANGE_COLUMNS)
+    return pd.concat(parts, ignore_index=True), changes
 
 
 def _baseline_predictions(predictions: pd.DataFrame, info: dict, labels: list[str]) -> dict[str, np.ndarray]:
@@ -208,23 +221,30 @@ def evaluate(model_dir: str | Path, features_dir: str | Path, ingest_dir: str | 
     info = artifacts.read_model_info(model_dir)
     artifacts.check_same_shards(info, artifacts.read_shard_index(features_dir), model_dir, features_dir)
     trained = readback.read_table(artifacts.require(model_dir, artifacts.PREDICTIONS, "train"), "rerun the train step").to_pandas()
-    predictions = score_validation(model_dir, ingest_dir, trained, info, config, workers)
+    predictions, changes = score_validation(model_dir, ingest_dir, trained, info, config, workers)
     history = artifacts.read_json(model_dir, artifacts.HISTORY, "train", list) if (model_dir / artifacts.HISTORY).exists() else []
     metrics = compute_metrics(predictions, info, config)
     verdict = gate.decide(metrics, config.prediction.max_mae_to_median_baseline)
     metrics.update(quality_gate=verdict, quality_gate_passed=int(verdict["passed"]),
                    max_mae_to_median_baseline=verdict["threshold"], model_weights_sha256=model_weights_sha256(model_dir, info),
                    validation_truncated=int(predictions["truncated"].sum()), noise_floor_mae=noise_floor(ingest_dir))
+    if config.prediction.robustness_recordings:
+        metrics["robustness"] = robustness.summarize(changes, info["label_columns"])
+        metrics.update(robustness.flat(metrics["robustness"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions_path = out_dir / artifacts.PREDICTIONS
     with atomic_path(predictions_path) as tmp:
         predictions.to_parquet(tmp, index=False)
+    if config.prediction.robustness_recordings:
+        with atomic_path(out_dir / artifacts.ROBUSTNESS) as tmp:
+            changes.to_parquet(tmp, index=False)
     report_path = out_dir / artifacts.REPORT
     scored = predictions[predictions["status"] == "ok"].reset_index(drop=True)
     config_path = save_config(config, out_dir, chain_keys("evaluate"))
     facts = lineage.collect(ingest_dir, features_dir, model_dir, info, config_path.read_text())
     metrics["lineage"] = {k: v for k, v in facts.items() if k != "config"}
-    atomic_write_text(report_path, build(ReportInputs(scored, metrics, history, info, config, ingest_dir, features_dir, model_dir, facts)))
+    atomic_write_text(report_path, build(ReportInputs(scored, metrics, history, info, config, ingest_dir, features_dir, model_dir, facts,
+                                                      changes)))
     metrics_path = out_dir / artifacts.METRICS
     atomic_write_text(metrics_path, json.dumps(json_ready(metrics), indent=2, allow_nan=False))  # last: the folder is finished
     log.info(

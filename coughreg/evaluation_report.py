@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from coughreg import artifacts, report
+from coughreg.robustness_report import robustness_section
 from coughreg.config import ExperimentConfig
 from coughreg.scoring import readback
 
@@ -43,6 +44,7 @@ class ReportInputs:
     features_dir: Path
     model_dir: Path
     lineage: dict
+    changes: pd.DataFrame | None = None  # robustness: each measured clip's scores as recorded and transformed
 
 
 MAX_LABELS_SHOWN = 6  # labels drawn one figure each (the metrics tables list every label)
@@ -436,6 +438,9 @@ def build(inputs: ReportInputs) -> str:
         figure = report.training_curves(inputs.history, inputs.config.training.loss_function,
                                         inputs.metrics["baseline_median"]["overall"]["mae"]["value"])
         sections.append(("Training curves", report.figure_to_img(figure, "training curves")))
+    robust = robustness_section(inputs)
+    if robust:
+        sections.append(("Robustness to the recording chain", robust))
     clips, count = recordings_section(inputs)
     if count:
         sections.append((f"Recordings ({count}, logging.number_of_audios)", clips))

@@ -6,6 +6,11 @@ to a new shard set (its folder is named by the parameters' and the manifest's ha
 A recording that fails to decode is reported and skipped; the others in its shard are kept, and so is a
 manifest row that names a file outside the ingest folder (``coughreg.artifacts.recording_path``). A recording
 is decoded and turned into its log-mel ``WINDOW_SECONDS`` at a time, so a long one costs a worker little memory.
+
+With ``augmentation.recording_chain_views`` K, every training recording also gets K copies passed through a random
+recording chain (``coughreg.recording_chain.draw_chain``, drawn from the recording's id, so the same copies every
+time), stored as log-mel in a second shard beside each shard (``views/...``, K rows per recording in the same
+order); training draws from them. Copies cover at most the first ``VIEW_SECONDS`` of a recording.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from coughreg.artifacts import (
 from coughreg.config import ExperimentConfig, save_config
 from coughreg.errors import CoughPipelineError
 from coughreg.feature_spec import feature_hash
+from coughreg.recording_chain import CHAIN_VERSION
 from coughreg.resources import available_cpus
 from coughreg.scoring import readback
 from coughreg.shards import SpectrogramShardWriter, read_shard_metadata
@@ -75,6 +81,7 @@ def _frontend(params: dict):
 
 
 WINDOW_SECONDS = 10.0  # decoded and transformed at a time: a worker's memory does not grow with a recording's length
+VIEW_SECONDS = 60.0  # the longest stretch of a recording its recording-chain copies cover
 
 
 def log_mel_of_file(path: Path, params: dict) -> np.ndarray:
@@ -88,20 +95,55 @@ def log_mel_of_file(path: Path, params: dict) -> np.ndarray:
     return windowed_log_mel(_frontend(params), stream, window_frames, stream.limit)
 
 
+def view_rng(identifier: str, view: int) -> np.random.Generator:
+    """What draws recording ``identifier``'s chain copy number ``view`` (and where its knock goes)."""
+    return np.random.default_rng((CHAIN_VERSION, int.from_bytes(hashlib.sha256(str(identifier).encode()).digest()[:8], "little"), view))
+
+
+def chain_views(path: Path, identifier: str, params: dict, views: int) -> list[np.ndarray]:
+    """``views`` log-mels of the recording (its first ``VIEW_SECONDS``), each through its own random recording chain."""
+    import torch
+
+    from coughreg.audio import decode_audio
+    from coughreg.recording_chain import draw_chain
+
+    rate = params["sample_rate"]
+    samples = decode_audio(path, rate, max_seconds=min(VIEW_SECONDS, params["max_seconds"]))
+    out = []
+    for view in range(views):
+        rng = view_rng(identifier, view)
+        changed = draw_chain(rng)(samples, rate, rng)
+        with torch.inference_mode():
+            out.append(_frontend(params)(torch.from_numpy(changed)[None])[0].numpy())
+    return out
+
+
 def _write_shard(task: dict) -> dict:
     writer = SpectrogramShardWriter(
         Path(task["path"]), task["label_columns"], task["group_column"], task["metadata"], task["row_group_rows"]
     )
+    views = task.get("views", 0)
+    view_writer = SpectrogramShardWriter(
+        Path(task["views_path"]), task["label_columns"], task["group_column"], task["views_metadata"],
+        task["row_group_rows"] * max(1, views),
+    ) if views else None
     failures = []
     seconds = 0.0
     for record in task["records"]:
+        path = None
         try:
-            log_mel = log_mel_of_file(recording_path(task["root"], record["audio_path"], record["id"]), task["params"])
+            path = recording_path(task["root"], record["audio_path"], record["id"])
+            log_mel = log_mel_of_file(path, task["params"])
+            copies = chain_views(path, record["id"], task["params"], views) if view_writer is not None and record["split"] != "test" else []
         except CoughPipelineError as exc:  # undecodable, or a manifest row naming a file outside the ingest folder
             failures.append({"id": record["id"], "audio_path": record["audio_path"], "reason": str(exc)})
             continue
         seconds += log_mel.shape[1] * task["params"]["hop_size"] / task["params"]["sample_rate"]
         writer.add(record, log_mel)
+        for copy in copies:
+            view_writer.add(record, copy)
+    if view_writer is not None:
+        view_writer.close()  # first: a shard whose copies are missing is not complete
     info = writer.close()
     return {"path": str(info.path), "rows": info.rows, "failures": failures, "audio_seconds": seconds}
 
@@ -159,15 +201,34 @@ def plan_shards(ingest_dir: str | Path, config: ExperimentConfig) -> ShardPlan:
             "feature_parameters": params, "feature_hash": fhash, "manifest_hash": manifest_hash, "config_hash": config_hash,
             "ids_hash": ids_hash, "source": manifest_meta.get("source", ""),
         }
-        tasks.append({
+        task = {
             "number": number, "name": f"shards/{shard_set}/part-{number:05d}.parquet", "records": chunk, "params": params,
             "label_columns": label_columns, "group_column": group_column, "metadata": metadata,
             "row_group_rows": config.features.row_group_rows, "root": str(ingest_dir),
-        })
+        }
+        views = config.augmentation.recording_chain_views
+        if views:
+            task.update(views=views, views_name=f"views/{shard_set}-chain{CHAIN_VERSION}x{views}/part-{number:05d}.parquet",
+                        views_metadata={**metadata, "views": views, "chain_version": CHAIN_VERSION,
+                                        "view_seconds": min(VIEW_SECONDS, params["max_seconds"])})
+        tasks.append(task)
     return ShardPlan(shard_set, tasks, params, manifest_hash, label_columns, group_column)
 
 
 EXPECTED_KEYS = ("feature_hash", "manifest_hash", "ids_hash")
+
+
+def task_files(task: dict) -> list[str]:
+    """The files a shard task writes: its shard, and its recording-chain copies when asked for."""
+    return [task["name"], *([task["views_name"]] if task.get("views") else [])]
+
+
+def _task_complete(task: dict, out_dir: Path) -> bool:
+    expected = {k: task["metadata"][k] for k in EXPECTED_KEYS}
+    if task.get("views") and not _complete(out_dir / task["views_name"], {**expected, "views": task["views"],
+                                                                         "chain_version": CHAIN_VERSION}):
+        return False
+    return _complete(out_dir / task["name"], expected)
 
 
 def _run_tasks(tasks: list[dict], out_dir: Path, workers: int) -> tuple[list[dict], float]:
@@ -175,8 +236,9 @@ def _run_tasks(tasks: list[dict], out_dir: Path, workers: int) -> tuple[list[dic
     started = time.perf_counter()
     todo = []
     for task in tasks:
-        task = {**task, "path": str(out_dir / task["name"])}
-        if not _complete(Path(task["path"]), {k: task["metadata"][k] for k in EXPECTED_KEYS}):
+        task = {**task, "path": str(out_dir / task["name"]),
+                **({"views_path": str(out_dir / task["views_name"])} if task.get("views") else {})}
+        if not _task_complete(task, out_dir):
             todo.append(task)
     if len(todo) < len(tasks):
         log.info("features: %d of %d shards already complete, skipped", len(tasks) - len(todo), len(tasks))
@@ -185,7 +247,8 @@ def _run_tasks(tasks: list[dict], out_dir: Path, workers: int) -> tuple[list[dic
     if not todo:
         return results, audio_seconds
     workers = max(1, min(workers, len(todo)))
-    (out_dir / todo[0]["name"]).parent.mkdir(parents=True, exist_ok=True)
+    for name in task_files(todo[0]):
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
     log.info("features: %d recordings in %d shards on %d processes -> %s", clips_total, len(todo), workers, out_dir)
     with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
         futures = {pool.submit(_write_shard, task): task for task in todo}
@@ -210,7 +273,7 @@ def _default_workers(config: ExperimentConfig, workers: int | None) -> int:
 def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: list[dict], skipped: int,
             seconds: float, audio_seconds: float) -> FeaturesResult:
     shards = [out_dir / task["name"] for task in plan.tasks]
-    absent = [str(p) for p in shards if not _complete(p, {"feature_hash": plan.tasks[0]["metadata"]["feature_hash"]})]
+    absent = [str(out_dir / task["name"]) for task in plan.tasks if not _task_complete(task, out_dir)]
     if absent:
         raise CoughPipelineError(f"{out_dir}: shards missing or incomplete: {absent[:5]}")
     rows = sum(read_shard_metadata_rows(p) for p in shards)
@@ -227,6 +290,8 @@ def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: 
         "manifest_hash": plan.manifest_hash,
         "label_columns": plan.label_columns,
         "group_column": plan.group_column,
+        **({"views": plan.tasks[0]["views"], "view_shards": [task["views_name"] for task in plan.tasks],
+            "chain_version": CHAIN_VERSION} if plan.tasks[0].get("views") else {}),
     }
     report = {
         "rows": rows, "shards": len(shards), "skipped_shards": skipped, "failures": failures,
@@ -273,7 +338,7 @@ def extract_feature_part(
     out_dir.mkdir(parents=True, exist_ok=True)
     results, audio_seconds = _run_tasks(mine, out_dir, _default_workers(config, workers))
     summary = {
-        "part": part, "parts": parts, "shards": [t["name"] for t in mine],
+        "part": part, "parts": parts, "shards": [name for t in mine for name in task_files(t)],
         "failures": [f for r in results for f in r["failures"]], "audio_seconds": audio_seconds,
     }
     atomic_write_text(out_dir / PART_REPORT, json.dumps(summary, indent=2))
@@ -306,7 +371,7 @@ def collect_feature_parts(
             if name in found:
                 raise CoughPipelineError(f"{name}: written by two feature parts ({found[name].parent} and {folder})")
             found[name] = folder / name
-    expected = {task["name"] for task in plan.tasks}
+    expected = {name for task in plan.tasks for name in task_files(task)}
     if set(found) != expected:
         raise CoughPipelineError(
             f"feature parts do not cover the plan: missing {sorted(expected - set(found))[:5]}, "

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from coughreg.config import AudioConfig
-from coughreg.feature_spec import AMIN, FRONTEND_VERSION, feature_hash, feature_parameters  # noqa: F401 - one place
+from coughreg.feature_spec import AMIN, FLOOR_DB, FRONTEND_VERSION, feature_hash, feature_parameters  # noqa: F401 - one place
 
 
 class LogMel(nn.Module):
@@ -80,8 +80,17 @@ class LogMel(nn.Module):
         return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
 
 
+CLIP_SILENCE = -3.0  # where 'Clip' puts digital silence: below nearly every sounding cell, the same for every clip
+
+
 class SpectrogramNormalizer(nn.Module):
-    """'No', 'Clip' (each clip to zero mean, unit variance) or 'Dataset' (stored training statistics)."""
+    """'No', 'Clip' (each clip to zero mean, unit variance) or 'Dataset' (stored training statistics).
+
+    'Clip' takes the mean and variance of the clip's sounding cells only: digital silence (a browser's noise
+    gate, the bands above a codec's cut-off, padding) would otherwise drag the statistics with it, so that the
+    same cough came out differently after a gate. Silent cells become ``CLIP_SILENCE``. A change of gain moves
+    every sounding cell by the same number of dB and leaves the normalized clip as it was.
+    """
 
     def __init__(self, mode: str = "No", mean: float = 0.0, std: float = 1.0) -> None:
         super().__init__()
@@ -96,11 +105,13 @@ class SpectrogramNormalizer(nn.Module):
         if self.mode == "Clip":
             if mask is None:
                 mask = torch.ones_like(log_mel[:, :1, :], dtype=torch.bool)
-            weight = mask.to(log_mel.dtype).expand_as(log_mel)
+            sounding = mask.expand_as(log_mel) & (log_mel > FLOOR_DB + 1e-3)
+            weight = sounding.to(log_mel.dtype)
             count = weight.sum(dim=(1, 2), keepdim=True).clamp(min=1)
             mean = (log_mel * weight).sum(dim=(1, 2), keepdim=True) / count
             var = (((log_mel - mean) * weight) ** 2).sum(dim=(1, 2), keepdim=True) / count
-            return (log_mel - mean) / var.sqrt().clamp(min=1e-3)
+            normalized = (log_mel - mean) / var.sqrt().clamp(min=1e-3)
+            return torch.where(sounding, normalized, torch.full_like(normalized, CLIP_SILENCE))
         if self.mode == "Dataset":
             return (log_mel - self.mean) / self.std.clamp(min=1e-3)
         return log_mel

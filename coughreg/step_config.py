@@ -58,6 +58,7 @@ KEY_OWNER = {
     "dataset.validation_strategy": "train",
     "prediction.max_inference_chunk_seconds": "features",  # audio beyond it is never featurized
     "prediction.metric": "train",  # ranks epochs for save_best_checkpoint
+    "augmentation.recording_chain_views": "features",  # the copies are spectrograms beside the shards
     "training.build_scoring_pipelines": "export",
     "training.run_interpretations": "evaluate",
     "logging.number_of_audios": "evaluate",

@@ -9,15 +9,21 @@ The mapping from label to audio is fixed here, once (``MAPPING_VERSION``), and n
    the real label is itself the output of a classifier, not the truth of the sound.
 3. The clip holds 1-4 cough events (explosive broadband onset, short noisy decay, often a voiced
    tail) whose level above the background is ``SNR = -25 + 55 q`` dB (inaudible at q = 0, clear
-   at q = 1). Independently of q it has a background (room tone, pink noise, mains hum or near
-   silence); with probability ``0.9 - 0.6 q`` a distractor 5-25 dB above the background, and
-   with probability 0.3 (at any q) a second one. Distractors are speech-like syllables (slow or
-   abrupt onsets), breathing, knocks (short broadband transients) or beeps (app prompts), so
-   neither a sharp onset nor a loud event alone means a cough. With probability 0.25 the clip
-   goes through a noise gate, as phone noise suppression does: stretches quieter than 6 dB above
-   the background become digital silence. The whole clip is then scaled to a random peak level,
-   so loudness alone says nothing. (Mapping version 2; version 1 had only speech and breathing
-   distractors and no gate, and taught models that any sharp sound out of silence is a cough.)
+   at q = 1). That level is the only thing in the clip that depends on the label.
+4. Everything else is a nuisance drawn independently of ``y`` and ``q``, as phones, browsers and rooms
+   are: a background (room tone, pink noise, mains hum or near silence); a distractor 5-25 dB above
+   the background with probability 0.6 and a second one with probability 0.3 (speech-like syllables
+   with slow or abrupt onsets, breathing, knocks, beeps: neither a sharp onset nor a loud event alone
+   means a cough); with probability 0.25 the browser's noise gate of the recording chain
+   (``coughreg.recording_chain.NoiseGate``: stretches near the clip's noise floor become digital
+   silence); with probability 0.25 a band limit (``LowPass`` at 4-12 kHz, log-uniform), as a cheap
+   microphone or a narrow-band codec leaves; the whole clip scaled to a random peak level (-12..-1 dBFS),
+   so loudness alone says nothing; and the container and codec (below).
+
+Mapping version 3. Version 2 drew the first distractor with probability ``0.9 - 0.6 q``, so its presence
+told a model something about the label (a shortcut no phone offers), and gated with its own gate; version 1
+had only speech and breathing distractors and no gate, and taught models that any sharp sound out of
+silence is a cough.
 
 The best MAE any model can reach on this data (the noise floor) is the MAE of the Bayes
 predictor that knows ``q`` exactly: the posterior median of ``y`` given ``q`` under the prior of
@@ -41,11 +47,12 @@ from pathlib import Path
 
 import numpy as np
 
+from coughreg.recording_chain import CHAIN_VERSION, LowPass, NoiseGate
 from coughreg.storage import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-MAPPING_VERSION = 2
+MAPPING_VERSION = 3
 SAMPLE_RATE = 48000
 LABEL_NOISE_SD = 0.10
 ZIP_DATE = (2020, 9, 10, 0, 0, 0)
@@ -79,6 +86,13 @@ FORMATS = (("webm", "opus", 0.70), ("ogg", "opus", 0.15), ("ogg", "vorbis", 0.15
 BACKGROUNDS = ("room", "pink", "hum", "silence")
 DISTRACTORS = ("speech", "breathing", "knocks", "beeps")
 GATE_PROBABILITY = 0.25
+DISTRACTOR_PROBABILITIES = (0.6, 0.3)  # a first and a second distractor, at every label
+BAND_LIMIT_PROBABILITY = 0.25
+BAND_LIMIT_HZ = (4000.0, 12000.0)
+# Written with the data: every nuisance is drawn at the same odds whatever the label (step 4 of the law above).
+NUISANCES = {"nuisances_independent_of_label": True, "distractor_probabilities": list(DISTRACTOR_PROBABILITIES),
+             "gate_probability": GATE_PROBABILITY, "band_limit_probability": BAND_LIMIT_PROBABILITY,
+             "band_limit_hz": list(BAND_LIMIT_HZ), "recording_chain_version": CHAIN_VERSION}
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class GeneratedClip:
     distractor: str
     n_coughs: int
     gated: bool
+    band_limit_hz: int
     duration_s: float
     data: bytes
     metadata: dict
@@ -261,15 +276,6 @@ def beeps(rng: np.random.Generator, seconds: float) -> np.ndarray:
     return _rms_normalize(out)
 
 
-def noise_gate(clip: np.ndarray, threshold: float, block: int = 480) -> np.ndarray:
-    """Blocks of 10 ms whose RMS stays under ``threshold`` become exact zeros."""
-    n = len(clip) // block * block
-    blocks = clip[:n].reshape(-1, block)
-    quiet = np.sqrt(np.mean(blocks**2, axis=1)) < threshold
-    blocks[quiet] = 0.0
-    return clip
-
-
 def breathing(rng: np.random.Generator, seconds: float) -> np.ndarray:
     """Band-limited noise with slow inhale/exhale envelopes."""
     sr = SAMPLE_RATE
@@ -313,7 +319,7 @@ def synthesize_clip(label: float, evidence: float, rng: np.random.Generator) -> 
     clip = clip / (np.sqrt(np.mean(clip**2)) + 1e-12)  # background at 0 dB: levels below are relative to it
 
     distractors = []
-    for chance in (0.9 - 0.6 * evidence, 0.3):
+    for chance in DISTRACTOR_PROBABILITIES:
         if rng.random() >= chance:
             continue
         kind_of = str(rng.choice(DISTRACTORS))
@@ -336,12 +342,17 @@ def synthesize_clip(label: float, evidence: float, rng: np.random.Generator) -> 
         clip[position : position + len(event)] += event * level
         position += len(event) + int(sr * rng.uniform(0.1, 1.2))
 
-    gated = bool(rng.random() < GATE_PROBABILITY)
-    if gated:
-        clip = noise_gate(clip, threshold=10 ** (6 / 20))  # the background sits at RMS 1
     peak_db = rng.uniform(-12.0, -1.0)
     clip = clip / (np.max(np.abs(clip)) + 1e-12) * 10 ** (peak_db / 20)
-    info = {"background": kind, "distractor": distractor, "n_coughs": n_coughs, "snr_db": snr_db, "gated": gated}
+    gated = bool(rng.random() < GATE_PROBABILITY)
+    if gated:
+        clip = NoiseGate()(clip.astype(np.float32), sr).astype(np.float64)
+    band_limit = 0.0
+    if rng.random() < BAND_LIMIT_PROBABILITY:
+        band_limit = float(np.exp(rng.uniform(*np.log(BAND_LIMIT_HZ))))
+        clip = LowPass(band_limit)(clip.astype(np.float32), sr).astype(np.float64)
+    info = {"background": kind, "distractor": distractor, "n_coughs": n_coughs, "snr_db": snr_db, "gated": gated,
+            "band_limit_hz": round(band_limit)}
     return clip.astype(np.float32), info
 
 
@@ -456,7 +467,7 @@ def _clip_job(args: tuple[int, int]) -> GeneratedClip:
     return GeneratedClip(
         uuid=uid, label=label, evidence=evidence, container=container, codec=codec,
         background=info["background"], distractor=info["distractor"], n_coughs=info["n_coughs"], gated=info["gated"],
-        duration_s=len(samples) / SAMPLE_RATE, data=data, metadata=metadata,
+        band_limit_hz=info["band_limit_hz"], duration_s=len(samples) / SAMPLE_RATE, data=data, metadata=metadata,
     )
 
 
@@ -493,7 +504,7 @@ def generate_coughvid_zip(
     executor = ProcessPoolExecutor(workers) if workers > 1 else None
     clips = executor.map(_clip_job, jobs, chunksize=8) if executor else map(_clip_job, jobs)
     law = {"generator": "coughreg.synth", "mapping_version": MAPPING_VERSION, "label_noise_sd": LABEL_NOISE_SD,
-           "noise_floor_mae_expected": round(noise_floor(), 5)}
+           "noise_floor_mae_expected": round(noise_floor(), 5), **NUISANCES}
     try:
         with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
             archive.comment = json.dumps(law).encode()  # read back by ingest: the noise floor evaluation shows
@@ -506,7 +517,8 @@ def generate_coughvid_zip(
                 truth_rows.append({
                     "uuid": clip.uuid, "cough_detected": clip.label, "evidence": round(clip.evidence, 6),
                     "container": clip.container, "codec": clip.codec, "background": clip.background,
-                    "distractor": clip.distractor, "n_coughs": clip.n_coughs, "gated": clip.gated, "duration_s": round(clip.duration_s, 4),
+                    "distractor": clip.distractor, "n_coughs": clip.n_coughs, "gated": clip.gated,
+                    "band_limit_hz": clip.band_limit_hz, "duration_s": round(clip.duration_s, 4),
                 })
                 if progress_every and index % progress_every == 0:
                     log.info("generated %d/%d clips", index, n)
@@ -530,6 +542,7 @@ def generate_coughvid_zip(
     report = {
         "generator": "coughreg.synth",
         "mapping_version": MAPPING_VERSION,
+        **NUISANCES,
         "seed": seed,
         "recordings": n,
         "label_noise_sd": LABEL_NOISE_SD,

@@ -15,6 +15,7 @@ import torch
 
 from coughreg.artifacts import read_manifest, shard_paths
 from coughreg.errors import CoughPipelineError
+from coughreg.evaluate import evaluate
 from coughreg.export import export
 from coughreg.features import log_mel_of_file
 from coughreg.frontend import feature_parameters
@@ -197,3 +198,38 @@ def test_a_bad_file_is_reported_and_the_others_scored(exported, tmp_path):
     rows = scorer.score_paths([(str(bad), bad), (str(good), good)])
     assert [row["status"] for row in rows] == ["failed", "ok"]
     assert str(bad) in rows[0]["reason"] and np.isnan(rows[0]["cough_detected"])
+
+
+def test_evaluation_measures_how_far_the_recording_chain_moves_each_score(evaluated):
+    from coughreg.artifacts import ROBUSTNESS
+    from coughreg.recording_chain import STANDARD, slug
+
+    metrics = json.loads(evaluated.metrics_path.read_text())
+    robustness = metrics["robustness"]
+    assert list(robustness["transforms"]) == [slug(t) for t in STANDARD]
+    predictions = pd.read_parquet(evaluated.predictions_path).set_index("id")
+    changes = pd.read_parquet(evaluated.metrics_path.parent / ROBUSTNESS)
+    measured = set(changes["id"])
+    assert robustness["recordings"] == len(measured) == len(predictions)  # all of them: fewer than robustness_recordings
+    assert len(changes) == len(measured) * len(STANDARD)  # one label
+    for identifier, rows in changes.groupby("id"):  # "as recorded" is the prediction the metrics were computed from
+        assert rows["original"].to_numpy() == pytest.approx(predictions.at[identifier, "pred_cough_detected"], abs=1e-5)
+    for key, entry in robustness["transforms"].items():
+        numbers = entry["labels"]["cough_detected"]
+        moved = changes[changes["transform"] == key]["change"].abs()
+        assert numbers["mean_change"] == pytest.approx(moved.mean()) and numbers["max_change"] == pytest.approx(moved.max())
+        assert numbers["most_moved"] in measured
+        assert metrics[f"robustness_{key}_cough_detected_mean_change"] == pytest.approx(numbers["mean_change"])
+        assert metrics[f"robustness_{key}_cough_detected_max_change"] == pytest.approx(numbers["max_change"])
+    # the transforms changed what the model heard: at least the codecs and the gate move some score a little
+    assert changes[changes["transform"].isin(["opus_16kbps", "noise_gate", "lowpass_4khz"])]["change"].abs().max() > 0
+
+
+def test_robustness_is_not_measured_when_asked_not_to(tiny_run, tmp_path):
+    from coughreg.artifacts import ROBUSTNESS
+
+    config = tiny_run["config"].model_copy(update={"prediction": tiny_run["config"].prediction.model_copy(
+        update={"robustness_recordings": 0})})
+    result = evaluate(tiny_run["model"], tiny_run["features"], tiny_run["ingest"], tmp_path, config, workers=1)
+    assert "robustness" not in result.metrics and not any(k.startswith("robustness_") for k in result.metrics)
+    assert not (tmp_path / ROBUSTNESS).exists() and "Robustness to the recording chain" not in result.report_path.read_text()

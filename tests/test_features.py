@@ -232,3 +232,52 @@ def test_a_killed_run_leaves_no_shard_that_reads_as_complete(coughvid_zip, tmp_p
     assert done.returncode == 0, done.stderr
     assert "already complete, skipped" in done.stderr
     assert len(SpectrogramShardReader(shard_paths(tmp_path / "features"))) == 24
+
+
+def test_recording_chain_copies_are_stored_beside_the_shards_and_made_the_same_every_time(coughvid_zip, config, tmp_path):
+    from coughreg.artifacts import view_shard_paths
+    from coughreg.features import collect_feature_parts, extract_feature_part, view_rng
+    from coughreg.recording_chain import Gain, Transient, draw_chain
+
+    with_views = config.model_copy(update={"augmentation": config.augmentation.model_copy(update={"recording_chain_views": 2})})
+    ingest(str(coughvid_zip), tmp_path / "ingest", with_views)
+    plain = extract_features(tmp_path / "ingest", tmp_path / "plain", config, workers=1)
+    made = extract_features(tmp_path / "ingest", tmp_path / "views", with_views, workers=2)
+    assert made.rows == plain.rows == 24
+    index = json.loads((tmp_path / "views" / SHARD_INDEX).read_text())
+    assert index["views"] == 2 and index["shard_set"] == json.loads((tmp_path / "plain" / SHARD_INDEX).read_text())["shard_set"]
+    originals = SpectrogramShardReader(shard_paths(tmp_path / "views"))
+    copies = SpectrogramShardReader(view_shard_paths(tmp_path / "views"))
+    assert view_shard_paths(tmp_path / "plain") == []
+    assert sorted(copies.index["id"]) == sorted(list(originals.index["id"]) * 2)  # two copies of every recording
+    by_id = {identifier: row for row, identifier in enumerate(originals.index["id"])}
+    seen: dict[str, int] = {}
+    for row, identifier in enumerate(copies.index["id"]):
+        view = seen[identifier] = seen.get(identifier, -1) + 1
+        chain = draw_chain(view_rng(identifier, view))  # the chain this copy went through
+        copy = copies.spectrogram(row).astype(np.float32)
+        original = originals.spectrogram(by_id[identifier]).astype(np.float32)
+        assert copy.shape[0] == original.shape[0] and abs(copy.shape[1] - original.shape[1]) <= 1
+        frames = min(copy.shape[1], original.shape[1])
+        sounding = original[:, :frames] > -99.0
+        if not sounding.any():  # a clip the generator's noise gate silenced whole: only a knock can sound in it
+            assert (copy <= -99.0).all() or any(isinstance(stage, Transient) for stage in chain.stages)
+            continue
+        shift = np.median(copy[:, :frames][sounding] - original[:, :frames][sounding])
+        gain = next(stage.db for stage in chain.stages if isinstance(stage, Gain))
+        if len(chain.stages) == 1:  # a gain alone moves every sounding cell by its decibels
+            assert shift == pytest.approx(gain, abs=0.1), chain.name
+        else:
+            assert not np.allclose(copy[:, :frames], original[:, :frames], atol=0.5), chain.name
+    for row in range(len(originals)):  # the recordings as recorded are the same shards as without copies
+        np.testing.assert_array_equal(originals.spectrogram(row),
+                                      SpectrogramShardReader(shard_paths(tmp_path / "plain")).spectrogram(row))
+    parts = []
+    for part in range(2):
+        extract_feature_part(tmp_path / "ingest", tmp_path / f"part{part}", with_views, part, 2, workers=1)
+        parts.append(tmp_path / f"part{part}")
+    collect_feature_parts(tmp_path / "ingest", parts, tmp_path / "collected", with_views)
+    again = SpectrogramShardReader(view_shard_paths(tmp_path / "collected"))
+    assert list(again.index["id"]) == list(copies.index["id"])
+    for row in range(len(copies)):  # drawn from the recording's id: the same copies in any process, any part
+        np.testing.assert_array_equal(again.spectrogram(row), copies.spectrogram(row))

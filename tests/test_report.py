@@ -72,7 +72,7 @@ def test_every_picture_is_drawn_and_not_blank(browser_page, evaluated):
 
 
 def test_every_clip_plays_in_the_browser(browser_page, evaluated):
-    durations = browser_page.eval_on_selector_all("audio", """els => Promise.all(els.map(a => new Promise(done => {
+    durations = browser_page.eval_on_selector_all("div.clip:not(.moved) audio", """els => Promise.all(els.map(a => new Promise(done => {
         if (a.readyState >= 1) return done(a.duration);
         a.addEventListener('loadedmetadata', () => done(a.duration));
         a.addEventListener('error', () => done(-1));
@@ -83,6 +83,30 @@ def test_every_clip_plays_in_the_browser(browser_page, evaluated):
     assert len(clips) == 3
     for played, expected in zip(durations, clips, strict=True):
         assert played > 0 and abs(played - min(float(expected), 30.0)) < 0.2
+
+
+def test_the_robustness_section_shows_every_transform_and_the_clips_that_moved_most(browser_page, evaluated):
+    robustness = evaluated.metrics["robustness"]
+    assert "Robustness to the recording chain" in browser_page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
+    section = browser_page.inner_text("div.robustness")
+    assert f"Each of {robustness['recordings']} validation recordings" in section
+    rows = browser_page.eval_on_selector_all("div.robustness table tbody tr, div.robustness table tr:has(td)",
+                                             "els => els.map(e => e.textContent)")
+    for entry in robustness["transforms"].values():
+        assert any(row.startswith(entry["name"]) for row in rows), entry["name"]
+    alts = browser_page.eval_on_selector_all("img", "els => els.map(e => e.alt)")
+    assert "score changes of cough_detected per transform" in alts
+    moved = browser_page.eval_on_selector_all("div.moved h4", "els => els.map(e => e.textContent)")
+    assert 1 <= len(moved) <= 3
+    shown = [a for a in alts if " as recorded and after " in a]
+    assert len(shown) == len(moved)
+    durations = browser_page.eval_on_selector_all("div.moved audio", """els => Promise.all(els.map(a => new Promise(done => {
+        if (a.readyState >= 1) return done(a.duration);
+        a.addEventListener('loadedmetadata', () => done(a.duration));
+        a.addEventListener('error', () => done(-1));
+        a.load();
+    })))""")
+    assert len(durations) == 2 * len(moved) and all(d > 0 for d in durations)  # as recorded, and as changed
 
 
 def test_the_page_reads_from_summary_to_lineage(browser_page, evaluated, tmp_path):

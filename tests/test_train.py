@@ -182,3 +182,37 @@ def test_block_pools_read_each_row_group_once_per_epoch():
                 reads += 1
                 cache = (cache + [blocks[i]])[-4:]
     assert reads == 20
+
+
+def test_a_training_clip_is_one_of_its_recording_chain_copies_with_the_asked_probability(tmp_path):
+    import pickle
+
+    from coughreg.shards import SpectrogramShardWriter
+    from coughreg.training.data import ChainViews, SpectrogramDataset
+
+    ids = [f"rec{k}" for k in range(40)]
+    originals, copies = tmp_path / "shard.parquet", tmp_path / "views.parquet"
+    writer = SpectrogramShardWriter(originals, ["y"], None, {})
+    for k, identifier in enumerate(ids):
+        writer.add({"id": identifier, "y": 0.5}, np.full((4, 6), k, dtype=np.float32))
+    writer.close()
+    writer = SpectrogramShardWriter(copies, ["y"], None, {})
+    for k, identifier in enumerate(ids):
+        for view in (1, 2):
+            writer.add({"id": identifier, "y": 0.5}, np.full((4, 6), 1000 * view + k, dtype=np.float32))
+    writer.close()
+    rows = np.arange(len(ids))
+
+    def drawn(probability, epoch=0):
+        dataset = SpectrogramDataset([originals], rows, np.zeros((len(ids), 1)), None, seed=3,
+                                     views=ChainViews([copies], ids), view_probability=probability)
+        dataset = pickle.loads(pickle.dumps(dataset))  # as a data loader worker gets it
+        dataset.epoch = epoch
+        return np.array([float(dataset[i][0][0, 0]) // 1000 for i in range(len(ids))])
+
+    assert (drawn(0.0) == 0).all()  # as recorded
+    assert set(drawn(1.0)) == {1.0, 2.0}  # always a copy, either of the two
+    half = drawn(0.5)
+    assert 0.25 < np.mean(half > 0) < 0.75
+    np.testing.assert_array_equal(half, drawn(0.5))  # the same epoch draws the same (a resumed epoch)
+    assert not np.array_equal(half, drawn(0.5, epoch=1))  # another epoch draws anew

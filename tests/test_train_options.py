@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from coughreg.artifacts import shard_paths
 from coughreg.config import load_resolved_config, save_config
 from coughreg.errors import CoughPipelineError
+from coughreg.features import extract_features
 from coughreg.shards import SpectrogramShardReader
 from coughreg.training import checkpoints, load_members, train
 from coughreg.training.folds import truncate_groups
@@ -100,12 +101,17 @@ def test_a_diverging_run_stops_naming_epoch_and_step(tiny_run, tmp_path):
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tiny_run, tmp_path):
-    # with every random augmentation and the weight average on: their state must resume exactly too
+    # with every random augmentation (recording-chain copies among them) and the weight average on: their state
+    # must resume exactly too
     config = _config("training.epochs=4", "augmentation.gain_db=6", "augmentation.lowpass_probability=0.5",
                      "augmentation.frequency_masks=1", "augmentation.frequency_mask_bins=8",
-                     "augmentation.time_masks=1", "augmentation.time_mask_frames=10", "training.ema_decay=0.9")
+                     "augmentation.time_masks=1", "augmentation.time_mask_frames=10", "training.ema_decay=0.9",
+                     "augmentation.recording_chain_views=2", "augmentation.recording_chain_probability=0.5",
+                     "audio.spectrogram_normalization=Clip")
+    features = tmp_path / "features"
+    extract_features(tiny_run["ingest"], features, config, workers=2)
     save_config(config, tmp_path)
-    command = [sys.executable, "pipeline.py", "step", "train", "--input", str(tiny_run["features"]),
+    command = [sys.executable, "pipeline.py", "step", "train", "--input", str(features),
                "--out", str(tmp_path / "killed"), "--config", str(tmp_path / "config.yaml")]
     process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "killed" / "fold0_seed0" / "checkpoint.pt"
@@ -122,7 +128,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_model(tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"resuming after epoch {epoch_at_kill}" in done.stderr
 
-    clean = train(tiny_run["features"], tmp_path / "clean", config)
+    clean = train(features, tmp_path / "clean", config)
     resumed = load_file(str(tmp_path / "killed" / "fold0_seed0" / "model.safetensors"))
     uninterrupted = load_file(str(tmp_path / "clean" / "fold0_seed0" / "model.safetensors"))
     for key, value in uninterrupted.items():

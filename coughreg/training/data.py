@@ -17,15 +17,23 @@ from coughreg.training.distributed import distributed_context
 
 
 class SpectrogramDataset(Dataset):
-    """Rows of the shards as (log-mel float32 (mels, frames), labels); opens the shards per process."""
+    """Rows of the shards as (log-mel float32 (mels, frames), labels); opens the shards per process.
 
-    def __init__(self, paths: list[Path], rows: np.ndarray, labels: np.ndarray, crop_frames: int | None, seed: int) -> None:
+    With ``views`` (the recording-chain copies, ``coughreg.features``) and ``view_probability`` p, each clip is, in
+    each epoch and with probability p, one of its copies instead of the recording as it came; the choice and the
+    crop are drawn from (seed, epoch, row), so a resumed epoch repeats them exactly.
+    """
+
+    def __init__(self, paths: list[Path], rows: np.ndarray, labels: np.ndarray, crop_frames: int | None, seed: int,
+                 views: ChainViews | None = None, view_probability: float = 0.0) -> None:
         self.paths = [str(p) for p in paths]
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.float32)
         self.crop_frames = crop_frames
         self.seed = seed
         self.epoch = 0
+        self.views = views if view_probability > 0 else None
+        self.view_probability = view_probability
         self._reader: SpectrogramShardReader | None = None
         self._pid = -1
 
@@ -39,13 +47,59 @@ class SpectrogramDataset(Dataset):
         return self._reader
 
     def __getitem__(self, i: int):
-        spectrogram = self._open().spectrogram(int(self.rows[i]))  # (mels, frames) float16
+        row = int(self.rows[i])
+        spectrogram = None
+        if self.views is not None:
+            choice = np.random.default_rng((self.seed, self.epoch, row, VIEW_STREAM))
+            copies = self.views.rows_of(row)
+            if copies.size and choice.random() < self.view_probability:
+                spectrogram = self.views.spectrogram(int(copies[int(choice.integers(copies.size))]))
+        if spectrogram is None:
+            spectrogram = self._open().spectrogram(row)  # (mels, frames) float16
         frames = spectrogram.shape[1]
         if self.crop_frames is not None and frames > self.crop_frames:
             rng = np.random.default_rng((self.seed, self.epoch, int(self.rows[i])))
             start = int(rng.integers(0, frames - self.crop_frames + 1))
             spectrogram = spectrogram[:, start : start + self.crop_frames]
         return torch.from_numpy(spectrogram.astype(np.float32)), torch.tensor(self.labels[i]), i
+
+
+VIEW_STREAM = 17  # the generator that picks a clip's copy is its own: turning copies on leaves the crops as they were
+
+
+class ChainViews:
+    """The recording-chain copies of a features folder: for a row of its shards, the rows of its copies.
+
+    Opens the copies' shards lazily and again in each process (a data loader worker must not share handles).
+    """
+
+    def __init__(self, paths: list[Path], ids: list[str]) -> None:
+        self.paths = [str(p) for p in paths]
+        self._ids = list(ids)  # the shards' ids, by row
+        self._rows: list[np.ndarray] | None = None
+        self._reader: SpectrogramShardReader | None = None
+        self._pid = -1
+
+    def _open(self) -> SpectrogramShardReader:
+        if self._reader is None or self._pid != os.getpid():
+            self._reader = SpectrogramShardReader([Path(p) for p in self.paths])
+            self._pid = os.getpid()
+            if self._rows is None:
+                by_id: dict[str, list[int]] = {}
+                for copy_row, identifier in enumerate(self._reader.index["id"]):
+                    by_id.setdefault(identifier, []).append(copy_row)
+                self._rows = [np.asarray(by_id.get(identifier, []), dtype=np.int64) for identifier in self._ids]
+        return self._reader
+
+    def rows_of(self, row: int) -> np.ndarray:
+        self._open()
+        return self._rows[row]
+
+    def spectrogram(self, copy_row: int) -> np.ndarray:
+        return self._open().spectrogram(copy_row)
+
+    def __getstate__(self) -> dict:  # to a data loader worker: paths and the row map, no open files
+        return {**self.__dict__, "_reader": None, "_pid": -1}
 
 
 def collate_spectrograms(batch):

@@ -26,7 +26,7 @@ from coughreg.scoring import readback
 from coughreg.shards import SpectrogramShardReader
 from coughreg.storage import atomic_path, atomic_write_text
 from coughreg.training import checkpoints
-from coughreg.training.data import SpectrogramDataset, create_loader
+from coughreg.training.data import ChainViews, SpectrogramDataset, create_loader
 from coughreg.training.distributed import distributed_context, is_main_process
 from coughreg.training.factories import create_loss, create_optimizer, create_scheduler
 from coughreg.training.loop import predict, train_one_epoch
@@ -54,6 +54,7 @@ class TrainingRun:
     out_dir: Path
     seed: int
     shard_set: str = ""
+    views: ChainViews | None = None  # the recording-chain copies training may draw from
 
 
 def train_member(run: TrainingRun, fold: int, seed_index: int, train_rows: np.ndarray, validation_rows: np.ndarray):
@@ -128,7 +129,8 @@ def _fit(run: TrainingRun, fold, seed_index, train_rows, validation_rows, member
         trainer = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     main = is_main_process()
     frames = table["n_frames"].to_numpy()
-    train_set = SpectrogramDataset(run.paths, train_rows, train_labels, run.crop_frames, member_seed)
+    train_set = SpectrogramDataset(run.paths, train_rows, train_labels, run.crop_frames, member_seed, run.views,
+                                   config.augmentation.recording_chain_probability)
     validation_set = SpectrogramDataset(run.paths, validation_rows, validation_labels, None, member_seed)
     train_loader = create_loader(
         train_set, np.minimum(frames[train_rows], run.crop_frames), config, True, device, member_seed, batch_size,

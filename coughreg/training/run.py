@@ -25,6 +25,7 @@ from coughreg.scoring import readback
 from coughreg.shards import SpectrogramShardReader
 from coughreg.step_config import chain_keys
 from coughreg.storage import atomic_path, atomic_write_text
+from coughreg.training.data import ChainViews
 from coughreg.training.distributed import is_main_process, start_process_group, stop_process_group
 from coughreg.training.factories import autocast_dtype, select_device
 from coughreg.training.folds import fold_rows, split_folds
@@ -140,8 +141,18 @@ def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig) -> Train
     crop_frames = int(config.audio.training_chunk_seconds * frames_per_second) + 1
     label_range = (config.ingest.label_min, config.ingest.label_max)
 
+    views = None
+    if config.augmentation.recording_chain_probability > 0:
+        view_paths = artifacts.view_shard_paths(features_dir)
+        if not view_paths:
+            raise CoughPipelineError(
+                f"{features_dir}: augmentation.recording_chain_probability is {config.augmentation.recording_chain_probability:g} "
+                "but these features hold no recording-chain copies; rerun features with augmentation.recording_chain_views")
+        views = ChainViews(view_paths, list(table["id"]))
+        log.info("training clips come from one of their %d recording-chain copies with probability %g", index["views"],
+                 config.augmentation.recording_chain_probability)
     run = TrainingRun(config, paths, table, reader, device, amp_dtype, amp_inference, crop_frames, label_range, out_dir, seed,
-                      index.get("shard_set", ""))
+                      index.get("shard_set", ""), views)
     members, history, predictions = [], [], []
     for fold in fold_list:
         train_rows, validation_rows = fold_rows(labelled, fold, config, seed)

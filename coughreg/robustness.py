@@ -1,0 +1,135 @@
+"""How far the scores move when only the recording chain changes: each validation clip scored as recorded and
+through each transform of ``coughreg.recording_chain.STANDARD`` (quieter, band-limited, gated, re-encoded,
+knocked on), by the same fold's model and the same scoring code as the predictions.
+
+A model that describes the cough, not the phone, gives (nearly) the same score either way. The summary is,
+per transform and label, the mean and the largest absolute change of the score, and which clip moved most.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from coughreg.recording_chain import STANDARD, Transform, slug
+from coughreg.scoring.decode import decode
+from coughreg.scoring.errors import CoughPipelineError
+
+log = logging.getLogger(__name__)
+
+CHANGE_COLUMNS = ["id", "fold", "transform", "label", "original", "transformed", "change"]
+
+
+def clip_rng(identifier: str) -> np.random.Generator:
+    """The generator a transform draws from for one clip (where the knock goes): the same in every evaluation."""
+    return np.random.default_rng(zlib.crc32(str(identifier).encode()))
+
+
+def choose(ids: list[str], limit: int) -> list[str]:
+    """At most ``limit`` of the ids (all when 0 or fewer than that), chosen by a hash of the id: the same clips
+    whatever order they come in, and a fair sample of the folds."""
+    if limit <= 0 or len(ids) <= limit:
+        return list(ids)
+    return sorted(ids, key=lambda i: zlib.crc32(str(i).encode()))[:limit]
+
+
+@dataclass
+class FoldScorer:
+    """What scores one fold's clips: ``score(samples) -> (labels,) values`` and the rate it wants."""
+
+    fold: int
+    score: object
+    sample_rate: int
+    max_seconds: float
+
+
+def measure(scorer: FoldScorer, items: list[tuple[str, object]], labels: list[str], transforms=STANDARD,
+            workers: int = 1) -> pd.DataFrame:
+    """Every item (id, recording source) scored as recorded and through each transform: one row per clip,
+    transform and label (``CHANGE_COLUMNS``). A recording that cannot be decoded is left out (the
+    predictions already say why)."""
+
+    def one(item) -> list[list]:
+        identifier, source = item
+        try:
+            if callable(source):  # fetched on demand (an object in S3), or a row refused with its reason
+                with source() as local:
+                    samples = decode(Path(local), scorer.sample_rate, max_seconds=scorer.max_seconds).samples
+            else:
+                samples = decode(Path(source), scorer.sample_rate, max_seconds=scorer.max_seconds).samples
+        except CoughPipelineError:
+            return []
+        if samples.size == 0:
+            return []
+        original = np.asarray(scorer.score(samples), dtype=float)
+        rows = []
+        for transform in transforms:
+            changed = transform(samples, scorer.sample_rate, clip_rng(identifier))
+            values = np.asarray(scorer.score(changed), dtype=float)
+            for k, label in enumerate(labels):
+                rows.append([identifier, scorer.fold, slug(transform), label, original[k], values[k], values[k] - original[k]])
+        return rows
+
+    started = time.perf_counter()
+    rows: list[list] = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for number, result in enumerate(pool.map(one, items), 1):
+            rows.extend(result)
+            if number % 50 == 0 or number == len(items):
+                elapsed = time.perf_counter() - started
+                rate = number / max(elapsed, 1e-9)
+                log.info("robustness, fold %s: %d/%d clips x %d transforms (%.1f clips/s, ETA %.0f s)", scorer.fold, number,
+                         len(items), len(transforms), rate, (len(items) - number) / rate)
+    return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
+
+
+def summarize(changes: pd.DataFrame, labels: list[str], transforms: tuple[Transform, ...] = STANDARD) -> dict:
+    """Per transform and label: mean, 95th percentile and largest absolute change, and the clip that moved most.
+
+    Returns ``{"recordings": n, "transforms": {slug: {"name", "description", "labels": {label: {...}}}}}``.
+    """
+    out = {"recordings": int(changes["id"].nunique()) if len(changes) else 0, "transforms": {}}
+    for transform in transforms:
+        key = slug(transform)
+        entry = {"name": transform.name, "description": transform.describe(), "labels": {}}
+        for label in labels:
+            rows = changes[(changes["transform"] == key) & (changes["label"] == label)]
+            moved = rows["change"].abs().to_numpy(dtype=float)
+            if moved.size == 0:
+                entry["labels"][label] = {"mean_change": float("nan"), "p95_change": float("nan"), "max_change": float("nan"),
+                                          "most_moved": None}
+                continue
+            worst = int(np.argmax(moved))
+            entry["labels"][label] = {
+                "mean_change": float(moved.mean()), "p95_change": float(np.percentile(moved, 95)), "max_change": float(moved.max()),
+                "most_moved": str(rows["id"].iloc[worst]),
+            }
+        out["transforms"][key] = entry
+    return out
+
+
+def flat(summary: dict) -> dict[str, float]:
+    """``robustness_<transform>_<label>_mean_change`` and ``..._max_change``: scalars for KFP's Metrics."""
+    values = {}
+    for key, entry in summary.get("transforms", {}).items():
+        for label, numbers in entry["labels"].items():
+            values[f"robustness_{key}_{label}_mean_change"] = numbers["mean_change"]
+            values[f"robustness_{key}_{label}_max_change"] = numbers["max_change"]
+    return values
+
+
+def most_moved(changes: pd.DataFrame, label: str, count: int) -> list[tuple[str, str, float]]:
+    """The ``count`` clips whose score of ``label`` moved most under any transform: (id, transform slug, change)."""
+    rows = changes[changes["label"] == label]
+    if rows.empty:
+        return []
+    rows = rows.assign(moved=rows["change"].abs()).sort_values("moved", ascending=False, kind="stable")
+    rows = rows.drop_duplicates("id")
+    return [(str(r.id), str(r.transform), float(r.change)) for r in rows.head(count).itertuples()]
