@@ -34,13 +34,13 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from coughreg.config import load_resolved_config  # noqa: E402
-from coughreg.evaluate import evaluate  # noqa: E402
-from coughreg.features import extract_features  # noqa: E402
-from coughreg.ingest import ingest  # noqa: E402
-from coughreg.recording_chain import STANDARD, slug  # noqa: E402
-from coughreg.synth import generate_coughvid_zip, posterior_median  # noqa: E402
-from coughreg.training import train  # noqa: E402
+from coughreg.config import load_resolved_config
+from coughreg.evaluate import evaluate
+from coughreg.features import extract_features
+from coughreg.ingest import ingest
+from coughreg.recording_chain import STANDARD, slug
+from coughreg.synth import generate_coughvid_zip, posterior_median
+from coughreg.training import train
 
 RECIPES = {
     "after": [],
@@ -110,12 +110,13 @@ def subset_errors(predictions_path: Path, truth_path: Path, label: str) -> dict[
 
 def real_scores(model_dir: Path, config) -> dict[str, float]:
     """The REAL recordings scored by the first fold's models, through the scoring pipeline's own code."""
+    import torch
+
     from coughreg.evaluate import scoring_policy
     from coughreg.frontend import LogMel
     from coughreg.model import CoughScorer
     from coughreg.scoring.scorer import Scorer
     from coughreg.training import load_members
-    import torch
 
     members = load_members(model_dir)
     info = json.loads((model_dir / "model.json").read_text())

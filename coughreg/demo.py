@@ -37,6 +37,7 @@ def _current_generator(archive: Path) -> bool:
     import zipfile
 
     from coughreg.ingest import generator_of
+    from coughreg.recording_chain import CHAIN_VERSION
     from coughreg.synth import MAPPING_VERSION
 
     try:
@@ -44,7 +45,8 @@ def _current_generator(archive: Path) -> bool:
             facts = generator_of(bundle.comment)
     except (OSError, zipfile.BadZipFile):
         return False
-    return facts is not None and facts.get("mapping_version") == MAPPING_VERSION
+    return facts is not None and facts.get("mapping_version") == MAPPING_VERSION \
+        and facts.get("recording_chain_version") == CHAIN_VERSION  # the generator gates and band-limits with the chain
 
 
 def run_demo(pipeline: ModuleType, args: argparse.Namespace) -> int:

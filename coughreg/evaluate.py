@@ -111,7 +111,6 @@ def score_validation(model_dir: Path, ingest_dir: Path, trained: pd.DataFrame, i
             parts.append(frame)
             chosen = [i for i in rows["id"] if i in measured]
             if chosen:
-                torch.set_num_threads(1 if workers > 1 and device.type == "cpu" else threads)  # one per worker thread
                 fold_scorer = robustness.FoldScorer(int(fold), lambda samples, s=scorer: s.score_samples(samples)[0],
                                                     policy.sample_rate, policy.max_seconds)
                 sources = dict(artifacts.recording_sources(ingest_dir, [(i, audio[i]) for i in chosen]))

@@ -134,10 +134,15 @@ def _write_shard(task: dict) -> dict:
         try:
             path = recording_path(task["root"], record["audio_path"], record["id"])
             log_mel = log_mel_of_file(path, task["params"])
-            copies = chain_views(path, record["id"], task["params"], views) if view_writer is not None and record["split"] != "test" else []
         except CoughPipelineError as exc:  # undecodable, or a manifest row naming a file outside the ingest folder
             failures.append({"id": record["id"], "audio_path": record["audio_path"], "reason": str(exc)})
             continue
+        copies = []
+        if view_writer is not None and record["split"] != "test":
+            try:
+                copies = chain_views(path, record["id"], task["params"], views)
+            except Exception as exc:  # noqa: BLE001 - a recording a chain cannot take still trains as recorded
+                log.warning("features: no recording-chain copies of %s: %s", record["id"], exc)
         seconds += log_mel.shape[1] * task["params"]["hop_size"] / task["params"]["sample_rate"]
         writer.add(record, log_mel)
         for copy in copies:

@@ -46,7 +46,8 @@ def collect(ingest_dir: Path, features_dir: Path, model_dir: Path, info: dict, c
     """Every fact of the report's lineage section, JSON-ready."""
     ingest_report = artifacts.read_json(ingest_dir, artifacts.INGEST_REPORT, "ingest") if (ingest_dir / artifacts.INGEST_REPORT).exists() else {}
     index = artifacts.read_shard_index(features_dir)
-    shards = [path.relative_to(features_dir).as_posix() for path in artifacts.shard_paths(features_dir)]
+    shards = [path.relative_to(features_dir).as_posix()
+              for path in (*artifacts.shard_paths(features_dir), *artifacts.view_shard_paths(features_dir))]
     return {
         "source": {"uri": ingest_report.get("source", ""), "content_identity": ingest_report.get("source_version", "")},
         "ingest": _hashes(ingest_dir, [artifacts.MANIFEST, artifacts.INGEST_REPORT]),

@@ -75,11 +75,12 @@ class LowPass(Transform):
 @dataclass
 class NoiseGate(Transform):
     """A browser's noise suppression as heard in COUGHVID: stretches that stay near the clip's noise floor become
-    digital silence (exact zeros), the rest passes untouched.
+    digital silence (exact zeros), the rest passes untouched but for the gate's fades.
 
     The level is metered in 10 ms frames; the noise floor is the 10th percentile of the frames that are not
     already silent. A frame opens the gate when it is ``open_above_floor_db`` above that floor; the gate stays
-    open ``hold_seconds`` after the last such frame and fades in and out over ``ramp_seconds``.
+    open ``hold_seconds`` after the last such frame. Each open stretch fades in over its first and out over its
+    last ``ramp_seconds`` (a linear ramp from zero), as a real gate does to avoid clicks.
     """
 
     open_above_floor_db: float = 10.0
@@ -88,7 +89,7 @@ class NoiseGate(Transform):
     name: str = field(default="noise gate", compare=False)
 
     def __call__(self, samples, sample_rate, rng=None):
-        frame = max(1, int(round(FRAME_SECONDS * sample_rate)))
+        frame = max(1, round(FRAME_SECONDS * sample_rate))
         frames = -(-samples.size // frame)
         padded = np.zeros(frames * frame, dtype=np.float64)
         padded[: samples.size] = samples
@@ -98,15 +99,23 @@ class NoiseGate(Transform):
             return samples.astype(np.float32, copy=True)
         floor = np.percentile(level[sounding], 10)
         open_frames = level > floor + self.open_above_floor_db
-        hold = int(round(self.hold_seconds / FRAME_SECONDS))
+        hold = round(self.hold_seconds / FRAME_SECONDS)
         if hold:  # a frame stays open while any of the `hold` frames before it opened the gate
             open_frames = np.convolve(open_frames.astype(float), np.ones(hold + 1))[:frames] > 0
-        gain = np.repeat(open_frames.astype(np.float64), frame)[: samples.size]
-        ramp = max(1, int(round(self.ramp_seconds * sample_rate)))
-        if ramp > 1:  # fades, so the gate clicks no more than a real one; closed stays exactly closed
-            smooth = np.convolve(gain, np.ones(ramp) / ramp, mode="same")
-            gain = np.where(gain > 0, np.maximum(smooth, 0.0), 0.0)
+        is_open = np.repeat(open_frames, frame)[: samples.size]
+        ramp = max(1, round(self.ramp_seconds * sample_rate))
+        # the distance (in samples) of every sample to the nearest closed one: the fades in and out
+        index = np.arange(samples.size)
+        far = samples.size + ramp
+        last_closed = np.maximum.accumulate(np.where(is_open, -far, index))
+        next_closed = np.minimum.accumulate(np.where(is_open, 2 * far, index)[::-1])[::-1]
+        distance = np.minimum(index - last_closed, next_closed - index)
+        gain = np.where(is_open, np.minimum(1.0, distance / ramp), 0.0)
         return (samples * gain).astype(np.float32)
+
+
+CODEC_CONTAINERS = {"opus": ("ogg", "libopus"), "mp3": ("mp3", "libmp3lame")}
+CODEC_RATES = {"opus": (8000, 12000, 16000, 24000, 48000), "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)}
 
 
 @dataclass
@@ -118,11 +127,9 @@ class Codec(Transform):
     bitrate: int
     name: str = field(default="", compare=False)
 
-    CONTAINERS = {"opus": ("ogg", "libopus"), "mp3": ("mp3", "libmp3lame")}
-
     def __post_init__(self) -> None:
-        if self.codec not in self.CONTAINERS:
-            raise ValueError(f"unknown codec {self.codec!r}; one of {sorted(self.CONTAINERS)}")
+        if self.codec not in CODEC_CONTAINERS:
+            raise ValueError(f"unknown codec {self.codec!r}; one of {sorted(CODEC_CONTAINERS)}")
         self.name = self.name or f"{'Opus' if self.codec == 'opus' else 'MP3'} {self.bitrate // 1000} kbit/s"
 
     def __call__(self, samples, sample_rate, rng=None):
@@ -132,8 +139,9 @@ class Codec(Transform):
 
         if samples.size == 0:
             return samples.astype(np.float32, copy=True)
-        container, encoder = self.CONTAINERS[self.codec]
-        rate = sample_rate if self.codec == "mp3" or sample_rate in (8000, 12000, 16000, 24000, 48000) else 48000
+        container, encoder = CODEC_CONTAINERS[self.codec]
+        # the codec's own rate: the clip's when the codec takes it, else 48 kHz (and back to the clip's after decoding)
+        rate = sample_rate if sample_rate in CODEC_RATES[self.codec] else 48000
         clip = np.ascontiguousarray(samples, dtype=np.float32)
         if rate != sample_rate:
             clip = _resample(clip, sample_rate, rate)
@@ -157,7 +165,8 @@ class Codec(Transform):
 @dataclass
 class Transient(Transform):
     """A knock on a door or a table somewhere in the clip: a short broadband thud whose peak is ``level_db``
-    relative to the clip's own peak, at a position drawn from ``rng`` (the only stage that draws)."""
+    relative to the clip's own peak (-20 dBFS in a silent clip), at a position drawn from ``rng`` (the only stage
+    that draws)."""
 
     level_db: float = -6.0
     name: str = field(default="", compare=False)
@@ -182,11 +191,12 @@ def knock_sound(rng: np.random.Generator, sample_rate: int) -> np.ndarray:
     """One knock (peak 1): a few milliseconds of decaying noise in a band around a low resonance, with a click."""
     from scipy.signal import butter, sosfilt
 
-    length = int(sample_rate * rng.uniform(0.02, 0.06))
+    length = max(8, int(sample_rate * rng.uniform(0.02, 0.06)))
     t = np.arange(length) / sample_rate
     hit = rng.standard_normal(length) * np.exp(-t / rng.uniform(0.004, 0.012))
-    centre = rng.uniform(150.0, 1500.0)
-    sos = butter(2, [centre * 0.5, min(centre * 3.0, sample_rate / 2 * 0.95)], btype="band", fs=sample_rate, output="sos")
+    nyquist = sample_rate / 2
+    centre = min(rng.uniform(150.0, 1500.0), nyquist * 0.3)
+    sos = butter(2, [centre * 0.5, min(centre * 3.0, nyquist * 0.95)], btype="band", fs=sample_rate, output="sos")
     thud = sosfilt(sos, hit)
     thud[: max(1, length // 100)] += rng.standard_normal(max(1, length // 100)) * 0.3  # the click of contact
     return thud / (np.max(np.abs(thud)) + 1e-12)

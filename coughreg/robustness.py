@@ -25,6 +25,12 @@ from coughreg.scoring.errors import CoughPipelineError
 log = logging.getLogger(__name__)
 
 CHANGE_COLUMNS = ["id", "fold", "transform", "label", "original", "transformed", "change"]
+MAX_SECONDS = 60.0  # of each recording: what is measured (and shown), so a long recording costs a bounded amount
+
+
+def window_seconds(max_seconds: float) -> float:
+    """How much of each recording is scored as recorded and changed: at most ``MAX_SECONDS``."""
+    return min(MAX_SECONDS, max_seconds)
 
 
 def clip_rng(identifier: str) -> np.random.Generator:
@@ -52,18 +58,20 @@ class FoldScorer:
 
 def measure(scorer: FoldScorer, items: list[tuple[str, object]], labels: list[str], transforms=STANDARD,
             workers: int = 1) -> pd.DataFrame:
-    """Every item (id, recording source) scored as recorded and through each transform: one row per clip,
-    transform and label (``CHANGE_COLUMNS``). A recording that cannot be decoded is left out (the
-    predictions already say why)."""
+    """Every item (id, recording source) scored as recorded and through each transform, over its first
+    ``window_seconds(scorer.max_seconds)``: one row per clip, transform and label (``CHANGE_COLUMNS``). A recording
+    that cannot be decoded is left out (the predictions already say why); one a transform fails on is left out
+    of that transform, with a warning naming both."""
+    seconds = window_seconds(scorer.max_seconds)
 
     def one(item) -> list[list]:
         identifier, source = item
         try:
             if callable(source):  # fetched on demand (an object in S3), or a row refused with its reason
                 with source() as local:
-                    samples = decode(Path(local), scorer.sample_rate, max_seconds=scorer.max_seconds).samples
+                    samples = decode(Path(local), scorer.sample_rate, max_seconds=seconds).samples
             else:
-                samples = decode(Path(source), scorer.sample_rate, max_seconds=scorer.max_seconds).samples
+                samples = decode(Path(source), scorer.sample_rate, max_seconds=seconds).samples
         except CoughPipelineError:
             return []
         if samples.size == 0:
@@ -71,8 +79,12 @@ def measure(scorer: FoldScorer, items: list[tuple[str, object]], labels: list[st
         original = np.asarray(scorer.score(samples), dtype=float)
         rows = []
         for transform in transforms:
-            changed = transform(samples, scorer.sample_rate, clip_rng(identifier))
-            values = np.asarray(scorer.score(changed), dtype=float)
+            try:
+                changed = transform(samples, scorer.sample_rate, clip_rng(identifier))
+                values = np.asarray(scorer.score(changed), dtype=float)
+            except Exception as exc:  # noqa: BLE001 - one clip a transform cannot take must not stop the evaluation
+                log.warning("robustness: %s could not be measured under %s: %s", identifier, transform.name, exc)
+                continue
             for k, label in enumerate(labels):
                 rows.append([identifier, scorer.fold, slug(transform), label, original[k], values[k], values[k] - original[k]])
         return rows

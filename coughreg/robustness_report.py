@@ -12,7 +12,7 @@ import pandas as pd
 
 from coughreg import artifacts, report
 from coughreg.recording_chain import STANDARD, slug
-from coughreg.robustness import clip_rng, most_moved
+from coughreg.robustness import clip_rng, most_moved, window_seconds
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,14 @@ def robustness_section(inputs) -> str:
         return ""
     labels = inputs.info["label_columns"]
     label = labels[0]
-    parts = [
+    parts = [(
         f"<p>Each of {summary['recordings']} validation recordings was scored as recorded and again after each change "
         "below, one at a time, by its own fold's model: changes of the phone, the browser and the room, not of the cough. "
         "A model that describes the cough gives the same score either way; the table says how far the scores moved "
         "(absolute change of the score, on the label's own scale).</p>"
-    ]
+    )]
     rows = []
-    for key, entry in summary["transforms"].items():
+    for entry in summary["transforms"].values():
         for name in labels:
             numbers = entry["labels"][name]
             rows.append([entry["name"], *([name] if len(labels) > 1 else []), numbers["mean_change"], numbers["p95_change"],
@@ -81,18 +81,20 @@ def _moved_clips(inputs, changes: pd.DataFrame, label: str) -> str:
     rate = inputs.info["feature_parameters"]["sample_rate"]
     hop = inputs.info["feature_parameters"]["hop_size"]
     front = LogMel.from_config(inputs.config.audio).eval()
-    parts = [f"<h3>The clips that moved most</h3><p class='note'>Log-mel spectrograms (dB) of the first {WINDOW_SECONDS:g} s, "
-             "as recorded and after the change that moved the score most, on one colour scale.</p>"]
+    parts = [(f"<h3>The clips that moved most</h3><p class='note'>Log-mel spectrograms (dB) of the first {WINDOW_SECONDS:g} s, "
+              "as recorded and after the change that moved the score most, on one colour scale.</p>")]
     for identifier, key, change in most_moved(changes, label, SHOWN_CLIPS):
         row = changes[(changes["id"] == identifier) & (changes["transform"] == key) & (changes["label"] == label)].iloc[0]
         transform = transforms[key]
-        try:
+        try:  # what was measured (the same stretch, the same draws), then its start shown
             samples = decode(artifacts.recording_path(inputs.ingest_dir, audio_of[identifier], identifier), rate,
-                             max_seconds=WINDOW_SECONDS).samples
+                             max_seconds=window_seconds(inputs.config.prediction.max_inference_chunk_seconds)).samples
+            changed = transform(samples, rate, clip_rng(identifier))
         except Exception as exc:  # noqa: BLE001 - the table above still names the clip
             parts.append(f"<p class='note'>{html.escape(identifier)} cannot be shown here: {html.escape(str(exc))}</p>")
             continue
-        changed = transform(samples, rate, clip_rng(identifier))
+        shown = int(WINDOW_SECONDS * rate)
+        samples, changed = samples[:shown], changed[:shown]
         with torch.inference_mode():
             pictures = [front(torch.from_numpy(x)[None])[0].numpy() for x in (samples, changed)]
         low, high = np.percentile(np.concatenate([p.ravel() for p in pictures]), [1, 99.9])

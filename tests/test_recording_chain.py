@@ -81,6 +81,39 @@ def test_the_noise_gate_turns_the_room_into_digital_silence_and_keeps_the_cough(
     assert np.array_equal(NoiseGate()(silent, RATE), silent)  # nothing to gate in a silent clip
 
 
+def test_the_gate_fades_in_and_out_without_a_step_and_holds_after_the_sound():
+    clip, _ = _cough_in_quiet_room(seed=2)
+    gate = NoiseGate(hold_seconds=0.08, ramp_seconds=0.005)
+    out = gate(clip, RATE)
+    gain = np.divide(out, clip, out=np.zeros_like(out), where=clip != 0)
+    opens = np.flatnonzero(np.diff((out != 0).astype(int)) == 1) + 1
+    closes = np.flatnonzero(np.diff((out != 0).astype(int)) == -1) + 1
+    ramp = int(0.005 * RATE)
+    assert opens.size >= 1 and closes.size >= 1
+    first, last = opens[0], closes[-1]
+    assert gain[first] <= 1.5 / ramp  # the fade starts from (nearly) zero: no click
+    np.testing.assert_allclose(gain[first : first + ramp], np.arange(1, ramp + 1) / ramp, atol=1e-4)  # a linear ramp
+    np.testing.assert_allclose(gain[last - ramp : last], np.arange(ramp, 0, -1) / ramp, atol=1e-4)
+    loud_frames = np.flatnonzero(np.abs(clip) > 10 ** (-30 / 20))
+    assert (last - loud_frames[-1]) / RATE >= 0.08 - 0.011  # open for the hold after the last loud frame
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 100, 239, 481])
+def test_every_transform_takes_a_clip_of_any_length(size):
+    clip = _noise(seconds=1.0)[:size]
+    for transform in STANDARD:
+        out = transform(clip, RATE, np.random.default_rng(0))
+        assert out.shape == clip.shape and np.isfinite(out).all(), transform.name
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 96000])
+def test_the_codecs_and_the_knock_work_at_any_sample_rate(rate):
+    clip = (np.random.default_rng(0).standard_normal(rate) * 0.05).astype(np.float32)
+    for transform in (Codec("opus", 16000), Codec("mp3", 32000), Transient(), NoiseGate(), LowPass(4000.0)):
+        out = transform(clip, rate, np.random.default_rng(0))
+        assert out.shape == clip.shape and np.isfinite(out).all(), (transform.name, rate)
+
+
 @pytest.mark.parametrize("codec", [Codec("opus", 16000), Codec("mp3", 32000)], ids=lambda c: c.name)
 def test_a_codec_round_trip_is_a_real_lossy_encoding_aligned_with_the_input(codec):
     clip, _ = _cough_in_quiet_room(seed=3)

@@ -70,29 +70,27 @@ VIEW_STREAM = 17  # the generator that picks a clip's copy is its own: turning c
 class ChainViews:
     """The recording-chain copies of a features folder: for a row of its shards, the rows of its copies.
 
-    Opens the copies' shards lazily and again in each process (a data loader worker must not share handles).
+    The row map is built once, here; the copies' shards are opened again in each process (a data loader worker
+    must not share handles).
     """
 
     def __init__(self, paths: list[Path], ids: list[str]) -> None:
         self.paths = [str(p) for p in paths]
-        self._ids = list(ids)  # the shards' ids, by row
-        self._rows: list[np.ndarray] | None = None
-        self._reader: SpectrogramShardReader | None = None
-        self._pid = -1
+        self._reader: SpectrogramShardReader | None = SpectrogramShardReader([Path(p) for p in self.paths])
+        self._pid = os.getpid()
+        by_id: dict[str, list[int]] = {}
+        for copy_row, identifier in enumerate(self._reader.index["id"]):
+            by_id.setdefault(identifier, []).append(copy_row)
+        self._rows = [np.asarray(by_id.get(identifier, []), dtype=np.int64) for identifier in ids]  # by the shards' rows
 
     def _open(self) -> SpectrogramShardReader:
         if self._reader is None or self._pid != os.getpid():
             self._reader = SpectrogramShardReader([Path(p) for p in self.paths])
             self._pid = os.getpid()
-            if self._rows is None:
-                by_id: dict[str, list[int]] = {}
-                for copy_row, identifier in enumerate(self._reader.index["id"]):
-                    by_id.setdefault(identifier, []).append(copy_row)
-                self._rows = [np.asarray(by_id.get(identifier, []), dtype=np.int64) for identifier in self._ids]
         return self._reader
 
     def rows_of(self, row: int) -> np.ndarray:
-        self._open()
+        """The rows of a shard row's copies (none for a recording a chain could not take)."""
         return self._rows[row]
 
     def spectrogram(self, copy_row: int) -> np.ndarray:
