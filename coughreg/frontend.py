@@ -82,6 +82,7 @@ class LogMel(nn.Module):
 
 CLIP_SILENCE = -3.0  # where 'Clip' puts digital silence: below nearly every sounding cell, the same for every clip
 SILENCE_MARGIN_DB = 0.1  # above the floor by less is silence: float16 shards and bf16 autocast round the floor by ~0.06 dB
+CLIP_TOP_DB = 80.0  # 'Clip' treats cells this far below the clip's loudest as silence (librosa's top_db)
 
 
 class SpectrogramNormalizer(nn.Module):
@@ -89,9 +90,11 @@ class SpectrogramNormalizer(nn.Module):
 
     'Clip' takes the mean and variance of the clip's sounding cells only: digital silence (a browser's noise
     gate, the bands above a codec's cut-off, padding) would otherwise drag the statistics with it, so that the
-    same cough came out differently after a gate. Silent cells become ``CLIP_SILENCE``. A change of gain moves
-    every sounding cell by the same number of dB and leaves the normalized clip as it was, as long as no cell
-    crosses the floor or full scale.
+    same cough came out differently after a gate. A cell is sounding when it is above the front end's floor and
+    less than ``CLIP_TOP_DB`` below the clip's loudest cell (a floor relative to the clip, as librosa's
+    ``top_db``); the others become ``CLIP_SILENCE``. A change of gain then moves every cell and the relative
+    floor by the same number of dB and leaves the normalized clip as it was, unless the clip's loudest cell
+    ends up within ``CLIP_TOP_DB`` of the front end's floor or a sample clips at full scale.
     """
 
     def __init__(self, mode: str = "No", mean: float = 0.0, std: float = 1.0) -> None:
@@ -107,7 +110,9 @@ class SpectrogramNormalizer(nn.Module):
         if self.mode == "Clip":
             if mask is None:
                 mask = torch.ones_like(log_mel[:, :1, :], dtype=torch.bool)
-            sounding = mask.expand_as(log_mel) & (log_mel > FLOOR_DB + SILENCE_MARGIN_DB)
+            loudest = log_mel.masked_fill(~mask.expand_as(log_mel), FLOOR_DB).amax(dim=(1, 2), keepdim=True)
+            floor = torch.clamp(loudest - CLIP_TOP_DB, min=FLOOR_DB + SILENCE_MARGIN_DB)
+            sounding = mask.expand_as(log_mel) & (log_mel > floor)
             weight = sounding.to(log_mel.dtype)
             count = weight.sum(dim=(1, 2), keepdim=True).clamp(min=1)
             mean = (log_mel * weight).sum(dim=(1, 2), keepdim=True) / count

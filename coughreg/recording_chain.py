@@ -258,16 +258,16 @@ def slug(transform: Transform) -> str:
 def draw_chain(rng: np.random.Generator) -> Chain:
     """A random recording chain for a training view (law version ``CHAIN_VERSION``).
 
-    Each stage independently: a knock with probability 0.3 (-18..0 dB from the clip's peak); a gain of
-    -30..+6 dB always; the noise gate with probability 0.35 (opening 6..14 dB above the floor); a low-pass
+    Each stage independently: a knock with probability 0.4 (-18..0 dB from the clip's peak); a gain of
+    -30..+6 dB always; the noise gate with probability 0.4 (opening 6..14 dB above the floor); a low-pass
     with probability 0.35 (cut-off log-uniform 3.5..12 kHz); a codec with probability 0.5 (Opus at 12..32
     kbit/s or MP3 at 32..64 kbit/s, even odds).
     """
     stages: list[Transform] = []
-    if rng.random() < 0.3:
+    if rng.random() < 0.4:
         stages.append(Transient(level_db=round(float(rng.uniform(-18.0, 0.0)), 1)))
     stages.append(Gain(round(float(rng.uniform(-30.0, 6.0)), 1)))
-    if rng.random() < 0.35:
+    if rng.random() < 0.4:
         stages.append(NoiseGate(open_above_floor_db=round(float(rng.uniform(6.0, 14.0)), 1)))
     if rng.random() < 0.35:
         stages.append(LowPass(round(float(np.exp(rng.uniform(np.log(3500.0), np.log(12000.0)))), -2)))

@@ -63,3 +63,23 @@ def test_an_unknown_backbone_is_named():
 
     with pytest.raises(CoughPipelineError, match="architecture.backbone"):
         CoughRegressor("resnet_does_not_exist", 1)
+
+
+def test_clip_normalization_ignores_gain_and_digital_silence():
+    from coughreg.feature_spec import FLOOR_DB
+    from coughreg.frontend import CLIP_SILENCE, CLIP_TOP_DB, SpectrogramNormalizer
+
+    normalizer = SpectrogramNormalizer("Clip")
+    rng = torch.Generator().manual_seed(0)
+    clip = -40.0 + 12.0 * torch.randn(1, 16, 50, generator=rng)  # (batch, mels, frames) dB
+    clip[:, 12:, :] = FLOOR_DB  # a codec's empty bands
+    clip[:, :, 30:40] = FLOOR_DB  # a stretch a gate silenced
+    clip[:, 0, 0] = clip.max() - CLIP_TOP_DB - 5  # a cell far below the loudest: silence too
+    normalized = normalizer(clip)
+    sounding = (clip > FLOOR_DB + 0.1) & (clip > clip.max() - CLIP_TOP_DB)
+    assert torch.all(normalized[~sounding] == CLIP_SILENCE)
+    assert normalized[sounding].mean().abs() < 1e-4 and (normalized[sounding].std(unbiased=False) - 1).abs() < 1e-3
+    quieter = torch.where(clip > FLOOR_DB + 0.1, clip - 24.0, clip)  # 24 dB quieter: every sounding cell moves by 24 dB
+    torch.testing.assert_close(normalizer(quieter), normalized, rtol=0, atol=1e-4)
+    silent = torch.full((1, 16, 50), FLOOR_DB)
+    assert torch.all(normalizer(silent) == CLIP_SILENCE)

@@ -171,8 +171,8 @@ def test_training_chains_follow_their_law_and_repeat_from_their_seed():
         return np.mean([any(isinstance(s, kind) for s in c.stages) for c in chains])
 
     assert share(Gain) == 1.0
-    assert share(Transient) == pytest.approx(0.3, abs=0.03)
-    assert share(NoiseGate) == pytest.approx(0.35, abs=0.03)
+    assert share(Transient) == pytest.approx(0.4, abs=0.03)
+    assert share(NoiseGate) == pytest.approx(0.4, abs=0.03)
     assert share(LowPass) == pytest.approx(0.35, abs=0.03)
     assert share(Codec) == pytest.approx(0.5, abs=0.03)
     gains = [s.db for c in chains for s in c.stages if isinstance(s, Gain)]
