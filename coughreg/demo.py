@@ -12,6 +12,7 @@ from types import ModuleType
 from coughreg.config import PROJECT_ROOT, load_resolved_config
 from coughreg.local_run import run_local
 from coughreg.local_s3 import LocalS3
+from coughreg.robustness import headline
 from coughreg.synth import generate_coughvid_zip
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ def run_demo(pipeline: ModuleType, args: argparse.Namespace) -> int:
     print(f"validation MAE:      {metrics['validation_mae']:.4f}{interval}")
     print(f"median-baseline MAE: {metrics['baseline_median_mae']:.4f}  (model/baseline {metrics['mae_vs_median_baseline']:.2f})")
     print(f"noise floor MAE:     {floor:.4f}  (the best any model can do on this generated data)")
+    moved = headline(metrics)
+    if moved:
+        print(f"recording chain:     {moved}  (how far scores move with gain, gates, codecs, knocks; see the report)")
     print(f"report:  {_shown(result.report)}")
     print(f"metrics: {_shown(result.metrics)}")
     print(f"model:   {_shown(result.model)}")

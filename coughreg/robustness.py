@@ -137,6 +137,23 @@ def flat(summary: dict) -> dict[str, float]:
     return values
 
 
+def headline(metrics: dict) -> str | None:
+    """One line from ``metrics.json``: the transform that moves scores most on average, and the largest single move."""
+    transforms = (metrics.get("robustness") or {}).get("transforms") or {}
+    moves = [(numbers.get("mean_change"), numbers.get("max_change"), entry["name"], label)
+             for entry in transforms.values() for label, numbers in entry["labels"].items()]
+    moves = [m for m in moves if m[0] is not None and m[1] is not None]
+    if not moves:
+        return None
+    mean, maximum = max(moves, key=lambda m: m[0]), max(moves, key=lambda m: m[1])
+    several = len({m[3] for m in moves}) > 1
+
+    def where(move) -> str:
+        return f"{move[2]}, {move[3]}" if several else move[2]
+
+    return f"mean change at most {mean[0]:.3f} ({where(mean)}), largest single change {maximum[1]:.3f} ({where(maximum)})"
+
+
 def most_moved(changes: pd.DataFrame, label: str, count: int) -> list[tuple[str, str, float]]:
     """The ``count`` clips whose score of ``label`` moved most under any transform: (id, transform slug, change)."""
     rows = changes[changes["label"] == label]

@@ -105,8 +105,9 @@ def _moved_clips(inputs, changes: pd.DataFrame, label: str) -> str:
                                 extent=(0, seconds, 0, picture.shape[0]))
             axis.set(xlabel="seconds", ylabel="mel band", title=title)
         figure.colorbar(shown, ax=axes, label="dB")
-        players = "".join(report.audio_tag(x, rate, f"{identifier} {what}", max_seconds=WINDOW_SECONDS)
-                          for x, what in ((samples, "as recorded"), (changed, transform.name)))
+        players = "".join(f"<p class='note'>{html.escape(what)}</p>"
+                          + report.audio_tag(x, rate, f"{identifier} {what}", max_seconds=WINDOW_SECONDS)
+                          for x, what in ((samples, "as recorded"), (changed, f"after {transform.name}")))
         parts.append(
             f"<div class='clip moved'><h4>{html.escape(identifier)}: {html.escape(label)} {row['original']:.3f} as recorded, "
             f"{row['transformed']:.3f} after {html.escape(transform.name)} ({change:+.3f})</h4>{players}"

@@ -203,6 +203,7 @@ def test_a_bad_file_is_reported_and_the_others_scored(exported, tmp_path):
 def test_evaluation_measures_how_far_the_recording_chain_moves_each_score(evaluated):
     from coughreg.artifacts import ROBUSTNESS
     from coughreg.recording_chain import STANDARD, slug
+    from coughreg.robustness import headline
 
     metrics = json.loads(evaluated.metrics_path.read_text())
     robustness = metrics["robustness"]
@@ -221,6 +222,9 @@ def test_evaluation_measures_how_far_the_recording_chain_moves_each_score(evalua
         assert numbers["most_moved"] in measured
         assert metrics[f"robustness_{key}_cough_detected_mean_change"] == pytest.approx(numbers["mean_change"])
         assert metrics[f"robustness_{key}_cough_detected_max_change"] == pytest.approx(numbers["max_change"])
+    line = headline(metrics)  # what the demo prints
+    worst = max(robustness["transforms"].values(), key=lambda e: e["labels"]["cough_detected"]["max_change"])
+    assert f"largest single change {worst['labels']['cough_detected']['max_change']:.3f} ({worst['name']})" in line
     # the transforms changed what the model heard: at least the codecs and the gate move some score a little
     assert changes[changes["transform"].isin(["opus_16kbps", "noise_gate", "lowpass_4khz"])]["change"].abs().max() > 0
 

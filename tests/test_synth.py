@@ -14,13 +14,16 @@ import pytest
 from scipy.stats import ks_2samp
 
 from coughreg.audio import decode_audio, probe_audio
+from coughreg.recording_chain import CHAIN_VERSION
 from coughreg.synth import (
     COUGHVID_COLUMNS,
+    MAPPING_VERSION,
     LABEL_NOISE_SD,
     generate_coughvid_zip,
     noise_floor,
     posterior_median,
     sample_labels,
+    synthesize_clip,
 )
 from tests.conftest import REAL_METADATA
 
@@ -35,6 +38,7 @@ def test_every_generated_recording_is_real_48k_mono_audio(coughvid_zip):
     audio = {name: data for name, data in members.items() if name.endswith((".webm", ".ogg"))}
     assert len(audio) == 24
     assert all(name.startswith("public_dataset/") for name in members)  # nested as in the release
+    gated = dict(pd.read_csv(coughvid_zip.with_suffix(".truth.csv"))[["uuid", "gated"]].itertuples(index=False))
     kinds = set()
     for name, data in audio.items():
         info = probe_audio(data)
@@ -42,7 +46,9 @@ def test_every_generated_recording_is_real_48k_mono_audio(coughvid_zip):
         assert info.sample_rate == 48000 and info.channels == 1
         assert 1.0 - 0.05 <= info.duration_s <= 10.05
         assert abs(samples.size / 48000 - info.duration_s) < 0.05
-        assert np.isfinite(samples).all() and 0.01 < np.abs(samples).max() <= 1.0
+        assert np.isfinite(samples).all() and np.abs(samples).max() <= 1.0
+        # sound, unless the browser's gate found nothing above the room and silenced the whole clip
+        assert np.abs(samples).max() > 0.01 or gated[name.rsplit("/", 1)[-1].split(".")[0]]
         kinds.add((info.container, info.codec))
         uid = name.split("/")[-1].rsplit(".", 1)[0]
         sidecar = json.loads(members[f"public_dataset/{uid}.json"])
@@ -129,4 +135,21 @@ def test_the_generator_reports_its_floor(coughvid_zip):
     report = json.loads(coughvid_zip.with_suffix(".generator.json").read_text())
     assert report["noise_floor_mae_expected"] == pytest.approx(noise_floor(), abs=1e-4)
     assert report["noise_floor_mae_realized"] < report["median_baseline_mae_realized"]
-    assert report["mapping_version"] == 2 and report["recordings"] == 24
+    assert report["mapping_version"] == MAPPING_VERSION == 3 and report["recordings"] == 24
+    assert report["nuisances_independent_of_label"] and report["recording_chain_version"] == CHAIN_VERSION
+
+
+def test_every_nuisance_is_drawn_at_the_same_odds_at_every_label():
+    # the law (mapping version 3): only the coughs' level depends on the label; a phone's odds do not
+    rates = {}
+    for label in (0.02, 0.98):
+        rng = np.random.default_rng(11)
+        infos = [synthesize_clip(label, label, rng)[1] for _ in range(80)]
+        rates[label] = {
+            "distractor": np.mean([i["distractor"] != "none" for i in infos]),
+            "gated": np.mean([i["gated"] for i in infos]),
+            "band-limited": np.mean([i["band_limit_hz"] > 0 for i in infos]),
+        }
+    for nuisance, expected in (("distractor", 0.6 + 0.4 * 0.3), ("gated", 0.25), ("band-limited", 0.25)):
+        for label in rates:
+            assert abs(rates[label][nuisance] - expected) < 0.16, (nuisance, label, rates)
