@@ -127,7 +127,8 @@ def test_each_step_gets_its_own_keys_and_the_ui_gets_typed_parameters(compiled):
                                                            "weights_uri", "weights_sha256"}  # the last two from the preflight
     assert set(tasks["evaluate"]["inputs"]["parameters"]) == {"evaluate_config", "max_mae_to_median_baseline"}
     evaluate_keys = json.loads(parameters["evaluate_config"]["defaultValue"])
-    assert set(evaluate_keys["prediction"]) == {"inference_chunk_method", "inference_chunk_seconds"}  # the chunking scored with
+    assert set(evaluate_keys["prediction"]) == {"inference_chunk_method", "inference_chunk_seconds",  # the chunking scored with
+                                                "robustness_recordings"}  # and how many recordings the chain is measured on
     assert set(json.loads(parameters["export_config"]["defaultValue"])) == {"training"}  # build_scoring_pipelines only
     outputs = compiled["root"]["outputDefinitions"]
     assert set(outputs["artifacts"]) == {"report", "metrics", "model", "scorer"}
