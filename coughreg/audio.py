@@ -8,8 +8,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from coughreg.errors import AudioDecodeError
-from coughreg.scoring.decode import AUDIO_SUFFIXES, DecodedStream, decode, decode_audio, is_audio_name  # noqa: F401 - one place
-from coughreg.scoring.decode import _name, _open
+from coughreg.scoring.decode import AUDIO_SUFFIXES, DecodedStream, _name, _open, decode, decode_audio, is_audio_name  # noqa: F401 - one place
+
+
+def encode_mono(samples, sample_rate: int, container: str, encoder: str, bitrate: int, bitexact: bool = False) -> bytes:
+    """Mono float samples as one file in ``container`` by FFmpeg's ``encoder`` (PyAV), at ``sample_rate`` (which the
+    encoder must take) and ``bitrate`` bit/s; ``bitexact``: the same samples always give the same bytes."""
+    import io
+
+    import av
+    import numpy as np
+
+    buffer = io.BytesIO()
+    options = {"fflags": "+bitexact"} if bitexact else {}
+    with av.open(buffer, mode="w", format=container, container_options=options) as out:
+        stream = out.add_stream(encoder, rate=sample_rate, layout="mono")
+        stream.bit_rate = int(bitrate)
+        if bitexact:
+            stream.codec_context.flags |= av.codec.context.Flags.bitexact
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32).reshape(1, -1), format="flt",
+                                           layout="mono")
+        frame.sample_rate = sample_rate
+        frame.pts = 0
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
 
 log = logging.getLogger(__name__)
 

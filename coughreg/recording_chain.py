@@ -15,7 +15,6 @@ the numpy generator it is handed (only ``Transient`` draws from it).
 
 from __future__ import annotations
 
-import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -133,9 +132,7 @@ class Codec(Transform):
         self.name = self.name or f"{'Opus' if self.codec == 'opus' else 'MP3'} {self.bitrate // 1000} kbit/s"
 
     def __call__(self, samples, sample_rate, rng=None):
-        import av
-
-        from coughreg.scoring.decode import decode_audio
+        from coughreg.audio import decode_audio, encode_mono
 
         if samples.size == 0:
             return samples.astype(np.float32, copy=True)
@@ -145,18 +142,7 @@ class Codec(Transform):
         clip = np.ascontiguousarray(samples, dtype=np.float32)
         if rate != sample_rate:
             clip = _resample(clip, sample_rate, rate)
-        buffer = io.BytesIO()
-        with av.open(buffer, mode="w", format=container) as out:
-            stream = out.add_stream(encoder, rate=rate, layout="mono")
-            stream.bit_rate = int(self.bitrate)
-            audio = av.AudioFrame.from_ndarray(clip.reshape(1, -1), format="flt", layout="mono")
-            audio.sample_rate = rate
-            audio.pts = 0
-            for packet in stream.encode(audio):
-                out.mux(packet)
-            for packet in stream.encode(None):
-                out.mux(packet)
-        decoded = decode_audio(buffer.getvalue(), sample_rate)
+        decoded = decode_audio(encode_mono(clip, rate, container, encoder, self.bitrate), sample_rate)
         out_samples = np.zeros(samples.size, dtype=np.float32)
         out_samples[: min(samples.size, decoded.size)] = decoded[: samples.size]
         return out_samples

@@ -42,7 +42,7 @@ import uuid as uuid_lib
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -403,21 +403,9 @@ def encode_audio(samples: np.ndarray, container: str, codec: str, sample_rate: i
         soundfile.write(buffer, samples, sample_rate, format="OGG", subtype="VORBIS")
         # libsndfile draws a random Ogg stream serial: fix it so the same seed gives the same bytes.
         return set_ogg_serial(buffer.getvalue(), serial=0x636F7567)
-    import av
+    from coughreg.audio import encode_mono
 
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=container, container_options={"fflags": "+bitexact"}) as out:
-        stream = out.add_stream("libopus", rate=sample_rate, layout="mono")
-        stream.bit_rate = 48000
-        stream.codec_context.flags |= av.codec.context.Flags.bitexact
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
-        frame.sample_rate = sample_rate
-        frame.pts = 0
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buffer.getvalue()
+    return encode_mono(samples, sample_rate, container, "libopus", 48000, bitexact=True)
 
 
 # ---------------------------------------------------------------- metadata
@@ -458,7 +446,7 @@ def _clip_job(args: tuple[int, int]) -> GeneratedClip:
     evidence = float(np.clip(label + rng.normal(0, LABEL_NOISE_SD), 0, 1))
     # Most uploads came in the first weeks; a long tail over the whole collection period.
     day = min(161.0, rng.exponential(30.0))
-    when = datetime(2020, 4, 1, tzinfo=timezone.utc) + timedelta(days=float(day), microseconds=int(rng.integers(1e6)))
+    when = datetime(2020, 4, 1, tzinfo=UTC) + timedelta(days=float(day), microseconds=int(rng.integers(1e6)))
     choice = rng.choice(len(FORMATS), p=[f[2] for f in FORMATS])
     container, codec, _ = FORMATS[choice]
     samples, info = synthesize_clip(label, evidence, rng)
