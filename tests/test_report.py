@@ -71,13 +71,18 @@ def test_every_picture_is_drawn_and_not_blank(browser_page, evaluated):
     assert browser_page.outside == []
 
 
-def test_every_clip_plays_in_the_browser(browser_page, evaluated):
-    durations = browser_page.eval_on_selector_all("div.clip:not(.moved) audio", """els => Promise.all(els.map(a => new Promise(done => {
+def _durations(page, selector: str) -> list[float]:
+    """What the browser says each player's clip lasts (-1: it could not read it)."""
+    return page.eval_on_selector_all(selector, """els => Promise.all(els.map(a => new Promise(done => {
         if (a.readyState >= 1) return done(a.duration);
         a.addEventListener('loadedmetadata', () => done(a.duration));
         a.addEventListener('error', () => done(-1));
         a.load();
     })))""")
+
+
+def test_every_clip_plays_in_the_browser(browser_page, evaluated):
+    durations = _durations(browser_page, "div.clip:not(.moved) audio")
     assert len(durations) == 3
     clips = re.findall(r"<h3>[^<]*?, ([0-9.]+) s</h3>", evaluated.report_path.read_text())
     assert len(clips) == 3
@@ -100,12 +105,7 @@ def test_the_robustness_section_shows_every_transform_and_the_clips_that_moved_m
     assert 1 <= len(moved) <= 3
     shown = [a for a in alts if " as recorded and after " in a]
     assert len(shown) == len(moved)
-    durations = browser_page.eval_on_selector_all("div.moved audio", """els => Promise.all(els.map(a => new Promise(done => {
-        if (a.readyState >= 1) return done(a.duration);
-        a.addEventListener('loadedmetadata', () => done(a.duration));
-        a.addEventListener('error', () => done(-1));
-        a.load();
-    })))""")
+    durations = _durations(browser_page, "div.moved audio")
     assert len(durations) == 2 * len(moved) and all(d > 0 for d in durations)  # as recorded, and as changed
 
 
