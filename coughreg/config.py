@@ -83,8 +83,9 @@ class AudioConfig(_Section):
     sample_rate: int = Field(48000, ge=1000, le=384000, description="Audio is resampled to this rate, Hz.")
     spectrogram_normalization: Literal["No", "Clip", "Dataset"] = Field(
         "No",
-        description="'No': log-mel as is; 'Clip': each clip's sounding cells to zero mean, unit variance (digital "
-        "silence to a constant, so gain, gates and codecs' empty bands move the clip little); "
+        description="'No': log-mel as is; 'Clip': each clip in dB relative to its loudest cell, 80 dB of range to "
+        "[-2, 2] (digital silence and cells further down to -2, so gain, gates and codecs' empty bands move the "
+        "clip little); "
         "'Dataset': mean/std of the training rows, stored with the model.",
     )
     stft_window_size: int = Field(2048, gt=0, description="STFT window (and FFT) length in samples.")

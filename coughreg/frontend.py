@@ -80,21 +80,23 @@ class LogMel(nn.Module):
         return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
 
 
-CLIP_SILENCE = -3.0  # where 'Clip' puts digital silence: below nearly every sounding cell, the same for every clip
 SILENCE_MARGIN_DB = 0.1  # above the floor by less is silence: float16 shards and bf16 autocast round the floor by ~0.06 dB
 CLIP_TOP_DB = 80.0  # 'Clip' treats cells this far below the clip's loudest as silence (librosa's top_db)
+CLIP_SILENCE = -2.0  # where 'Clip' puts silence: the value of a cell CLIP_TOP_DB below the loudest, for every clip
 
 
 class SpectrogramNormalizer(nn.Module):
-    """'No', 'Clip' (each clip to zero mean, unit variance) or 'Dataset' (stored training statistics).
+    """'No', 'Clip' (each clip in dB relative to its loudest cell) or 'Dataset' (stored training statistics).
 
-    'Clip' takes the mean and variance of the clip's sounding cells only: digital silence (a browser's noise
-    gate, the bands above a codec's cut-off, padding) would otherwise drag the statistics with it, so that the
-    same cough came out differently after a gate. A cell is sounding when it is above the front end's floor and
-    less than ``CLIP_TOP_DB`` below the clip's loudest cell (a floor relative to the clip, as librosa's
-    ``top_db``); the others become ``CLIP_SILENCE``. A change of gain then moves every cell and the relative
-    floor by the same number of dB and leaves the normalized clip as it was, unless the clip's loudest cell
-    ends up within ``CLIP_TOP_DB`` of the front end's floor or a sample clips at full scale.
+    'Clip' is librosa's ``power_to_db(ref=np.max, top_db=80)`` brought to about unit scale: a cell becomes
+    ``(level - loudest + CLIP_TOP_DB / 2) / (CLIP_TOP_DB / 4)``, so the loudest cell is 2 and a cell
+    ``CLIP_TOP_DB`` below it is -2. Cells further down, or at the front end's floor (digital silence: a browser's
+    noise gate, the bands above a codec's cut-off, padding), become ``CLIP_SILENCE`` (-2). The reference is the
+    loudest cell, not the mean and spread of the clip: a gate that silences the quiet stretches between coughs
+    takes cells away from a mean and a spread and so moved every cough cell with them, while the loudest cell
+    (a cough's, or a distractor's) stays where it was. A change of gain moves every cell and the reference by
+    the same number of dB and leaves the normalized clip as it was, unless the clip's loudest cell ends up
+    within ``CLIP_TOP_DB`` of the front end's floor or a sample clips at full scale.
     """
 
     def __init__(self, mode: str = "No", mean: float = 0.0, std: float = 1.0) -> None:
@@ -113,11 +115,7 @@ class SpectrogramNormalizer(nn.Module):
             loudest = log_mel.masked_fill(~mask.expand_as(log_mel), FLOOR_DB).amax(dim=(1, 2), keepdim=True)
             floor = torch.clamp(loudest - CLIP_TOP_DB, min=FLOOR_DB + SILENCE_MARGIN_DB)
             sounding = mask.expand_as(log_mel) & (log_mel > floor)
-            weight = sounding.to(log_mel.dtype)
-            count = weight.sum(dim=(1, 2), keepdim=True).clamp(min=1)
-            mean = (log_mel * weight).sum(dim=(1, 2), keepdim=True) / count
-            var = (((log_mel - mean) * weight) ** 2).sum(dim=(1, 2), keepdim=True) / count
-            normalized = (log_mel - mean) / var.sqrt().clamp(min=1e-3)
+            normalized = (log_mel - loudest + CLIP_TOP_DB / 2) / (CLIP_TOP_DB / 4)
             return torch.where(sounding, normalized, torch.full_like(normalized, CLIP_SILENCE))
         if self.mode == "Dataset":
             return (log_mel - self.mean) / self.std.clamp(min=1e-3)
