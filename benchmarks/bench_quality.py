@@ -13,7 +13,8 @@ the mean and largest change of the score over the measured validation recordings
 scores under each recipe, as they come out (nothing is tuned on them).
 
 Recipes (``--set`` applies to both):
-    after:  the config as given (``configs/demo.yaml``: per-clip normalisation, recording-chain copies)
+    after:  the config as given (``configs/demo.yaml``: per-clip normalisation, recording-chain copies, each clip
+            paired with a copy under a consistency penalty)
     before: the same without recording-chain copies, with data-set normalisation (the recipe before them)
 """
 
@@ -45,7 +46,7 @@ from coughreg.training import train
 RECIPES = {
     "after": [],
     "before": ["augmentation.recording_chain_views=0", "augmentation.recording_chain_probability=0",
-               "audio.spectrogram_normalization=Dataset"],
+               "augmentation.recording_chain_consistency=0", "audio.spectrogram_normalization=Dataset"],
 }
 REAL = PROJECT / "tests" / "data" / "real_coughs"
 

@@ -139,13 +139,26 @@ class AugmentationConfig(_Section):
         description="Project key: probability that a training clip is taken, in an epoch, from one of its "
         "recording-chain copies instead of as recorded (needs recording_chain_views).",
     )
+    recording_chain_consistency: float = Field(
+        0.0, ge=0, le=100,
+        description="Project key: weight of a consistency term. Each training clip comes with a second version of "
+        "itself in its batch (one of its recording-chain copies, or the recording as recorded when the clip is a "
+        "copy); both are trained on, and this weight times the mean absolute difference of their scores is added "
+        "to the loss, so the model learns to give a recording and its copies one score. Doubles the work of a step "
+        "(needs recording_chain_views; not with mix_audio); 0: off.",
+    )
 
     @model_validator(mode="after")
     def _chain_views_exist(self) -> AugmentationConfig:
-        if self.recording_chain_probability > 0 and self.recording_chain_views == 0:
+        for key in ("recording_chain_probability", "recording_chain_consistency"):
+            if getattr(self, key) > 0 and self.recording_chain_views == 0:
+                raise ValueError(
+                    f"{key} {getattr(self, key):g} needs recording_chain_views of 1 or more (the copies it draws from)"
+                )
+        if self.recording_chain_consistency > 0 and self.mix_audio != "Disabled":
             raise ValueError(
-                f"recording_chain_probability {self.recording_chain_probability:g} needs recording_chain_views of 1 or more "
-                "(the copies it draws from)"
+                f"recording_chain_consistency {self.recording_chain_consistency:g} pairs each clip with its own copy in "
+                f"the batch; mix_audio {self.mix_audio} would mix the pairs apart: use one of them"
             )
         return self
 

@@ -216,3 +216,45 @@ def test_a_training_clip_is_one_of_its_recording_chain_copies_with_the_asked_pro
     assert 0.25 < np.mean(half > 0) < 0.75
     np.testing.assert_array_equal(half, drawn(0.5))  # the same epoch draws the same (a resumed epoch)
     assert not np.array_equal(half, drawn(0.5, epoch=1))  # another epoch draws anew
+
+
+def test_a_paired_clip_comes_with_another_version_of_itself_cropped_alike(tmp_path):
+    from coughreg.shards import SpectrogramShardWriter
+    from coughreg.training.data import ChainViews, SpectrogramDataset, collate_spectrograms
+
+    ids = [f"rec{k}" for k in range(30)]
+    originals, copies = tmp_path / "shard.parquet", tmp_path / "views.parquet"
+    time_axis = np.arange(40, dtype=np.float32)  # each frame holds its own number: a crop shows where it starts
+    writer = SpectrogramShardWriter(originals, ["y"], None, {})
+    for k, identifier in enumerate(ids):
+        writer.add({"id": identifier, "y": 0.5}, np.broadcast_to(time_axis, (4, 40)).copy())
+    writer.close()
+    writer = SpectrogramShardWriter(copies, ["y"], None, {})
+    for k, identifier in enumerate(ids[:-1]):  # the last recording has no copies
+        for view in (1, 2):
+            writer.add({"id": identifier, "y": 0.5}, np.broadcast_to(1000 * view + time_axis[:38], (4, 38)).copy())
+    writer.close()
+    dataset = SpectrogramDataset([originals], np.arange(len(ids)), np.full((len(ids), 1), 0.5), 10, seed=3,
+                                 views=ChainViews([copies], ids), view_probability=0.5, pairs=True)
+    kinds = set()
+    for i in range(len(ids)):
+        (clip, partner), label, index = dataset[i]
+        first, second = float(clip[0, 0]), float(partner[0, 0])
+        assert clip.shape == partner.shape == (4, 10) and index == i
+        assert min(first % 1000, 28) == min(second % 1000, 28)  # the same stretch (the copies are 2 frames shorter)
+        if i == len(ids) - 1:
+            assert first == second  # no copies: the clip is its own partner
+            continue
+        kinds.add((first // 1000 > 0, second // 1000 > 0))
+    assert kinds == {(False, True), (True, False)}  # one of each pair is the recording as recorded, the other a copy
+    padded, lengths, labels, indices = collate_spectrograms([dataset[i] for i in range(4)])
+    assert padded.shape == (8, 4, 10) and labels.shape == (8, 1) and indices.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(padded[4], dataset[0][0][1])  # the second versions follow the clips
+
+
+def test_consistency_needs_copies_and_no_mixing():
+    with pytest.raises(CoughPipelineError, match="recording_chain_consistency 1 needs recording_chain_views"):
+        load_resolved_config(HT_YAML, ["augmentation.recording_chain_consistency=1"])
+    with pytest.raises(CoughPipelineError, match="mix_audio Mixup would mix the pairs apart"):
+        load_resolved_config(HT_YAML, ["augmentation.recording_chain_consistency=1", "augmentation.recording_chain_views=1",
+                                       "augmentation.mix_audio=Mixup"])

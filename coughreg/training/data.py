@@ -20,20 +20,24 @@ class SpectrogramDataset(Dataset):
     """Rows of the shards as (log-mel float32 (mels, frames), labels); opens the shards per process.
 
     With ``views`` (the recording-chain copies, ``coughreg.features``) and ``view_probability`` p, each clip is, in
-    each epoch and with probability p, one of its copies instead of the recording as it came; the choice and the
-    crop are drawn from (seed, epoch, row), so a resumed epoch repeats them exactly.
+    each epoch and with probability p, one of its copies instead of the recording as it came. With ``pairs`` as
+    well, an item is the clip and a second version of it: another of its copies when the clip is the recording as
+    recorded, the recording as recorded when the clip is a copy (the clip itself when it has no copies), cropped to
+    the same stretch of time (``augmentation.recording_chain_consistency``). Every choice and the crop are drawn
+    from (seed, epoch, row), so a resumed epoch repeats them exactly.
     """
 
     def __init__(self, paths: list[Path], rows: np.ndarray, labels: np.ndarray, crop_frames: int | None, seed: int,
-                 views: ChainViews | None = None, view_probability: float = 0.0) -> None:
+                 views: ChainViews | None = None, view_probability: float = 0.0, pairs: bool = False) -> None:
         self.paths = [str(p) for p in paths]
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.float32)
         self.crop_frames = crop_frames
         self.seed = seed
         self.epoch = 0
-        self.views = views if view_probability > 0 else None
+        self.views = views if view_probability > 0 or pairs else None
         self.view_probability = view_probability
+        self.pairs = pairs and views is not None
         self._reader: SpectrogramShardReader | None = None
         self._pid = -1
 
@@ -48,23 +52,44 @@ class SpectrogramDataset(Dataset):
 
     def __getitem__(self, i: int):
         row = int(self.rows[i])
-        spectrogram = None
+        chosen = None  # which copy the clip is (None: the recording as recorded)
+        copies = np.zeros(0, dtype=np.int64)
         if self.views is not None:
             choice = np.random.default_rng((self.seed, self.epoch, row, VIEW_STREAM))
             copies = self.views.rows_of(row)
             if copies.size and choice.random() < self.view_probability:
-                spectrogram = self.views.spectrogram(int(copies[int(choice.integers(copies.size))]))
-        if spectrogram is None:
-            spectrogram = self._open().spectrogram(row)  # (mels, frames) float16
+                chosen = int(copies[int(choice.integers(copies.size))])
+        spectrogram = self._version(row, chosen)
+        start = None
         frames = spectrogram.shape[1]
         if self.crop_frames is not None and frames > self.crop_frames:
-            rng = np.random.default_rng((self.seed, self.epoch, int(self.rows[i])))
+            rng = np.random.default_rng((self.seed, self.epoch, row))
             start = int(rng.integers(0, frames - self.crop_frames + 1))
+        clip = self._crop(spectrogram, start)
+        if not self.pairs:
+            return clip, torch.tensor(self.labels[i]), i
+        if chosen is not None:
+            partner = None
+        elif copies.size:
+            partner = int(copies[int(np.random.default_rng((self.seed, self.epoch, row, PAIR_STREAM)).integers(copies.size))])
+        else:
+            return (clip, clip), torch.tensor(self.labels[i]), i  # no copies: the pair agrees by construction
+        return (clip, self._crop(self._version(row, partner), start)), torch.tensor(self.labels[i]), i
+
+    def _version(self, row: int, copy_row: int | None) -> np.ndarray:
+        if copy_row is None:
+            return self._open().spectrogram(row)  # (mels, frames) float16
+        return self.views.spectrogram(copy_row)
+
+    def _crop(self, spectrogram: np.ndarray, start: int | None) -> torch.Tensor:
+        if start is not None:  # a copy may be a few frames shorter or longer (a codec): the same stretch, in bounds
+            start = min(start, max(0, spectrogram.shape[1] - self.crop_frames))
             spectrogram = spectrogram[:, start : start + self.crop_frames]
-        return torch.from_numpy(spectrogram.astype(np.float32)), torch.tensor(self.labels[i]), i
+        return torch.from_numpy(spectrogram.astype(np.float32))
 
 
 VIEW_STREAM = 17  # the generator that picks a clip's copy is its own: turning copies on leaves the crops as they were
+PAIR_STREAM = 19  # and the one that picks the second version of a pair
 
 
 class ChainViews:
@@ -101,10 +126,17 @@ class ChainViews:
 
 
 def collate_spectrograms(batch):
-    """Pad to the batch's longest clip with digital silence; lengths let the model ignore padding."""
+    """Pad to the batch's longest clip with digital silence; lengths let the model ignore padding.
+
+    Items that are pairs (``SpectrogramDataset(pairs=True)``) give a batch of the B clips followed by their B second
+    versions, labels repeated, and the B indices.
+    """
     spectrograms, labels, indices = zip(*batch)
+    if isinstance(spectrograms[0], tuple):
+        spectrograms = [pair[0] for pair in spectrograms] + [pair[1] for pair in spectrograms]
+        labels = labels + labels
     frames = max(s.shape[1] for s in spectrograms)
-    padded = torch.full((len(batch), spectrograms[0].shape[0], frames), PAD_DB)  # (batch, mels, frames)
+    padded = torch.full((len(spectrograms), spectrograms[0].shape[0], frames), PAD_DB)  # (batch, mels, frames)
     for k, spectrogram in enumerate(spectrograms):
         padded[k, :, : spectrogram.shape[1]] = spectrogram
     lengths = torch.tensor([s.shape[1] for s in spectrograms])

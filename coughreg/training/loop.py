@@ -27,6 +27,7 @@ def train_one_epoch(
     started = time.perf_counter()
     seen, loss_sum, steps = 0, 0.0, len(loader)
     absolute_error, grad_norms = 0.0, []
+    consistency, disagreement_sum = config.augmentation.recording_chain_consistency, 0.0
     optimizer.zero_grad(set_to_none=True)
     for step, (spectrograms, lengths, labels, _) in enumerate(loader, 1):
         spectrograms = spectrograms.to(device, non_blocking=True)
@@ -37,6 +38,11 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             predictions = model(spectrograms, lengths)
             loss = loss_fn(predictions.float(), labels)
+        if consistency > 0:  # the batch is B clips, then their B second versions: one score for both
+            first, second = predictions.float().chunk(2)
+            disagreement = (first - second).abs().mean()
+            loss = loss + consistency * disagreement
+            disagreement_sum += disagreement.item() * len(first)
         if not torch.isfinite(loss):
             raise CoughPipelineError(
                 f"fold {fold}, epoch {epoch}, step {step}: the loss is {loss.item()}; the last good checkpoint is kept. "
@@ -70,6 +76,8 @@ def train_one_epoch(
                "lr": optimizer.param_groups[0]["lr"]}
     if training.calculate_train_metric:
         metrics["train_mae"] = absolute_error / max(seen, 1)
+    if consistency > 0:
+        metrics["train_pair_disagreement"] = 2 * disagreement_sum / max(seen, 1)  # seen counts both halves
     if grad_norms:
         metrics["grad_norm_mean"] = float(np.mean(grad_norms))
     return metrics

@@ -130,7 +130,8 @@ def _fit(run: TrainingRun, fold, seed_index, train_rows, validation_rows, member
     main = is_main_process()
     frames = table["n_frames"].to_numpy()
     train_set = SpectrogramDataset(run.paths, train_rows, train_labels, run.crop_frames, member_seed, run.views,
-                                   config.augmentation.recording_chain_probability)
+                                   config.augmentation.recording_chain_probability,
+                                   pairs=config.augmentation.recording_chain_consistency > 0)
     validation_set = SpectrogramDataset(run.paths, validation_rows, validation_labels, None, member_seed)
     train_loader = create_loader(
         train_set, np.minimum(frames[train_rows], run.crop_frames), config, True, device, member_seed, batch_size,

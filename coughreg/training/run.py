@@ -142,15 +142,19 @@ def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig) -> Train
     label_range = (config.ingest.label_min, config.ingest.label_max)
 
     views = None
-    if config.augmentation.recording_chain_probability > 0:
+    chain = config.augmentation
+    if chain.recording_chain_probability > 0 or chain.recording_chain_consistency > 0:
+        key = "recording_chain_probability" if chain.recording_chain_probability > 0 else "recording_chain_consistency"
         view_paths = artifacts.view_shard_paths(features_dir)
         if not view_paths:
             raise CoughPipelineError(
-                f"{features_dir}: augmentation.recording_chain_probability is {config.augmentation.recording_chain_probability:g} "
-                "but these features hold no recording-chain copies; rerun features with augmentation.recording_chain_views")
+                f"{features_dir}: augmentation.{key} is {getattr(chain, key):g} but these features hold no "
+                "recording-chain copies; rerun features with augmentation.recording_chain_views")
         views = ChainViews(view_paths, list(table["id"]))
-        log.info("training clips come from one of their %d recording-chain copies with probability %g", index["views"],
-                 config.augmentation.recording_chain_probability)
+        log.info("training clips come from one of their %d recording-chain copies with probability %g%s", index["views"],
+                 chain.recording_chain_probability,
+                 f", each paired with another version of itself (consistency weight {chain.recording_chain_consistency:g})"
+                 if chain.recording_chain_consistency > 0 else "")
     run = TrainingRun(config, paths, table, reader, device, amp_dtype, amp_inference, crop_frames, label_range, out_dir, seed,
                       index.get("shard_set", ""), views)
     members, history, predictions = [], [], []
