@@ -88,6 +88,10 @@ class NoiseGate(Transform):
     name: str = field(default="noise gate", compare=False)
 
     def __call__(self, samples, sample_rate, rng=None):
+        return (samples * self.gain(samples, sample_rate)).astype(np.float32)
+
+    def gain(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+        """The gate's gain over time (0 closed, 1 open, the fades between) for these samples."""
         frame = max(1, round(FRAME_SECONDS * sample_rate))
         frames = -(-samples.size // frame)
         padded = np.zeros(frames * frame, dtype=np.float64)
@@ -95,7 +99,7 @@ class NoiseGate(Transform):
         level = 10 * np.log10(np.mean(padded.reshape(frames, frame) ** 2, axis=1) + 1e-20)  # dBFS per frame
         sounding = level > -190
         if not sounding.any():
-            return samples.astype(np.float32, copy=True)
+            return np.ones(samples.size)
         floor = np.percentile(level[sounding], 10)
         open_frames = level > floor + self.open_above_floor_db
         hold = round(self.hold_seconds / FRAME_SECONDS)
@@ -109,8 +113,7 @@ class NoiseGate(Transform):
         last_closed = np.maximum.accumulate(np.where(is_open, -far, index))
         next_closed = np.minimum.accumulate(np.where(is_open, 2 * far, index)[::-1])[::-1]
         distance = np.minimum(index - last_closed, next_closed - index)
-        gain = np.where(is_open, np.minimum(1.0, distance / ramp), 0.0)
-        return (samples * gain).astype(np.float32)
+        return np.where(is_open, np.minimum(1.0, distance / ramp), 0.0)
 
 
 CODEC_CONTAINERS = {"opus": ("ogg", "libopus"), "mp3": ("mp3", "libmp3lame")}

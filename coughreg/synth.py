@@ -309,8 +309,13 @@ def background(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
 # ---------------------------------------------------------------- one clip
 
 
-def synthesize_clip(label: float, evidence: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """The waveform for one clip under the fixed mapping; returns samples and what went in."""
+def synthesize_clip(label: float, evidence: float, rng: np.random.Generator,
+                    with_coughs: bool = False) -> tuple[np.ndarray, dict]:
+    """The waveform for one clip under the fixed mapping; returns samples and what went in.
+
+    With ``with_coughs``, ``info["coughs"]`` is the coughs alone as they are in the clip (the same scaling, gate
+    and band limit): what a transform leaves of them can be measured. The clip is the same either way.
+    """
     sr = SAMPLE_RATE
     duration = float(rng.uniform(1.0, 10.0))
     n = int(sr * duration)
@@ -334,25 +339,33 @@ def synthesize_clip(label: float, evidence: float, rng: np.random.Generator) -> 
     snr_db = -25.0 + 55.0 * evidence
     n_coughs = int(rng.integers(1, 5))
     position = int(sr * rng.uniform(0.05, 0.3))
+    coughs = np.zeros(n) if with_coughs else None
     for _ in range(n_coughs):
         event = cough_event(rng)
         if position + len(event) > n:
             break
         level = 10 ** ((snr_db + rng.uniform(-2, 2)) / 20)
         clip[position : position + len(event)] += event * level
+        if coughs is not None:
+            coughs[position : position + len(event)] += event * level
         position += len(event) + int(sr * rng.uniform(0.1, 1.2))
 
     peak_db = rng.uniform(-12.0, -1.0)
-    clip = clip / (np.max(np.abs(clip)) + 1e-12) * 10 ** (peak_db / 20)
+    peak = np.max(np.abs(clip)) + 1e-12
+    clip = clip / peak * 10 ** (peak_db / 20)
     gated = bool(rng.random() < GATE_PROBABILITY)
     if gated:
-        clip = NoiseGate()(clip.astype(np.float32), sr).astype(np.float64)
+        gain = NoiseGate().gain(clip.astype(np.float32), sr)
+        clip = (clip.astype(np.float32) * gain).astype(np.float32).astype(np.float64)
     band_limit = 0.0
     if rng.random() < BAND_LIMIT_PROBABILITY:
         band_limit = float(np.exp(rng.uniform(*np.log(BAND_LIMIT_HZ))))
         clip = LowPass(band_limit)(clip.astype(np.float32), sr).astype(np.float64)
     info = {"background": kind, "distractor": distractor, "n_coughs": n_coughs, "snr_db": snr_db, "gated": gated,
             "band_limit_hz": round(band_limit)}
+    if coughs is not None:
+        coughs = coughs / peak * 10 ** (peak_db / 20) * (gain if gated else 1.0)
+        info["coughs"] = LowPass(band_limit)(coughs.astype(np.float32), sr) if band_limit else coughs.astype(np.float32)
     return clip.astype(np.float32), info
 
 
@@ -438,8 +451,7 @@ def _metadata_row(rng: np.random.Generator, uid: str, when: datetime, label: flo
     return row
 
 
-def _clip_job(args: tuple[int, int]) -> GeneratedClip:
-    seed, index = args
+def _draw(seed: int, index: int, with_coughs: bool = False):
     rng = np.random.default_rng([seed, index])
     uid = str(uuid_lib.UUID(bytes=rng.bytes(16), version=4))
     label = float(sample_labels(rng, 1)[0])
@@ -449,7 +461,20 @@ def _clip_job(args: tuple[int, int]) -> GeneratedClip:
     when = datetime(2020, 4, 1, tzinfo=UTC) + timedelta(days=float(day), microseconds=int(rng.integers(1e6)))
     choice = rng.choice(len(FORMATS), p=[f[2] for f in FORMATS])
     container, codec, _ = FORMATS[choice]
-    samples, info = synthesize_clip(label, evidence, rng)
+    samples, info = synthesize_clip(label, evidence, rng, with_coughs)
+    return rng, uid, label, evidence, when, container, codec, samples, info
+
+
+def regenerate_clip(seed: int, index: int) -> tuple[str, np.ndarray, dict]:
+    """Clip ``index`` of the data set ``seed`` again: its uuid, its samples before encoding, and what went in,
+    with its coughs alone in ``info["coughs"]``."""
+    _, uid, *_, samples, info = _draw(seed, index, with_coughs=True)
+    return uid, samples, info
+
+
+def _clip_job(args: tuple[int, int]) -> GeneratedClip:
+    seed, index = args
+    rng, uid, label, evidence, when, container, codec, samples, info = _draw(seed, index)
     data = encode_audio(samples, container, codec)
     metadata = _metadata_row(rng, uid, when, label)
     return GeneratedClip(

@@ -107,6 +107,24 @@ def test_the_label_sets_how_far_coughs_stand_above_the_background():
         assert info["snr_db"] == pytest.approx(-25 + 55 * evidence)
 
 
+def test_a_clip_made_again_is_the_same_clip_with_its_coughs_apart(coughvid_zip):
+    from coughreg.synth import regenerate_clip, synthesize_clip
+
+    truth = pd.read_csv(coughvid_zip.with_suffix(".truth.csv"))
+    for index in range(8):  # three clear coughs among them, one gated
+        uuid, samples, info = regenerate_clip(7, index)
+        assert uuid == truth.at[index, "uuid"] and info["gated"] == truth.at[index, "gated"]
+        assert len(samples) / 48000 == pytest.approx(truth.at[index, "duration_s"], abs=1e-3)
+        coughs = info["coughs"]
+        assert coughs.shape == samples.shape and np.any(coughs != 0)
+        loud = np.abs(coughs) > 0.5 * np.abs(coughs).max()  # where a cough is loudest, it is in the clip
+        if truth.at[index, "evidence"] > 0.8:
+            assert np.corrcoef(coughs[loud], samples[loud])[0, 1] > 0.9
+    alone, _ = synthesize_clip(0.5, 0.7, np.random.default_rng(3))
+    with_coughs, _ = synthesize_clip(0.5, 0.7, np.random.default_rng(3), with_coughs=True)
+    np.testing.assert_array_equal(alone, with_coughs)  # asking for the coughs changes nothing in the clip
+
+
 def test_non_cough_sounds_and_gated_silence_appear_at_every_label(tmp_path):
     generate_coughvid_zip(tmp_path / "mix.zip", 80, seed=12, workers=2)
     truth = pd.read_csv(tmp_path / "mix.truth.csv")
