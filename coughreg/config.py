@@ -141,11 +141,11 @@ class AugmentationConfig(_Section):
     )
     recording_chain_consistency: float = Field(
         0.0, ge=0, le=100,
-        description="Project key: weight of a consistency term. Each training clip comes with a second version of "
-        "itself in its batch (one of its recording-chain copies, or the recording as recorded when the clip is a "
-        "copy); both are trained on, and this weight times the mean absolute difference of their scores is added "
-        "to the loss, so the model learns to give a recording and its copies one score. Doubles the work of a step "
-        "(needs recording_chain_views; not with mix_audio); 0: off.",
+        description="Project key: weight of a consistency term. Every training clip is trained as recorded and as "
+        "one of its recording-chain copies, side by side in its batch, and this weight times the mean absolute "
+        "difference between the copy's score and the recording's (the recording's held fixed) is added to the "
+        "loss, so the model learns to give a recording and its copies one score. Doubles the work of a step "
+        "(needs recording_chain_views; instead of recording_chain_probability; not with mix_audio); 0: off.",
     )
 
     @model_validator(mode="after")
@@ -155,6 +155,12 @@ class AugmentationConfig(_Section):
                 raise ValueError(
                     f"{key} {getattr(self, key):g} needs recording_chain_views of 1 or more (the copies it draws from)"
                 )
+        if self.recording_chain_consistency > 0 and self.recording_chain_probability > 0:
+            raise ValueError(
+                f"recording_chain_consistency {self.recording_chain_consistency:g} trains every clip as recorded and "
+                f"as one of its copies; recording_chain_probability {self.recording_chain_probability:g} would have "
+                "nothing to choose: set one of them"
+            )
         if self.recording_chain_consistency > 0 and self.mix_audio != "Disabled":
             raise ValueError(
                 f"recording_chain_consistency {self.recording_chain_consistency:g} pairs each clip with its own copy in "

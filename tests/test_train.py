@@ -235,26 +235,37 @@ def test_a_paired_clip_comes_with_another_version_of_itself_cropped_alike(tmp_pa
             writer.add({"id": identifier, "y": 0.5}, np.broadcast_to(1000 * view + time_axis[:38], (4, 38)).copy())
     writer.close()
     dataset = SpectrogramDataset([originals], np.arange(len(ids)), np.full((len(ids), 1), 0.5), 10, seed=3,
-                                 views=ChainViews([copies], ids), view_probability=0.5, pairs=True)
-    kinds = set()
+                                 views=ChainViews([copies], ids), pairs=True)
+    chosen = set()
     for i in range(len(ids)):
         (clip, partner), label, index = dataset[i]
         first, second = float(clip[0, 0]), float(partner[0, 0])
         assert clip.shape == partner.shape == (4, 10) and index == i
-        assert min(first % 1000, 28) == min(second % 1000, 28)  # the same stretch (the copies are 2 frames shorter)
+        assert first < 1000  # first the recording as recorded...
         if i == len(ids) - 1:
-            assert first == second  # no copies: the clip is its own partner
+            assert first == second  # ...which is its own partner when it has no copies
             continue
-        kinds.add((first // 1000 > 0, second // 1000 > 0))
-    assert kinds == {(False, True), (True, False)}  # one of each pair is the recording as recorded, the other a copy
+        chosen.add(second // 1000)  # ...then one of its copies
+        assert second % 1000 == min(first, 28)  # the same stretch of time (the copies are 2 frames shorter)
+    assert chosen == {1, 2}
+
+    def copies_drawn(epoch):
+        dataset.epoch = epoch
+        return [float(dataset[i][0][1][0, 0]) // 1000 for i in range(len(ids) - 1)]
+
+    assert copies_drawn(0) == copies_drawn(0) and copies_drawn(0) != copies_drawn(1)  # resumable, new every epoch
+    dataset.epoch = 0
     padded, lengths, labels, indices = collate_spectrograms([dataset[i] for i in range(4)])
     assert padded.shape == (8, 4, 10) and labels.shape == (8, 1) and indices.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(padded[4], dataset[0][0][1])  # the second versions follow the clips
 
 
-def test_consistency_needs_copies_and_no_mixing():
+def test_consistency_needs_copies_and_neither_chosen_copies_nor_mixing():
     with pytest.raises(CoughPipelineError, match="recording_chain_consistency 1 needs recording_chain_views"):
         load_resolved_config(HT_YAML, ["augmentation.recording_chain_consistency=1"])
+    with pytest.raises(CoughPipelineError, match="recording_chain_probability 0.5 would have nothing to choose"):
+        load_resolved_config(HT_YAML, ["augmentation.recording_chain_consistency=1", "augmentation.recording_chain_views=1",
+                                       "augmentation.recording_chain_probability=0.5"])
     with pytest.raises(CoughPipelineError, match="mix_audio Mixup would mix the pairs apart"):
         load_resolved_config(HT_YAML, ["augmentation.recording_chain_consistency=1", "augmentation.recording_chain_views=1",
                                        "augmentation.mix_audio=Mixup"])

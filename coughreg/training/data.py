@@ -20,11 +20,10 @@ class SpectrogramDataset(Dataset):
     """Rows of the shards as (log-mel float32 (mels, frames), labels); opens the shards per process.
 
     With ``views`` (the recording-chain copies, ``coughreg.features``) and ``view_probability`` p, each clip is, in
-    each epoch and with probability p, one of its copies instead of the recording as it came. With ``pairs`` as
-    well, an item is the clip and a second version of it: another of its copies when the clip is the recording as
-    recorded, the recording as recorded when the clip is a copy (the clip itself when it has no copies), cropped to
-    the same stretch of time (``augmentation.recording_chain_consistency``). Every choice and the crop are drawn
-    from (seed, epoch, row), so a resumed epoch repeats them exactly.
+    each epoch and with probability p, one of its copies instead of the recording as it came. With ``pairs``
+    instead, an item is the recording as recorded and one of its copies (the recording again when it has none),
+    cropped to the same stretch of time (``augmentation.recording_chain_consistency``). Every choice and the crop
+    are drawn from (seed, epoch, row), so a resumed epoch repeats them exactly.
     """
 
     def __init__(self, paths: list[Path], rows: np.ndarray, labels: np.ndarray, crop_frames: int | None, seed: int,
@@ -53,11 +52,10 @@ class SpectrogramDataset(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         chosen = None  # which copy the clip is (None: the recording as recorded)
-        copies = np.zeros(0, dtype=np.int64)
-        if self.views is not None:
+        copies = np.zeros(0, dtype=np.int64) if self.views is None else self.views.rows_of(row)
+        if copies.size and not self.pairs:
             choice = np.random.default_rng((self.seed, self.epoch, row, VIEW_STREAM))
-            copies = self.views.rows_of(row)
-            if copies.size and choice.random() < self.view_probability:
+            if choice.random() < self.view_probability:
                 chosen = int(copies[int(choice.integers(copies.size))])
         spectrogram = self._version(row, chosen)
         start = None
@@ -68,13 +66,10 @@ class SpectrogramDataset(Dataset):
         clip = self._crop(spectrogram, start)
         if not self.pairs:
             return clip, torch.tensor(self.labels[i]), i
-        if chosen is not None:
-            partner = None
-        elif copies.size:
-            partner = int(copies[int(np.random.default_rng((self.seed, self.epoch, row, PAIR_STREAM)).integers(copies.size))])
-        else:
+        if not copies.size:
             return (clip, clip), torch.tensor(self.labels[i]), i  # no copies: the pair agrees by construction
-        return (clip, self._crop(self._version(row, partner), start)), torch.tensor(self.labels[i]), i
+        copy = int(copies[int(np.random.default_rng((self.seed, self.epoch, row, PAIR_STREAM)).integers(copies.size))])
+        return (clip, self._crop(self._version(row, copy), start)), torch.tensor(self.labels[i]), i
 
     def _version(self, row: int, copy_row: int | None) -> np.ndarray:
         if copy_row is None:
@@ -128,8 +123,8 @@ class ChainViews:
 def collate_spectrograms(batch):
     """Pad to the batch's longest clip with digital silence; lengths let the model ignore padding.
 
-    Items that are pairs (``SpectrogramDataset(pairs=True)``) give a batch of the B clips followed by their B second
-    versions, labels repeated, and the B indices.
+    Items that are pairs (``SpectrogramDataset(pairs=True)``) give a batch of the B recordings as recorded followed
+    by their B copies, labels repeated, and the B indices.
     """
     spectrograms, labels, indices = zip(*batch)
     if isinstance(spectrograms[0], tuple):

@@ -38,11 +38,12 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             predictions = model(spectrograms, lengths)
             loss = loss_fn(predictions.float(), labels)
-        if consistency > 0:  # the batch is B clips, then their B second versions: one score for both
-            first, second = predictions.float().chunk(2)
-            disagreement = (first - second).abs().mean()
+        if consistency > 0:  # the batch is B recordings as recorded, then a copy of each: the copy is drawn to the
+            # recording's score (not the reverse: what the recording says is what the task loss fits)
+            recorded, copied = predictions.float().chunk(2)
+            disagreement = (copied - recorded.detach()).abs().mean()
             loss = loss + consistency * disagreement
-            disagreement_sum += disagreement.item() * len(first)
+            disagreement_sum += disagreement.item() * len(recorded)
         if not torch.isfinite(loss):
             raise CoughPipelineError(
                 f"fold {fold}, epoch {epoch}, step {step}: the loss is {loss.item()}; the last good checkpoint is kept. "

@@ -151,10 +151,12 @@ def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig) -> Train
                 f"{features_dir}: augmentation.{key} is {getattr(chain, key):g} but these features hold no "
                 "recording-chain copies; rerun features with augmentation.recording_chain_views")
         views = ChainViews(view_paths, list(table["id"]))
-        log.info("training clips come from one of their %d recording-chain copies with probability %g%s", index["views"],
-                 chain.recording_chain_probability,
-                 f", each paired with another version of itself (consistency weight {chain.recording_chain_consistency:g})"
-                 if chain.recording_chain_consistency > 0 else "")
+        if chain.recording_chain_consistency > 0:
+            log.info("every training clip comes as recorded and as one of its %d recording-chain copies, the copy drawn "
+                     "to the recording's score (consistency weight %g)", index["views"], chain.recording_chain_consistency)
+        else:
+            log.info("training clips come from one of their %d recording-chain copies with probability %g", index["views"],
+                     chain.recording_chain_probability)
     run = TrainingRun(config, paths, table, reader, device, amp_dtype, amp_inference, crop_frames, label_range, out_dir, seed,
                       index.get("shard_set", ""), views)
     members, history, predictions = [], [], []
