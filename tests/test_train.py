@@ -269,3 +269,13 @@ def test_consistency_needs_copies_and_neither_chosen_copies_nor_mixing():
     with pytest.raises(CoughPipelineError, match="mix_audio Mixup would mix the pairs apart"):
         load_resolved_config(HT_YAML, ["augmentation.recording_chain_consistency=1", "augmentation.recording_chain_views=1",
                                        "augmentation.mix_audio=Mixup"])
+
+
+def test_the_pair_term_draws_the_copies_to_their_recordings_and_not_the_reverse():
+    from coughreg.training.loop import pair_disagreement
+
+    predictions = torch.tensor([[0.2], [0.9], [0.5], [0.6]], requires_grad=True)  # two recordings, then their copies
+    disagreement = pair_disagreement(predictions)
+    assert disagreement.item() == pytest.approx((0.3 + 0.3) / 2)
+    disagreement.backward()
+    torch.testing.assert_close(predictions.grad, torch.tensor([[0.0], [0.0], [0.5], [-0.5]]))

@@ -16,6 +16,17 @@ from coughreg.training.mixing import mix_batch
 log = logging.getLogger("coughreg.train")
 
 
+def pair_disagreement(predictions: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between the scores of B copies and of their B recordings, for a batch that holds
+    the recordings as recorded and then a copy of each (``SpectrogramDataset(pairs=True)``).
+
+    The recordings' scores are held fixed (no gradient reaches them through this term): the copy is drawn to what
+    the recording says, which the task loss fits, and not the recording to the copy.
+    """
+    recorded, copied = predictions.chunk(2)
+    return (copied - recorded.detach()).abs().mean()
+
+
 def train_one_epoch(
     model, loader, optimizer, scheduler, loss_fn, scaler, device, amp_dtype, config, epoch, fold, seed,
     augmenter=None, ema=None,
@@ -38,12 +49,10 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             predictions = model(spectrograms, lengths)
             loss = loss_fn(predictions.float(), labels)
-        if consistency > 0:  # the batch is B recordings as recorded, then a copy of each: the copy is drawn to the
-            # recording's score (not the reverse: what the recording says is what the task loss fits)
-            recorded, copied = predictions.float().chunk(2)
-            disagreement = (copied - recorded.detach()).abs().mean()
+        if consistency > 0:
+            disagreement = pair_disagreement(predictions.float())
             loss = loss + consistency * disagreement
-            disagreement_sum += disagreement.item() * len(recorded)
+            disagreement_sum += disagreement.item() * len(labels) // 2
         if not torch.isfinite(loss):
             raise CoughPipelineError(
                 f"fold {fold}, epoch {epoch}, step {step}: the loss is {loss.item()}; the last good checkpoint is kept. "
