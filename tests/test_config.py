@@ -170,3 +170,11 @@ def test_the_readme_config_reference_is_generated_from_the_model():
     assert section == config_reference(), "run: python pipeline.py config-reference, and paste it into README.md"
     for key in ("training.differential_learning_rate_layers", "audio.spectrogram_normalization", "cluster.s3_secret"):
         assert f"`{key}`" in section
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "coughvid_ht.yaml"])
+def test_every_shipped_config_reads(name):
+    config = load_resolved_config(PROJECT / "configs" / name)
+    if name == "demo.yaml":  # the demo trains for the recording chain: copies, each paired with its recording
+        assert config.augmentation.recording_chain_views > 0 and config.augmentation.recording_chain_consistency > 0
+        assert config.audio.spectrogram_normalization == "Clip"
