@@ -6,7 +6,8 @@ coughs must move too where the gate erased them.
 Reads a ``bench_quality.py`` work folder: the generated data set's truth (``coughvid_<n>_<seed>.truth.csv``) and a
 recipe's ``evaluation/robustness.parquet``. Each measured clip is made again by the generator with its coughs
 alone (``coughreg.synth.regenerate_clip``), the evaluation's gate (``recording_chain.NoiseGate``) is metered on
-the clip, and the share of the coughs' energy it lets through is set beside the change of the score. The gate
+the clip as generated (before its codec: the evaluation gates the decoded recording, so the share is a close
+estimate), and the share of the coughs' energy it lets through is set beside the change of the score. The gate
 opens 10 dB above the clip's noise floor, so coughs less than about 10 dB above the background (cough evidence
 below 0.64 in the generator's law) are erased unless something louder holds the gate open around them. It prints
 the change of the score by how much of the coughs the gate kept, and the clips that moved most.
@@ -48,12 +49,13 @@ def main() -> None:
     parser.add_argument("--recipe", default="after")
     parser.add_argument("-n", "--n", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=77)
+    parser.add_argument("--label", default="cough_detected")
     parser.add_argument("--moved", type=float, default=0.2, help="a change this large counts as moved")
     args = parser.parse_args()
     truth = pd.read_csv(args.workdir / f"coughvid_{args.n}_{args.seed}.truth.csv")
     truth["index"] = np.arange(len(truth))
     robustness = pd.read_parquet(args.workdir / args.recipe / "evaluation" / "robustness.parquet")
-    gate = robustness[robustness["transform"] == slug(NoiseGate())]
+    gate = robustness[(robustness["transform"] == slug(NoiseGate())) & (robustness["label"] == args.label)]
     gate = gate.merge(truth.rename(columns={"uuid": "id"}), on="id")
     gate = gate[~gate["gated"]].copy()  # a clip the generator gated already: the gate has nothing left to take
     gate["kept"] = [cough_energy_kept(args.seed, int(i), u) for i, u in zip(gate["index"], gate["id"])]

@@ -83,6 +83,7 @@ class LogMel(nn.Module):
 SILENCE_MARGIN_DB = 0.1  # above the floor by less is silence: float16 shards and bf16 autocast round the floor by ~0.06 dB
 CLIP_TOP_DB = 80.0  # 'Clip' treats cells this far below the clip's loudest as silence (librosa's top_db)
 CLIP_SILENCE = -2.0  # where 'Clip' puts silence: the value of a cell CLIP_TOP_DB below the loudest, for every clip
+NORMALIZER_VERSION = 2  # 2: 'Clip' relative to the loudest cell; 1: mean and spread of the sounding cells
 
 
 class SpectrogramNormalizer(nn.Module):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from coughreg.config import ExperimentConfig
+from coughreg.frontend import NORMALIZER_VERSION
 from coughreg.errors import CoughPipelineError, StorageError
 from coughreg.scoring import readback
 from coughreg.step_config import chain_keys, config_values
@@ -60,9 +61,11 @@ def set_rng_state(state: dict) -> None:
 
 def fingerprint(config: ExperimentConfig, shard_set: str, train_rows: np.ndarray, batch_size: int) -> str:
     """What shapes a member: the train step's keys and its upstream keys, the data (the shard set, named by
-    the hashes of its feature parameters and its manifest), its rows, its batch size."""
+    the hashes of its feature parameters and its manifest), its rows, its batch size, and the version of the
+    normaliser's definition (weights made under another one are not resumed)."""
     payload = json.dumps(
-        {"config": config_values(config, chain_keys("train")), "data": shard_set, "rows": train_rows.tolist(), "batch": batch_size},
+        {"config": config_values(config, chain_keys("train")), "data": shard_set, "rows": train_rows.tolist(), "batch": batch_size,
+         "normalizer": NORMALIZER_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -58,18 +58,23 @@ class SpectrogramDataset(Dataset):
             if choice.random() < self.view_probability:
                 chosen = int(copies[int(choice.integers(copies.size))])
         spectrogram = self._version(row, chosen)
-        start = None
-        frames = spectrogram.shape[1]
-        if self.crop_frames is not None and frames > self.crop_frames:
+        partner = None
+        if self.pairs and copies.size:
+            copy = int(copies[int(np.random.default_rng((self.seed, self.epoch, row, PAIR_STREAM)).integers(copies.size))])
+            partner = self._version(row, copy)
+        # a copy covers the first 60 s and a codec may make it a few frames longer or shorter: the crop is drawn
+        # within the frames both have, so the two are the same stretch of the recording
+        lengths = [spectrogram.shape[1]] if partner is None else [spectrogram.shape[1], partner.shape[1]]
+        frames, start = min(lengths), None
+        if self.crop_frames is not None and max(lengths) > self.crop_frames:
             rng = np.random.default_rng((self.seed, self.epoch, row))
-            start = int(rng.integers(0, frames - self.crop_frames + 1))
+            start = int(rng.integers(0, max(0, frames - self.crop_frames) + 1))
         clip = self._crop(spectrogram, start)
         if not self.pairs:
             return clip, torch.tensor(self.labels[i]), i
-        if not copies.size:
+        if partner is None:
             return (clip, clip), torch.tensor(self.labels[i]), i  # no copies: the pair agrees by construction
-        copy = int(copies[int(np.random.default_rng((self.seed, self.epoch, row, PAIR_STREAM)).integers(copies.size))])
-        return (clip, self._crop(self._version(row, copy), start)), torch.tensor(self.labels[i]), i
+        return (clip, self._crop(partner, start)), torch.tensor(self.labels[i]), i
 
     def _version(self, row: int, copy_row: int | None) -> np.ndarray:
         if copy_row is None:
@@ -77,8 +82,7 @@ class SpectrogramDataset(Dataset):
         return self.views.spectrogram(copy_row)
 
     def _crop(self, spectrogram: np.ndarray, start: int | None) -> torch.Tensor:
-        if start is not None:  # a copy may be a few frames shorter or longer (a codec): the same stretch, in bounds
-            start = min(start, max(0, spectrogram.shape[1] - self.crop_frames))
+        if start is not None:
             spectrogram = spectrogram[:, start : start + self.crop_frames]
         return torch.from_numpy(spectrogram.astype(np.float32))
 

@@ -44,7 +44,14 @@ def train_one_epoch(
         spectrograms = spectrograms.to(device, non_blocking=True)
         lengths, labels = lengths.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         spectrograms, lengths, labels = mix_batch(spectrograms, lengths, labels, config, mixing)
-        if augmenter is not None:
+        if augmenter is not None and consistency > 0:  # a recording and its copy get the same gain, low-pass and
+            # masks: the pair differs by the recording chain alone
+            recorded, copied = spectrograms.chunk(2)
+            recorded_lengths, copied_lengths = lengths.chunk(2)
+            twin = np.random.default_rng()
+            twin.bit_generator.state = mixing.bit_generator.state
+            spectrograms = torch.cat([augmenter(recorded, recorded_lengths, mixing), augmenter(copied, copied_lengths, twin)])
+        elif augmenter is not None:
             spectrograms = augmenter(spectrograms, lengths, mixing)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             predictions = model(spectrograms, lengths)
@@ -52,7 +59,7 @@ def train_one_epoch(
         if consistency > 0:
             disagreement = pair_disagreement(predictions.float())
             loss = loss + consistency * disagreement
-            disagreement_sum += disagreement.item() * len(labels) // 2
+            disagreement_sum += disagreement.item() * (len(labels) // 2)
         if not torch.isfinite(loss):
             raise CoughPipelineError(
                 f"fold {fold}, epoch {epoch}, step {step}: the loss is {loss.item()}; the last good checkpoint is kept. "
