@@ -70,11 +70,9 @@ class SpectrogramDataset(Dataset):
             rng = np.random.default_rng((self.seed, self.epoch, row))
             start = int(rng.integers(0, max(0, frames - self.crop_frames) + 1))
         clip = self._crop(spectrogram, start)
-        if not self.pairs:
-            return clip, torch.tensor(self.labels[i]), i
-        if partner is None:
-            return (clip, clip), torch.tensor(self.labels[i]), i  # no copies: the pair agrees by construction
-        return (clip, self._crop(partner, start)), torch.tensor(self.labels[i]), i
+        if self.pairs:  # no copies: the recording is its own partner, and the pair agrees by construction
+            clip = (clip, clip if partner is None else self._crop(partner, start))
+        return clip, torch.tensor(self.labels[i]), i
 
     def _version(self, row: int, copy_row: int | None) -> np.ndarray:
         if copy_row is None:

@@ -144,11 +144,12 @@ def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig) -> Train
     views = None
     chain = config.augmentation
     if chain.recording_chain_probability > 0 or chain.recording_chain_consistency > 0:
-        key = "recording_chain_probability" if chain.recording_chain_probability > 0 else "recording_chain_consistency"
         view_paths = artifacts.view_shard_paths(features_dir)
         if not view_paths:
+            key, value = next((k, getattr(chain, k)) for k in ("recording_chain_probability", "recording_chain_consistency")
+                              if getattr(chain, k) > 0)
             raise CoughPipelineError(
-                f"{features_dir}: augmentation.{key} is {getattr(chain, key):g} but these features hold no "
+                f"{features_dir}: augmentation.{key} is {value:g} but these features hold no "
                 "recording-chain copies; rerun features with augmentation.recording_chain_views")
         views = ChainViews(view_paths, list(table["id"]))
         if chain.recording_chain_consistency > 0:
