@@ -2,7 +2,7 @@
 after the recording-chain recipe, on the same generated data.
 
     python benchmarks/bench_quality.py [-n 5000] [--config configs/demo.yaml] [--set training.epochs=14]...
-                                       [--recipes before after] [--robustness-recordings 300]
+                                       [--recipes before after] [--robustness-recordings 300] [--tag _gem]
 
 Generates N COUGHVID-format recordings (the generator's fixed mapping, whose nuisances are independent of the
 label), ingests them once, and for each recipe runs features, train and evaluate as plain Python. It prints,
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["before", "after"], choices=sorted(RECIPES))
     parser.add_argument("--robustness-recordings", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/coughreg-quality"))
+    parser.add_argument("--tag", default="", help="suffix of the recipes' folders: variants (--set) side by side on one data set")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work = args.workdir
@@ -78,7 +79,7 @@ def main() -> None:
     results = {}
     for name in args.recipes:
         overrides = [*args.overrides, *RECIPES[name], f"prediction.robustness_recordings={args.robustness_recordings}"]
-        results[name] = run_recipe(load_resolved_config(args.config, overrides), work, name)
+        results[name] = run_recipe(load_resolved_config(args.config, overrides), work, name + args.tag)
     print_table(results, generator, archive.with_suffix(".truth.csv"), first.dataset.label_columns[0], args)
 
 
