@@ -178,3 +178,4 @@ def test_every_shipped_config_reads(name):
     if name == "demo.yaml":  # the demo trains for the recording chain: copies, each paired with its recording
         assert config.augmentation.recording_chain_views > 0 and config.augmentation.recording_chain_consistency > 0
         assert config.audio.spectrogram_normalization == "Clip"
+        assert config.architecture.pool == "GeM"
