@@ -64,7 +64,7 @@ class SpectrogramDataset(Dataset):
             partner = self._version(row, copy)
         # a copy covers the first 60 s and a codec may make it a few frames longer or shorter: the crop is drawn
         # within the frames both have, so the two are the same stretch of the recording
-        lengths = [spectrogram.shape[1]] if partner is None else [spectrogram.shape[1], partner.shape[1]]
+        lengths = [version.shape[1] for version in (spectrogram, partner) if version is not None]
         frames, start = min(lengths), None
         if self.crop_frames is not None and max(lengths) > self.crop_frames:
             rng = np.random.default_rng((self.seed, self.epoch, row))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -45,11 +46,10 @@ def train_one_epoch(
         lengths, labels = lengths.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         spectrograms, lengths, labels = mix_batch(spectrograms, lengths, labels, config, mixing)
         if augmenter is not None and consistency > 0:  # a recording and its copy get the same gain, low-pass and
-            # masks: the pair differs by the recording chain alone
+            # masks (the copy's generator starts where the recording's does): the pair differs by the chain alone
             recorded, copied = spectrograms.chunk(2)
             recorded_lengths, copied_lengths = lengths.chunk(2)
-            twin = np.random.default_rng()
-            twin.bit_generator.state = mixing.bit_generator.state
+            twin = copy.deepcopy(mixing)
             spectrograms = torch.cat([augmenter(recorded, recorded_lengths, mixing), augmenter(copied, copied_lengths, twin)])
         elif augmenter is not None:
             spectrograms = augmenter(spectrograms, lengths, mixing)
