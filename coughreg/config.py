@@ -315,7 +315,9 @@ class TrainingConfig(_Section):
     schedule: Literal["Cosine", "Linear", "Constant"] = Field("Cosine", description="Learning-rate schedule.")
     train_validation_data: bool = Field(False, description="Train the final model on train and validation rows.")
     warmup_epochs: float = Field(0, ge=0, description="Linear warm-up length in epochs.")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="Weight decay of the weights (biases and 1-D parameters such as norms are not decayed)."
+    )
 
 
 class IngestConfig(_Section):

@@ -70,6 +70,30 @@ def test_differential_learning_rate_for_listed_layers():
         create_optimizer(model, load_resolved_config(HT_YAML, [*TINY, "training.differential_learning_rate_layers=[nope]"]))
 
 
+def test_weight_decay_reaches_weights_only():
+    config = load_resolved_config(HT_YAML, [*TINY, "architecture.pool=GeM", "training.weight_decay=0.05",
+                                            "training.differential_learning_rate_layers=[backbone]"])
+    model = create_model(config)
+    optimizer = create_optimizer(model, config)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert set(decay_of) == {id(p) for p in named.values()}  # every parameter, once
+    assert decay_of[id(named["pool.gem_p"])] == 0.0
+    for name, parameter in named.items():
+        expected = 0.0 if parameter.ndim <= 1 or name.endswith(".bias") else 0.05
+        assert decay_of[id(parameter)] == expected, name
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}
+    assert {g["lr"] for g in optimizer.param_groups} == {0.001, 0.01}  # the two rates, each split by decay
+    # A decayed weight shrinks with a zero gradient; an undecayed norm scale and the GeM power stay put.
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for parameter in named.values():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    assert torch.equal(named["pool.gem_p"], before["pool.gem_p"])
+    assert torch.equal(named["backbone.bn2.weight"], before["backbone.bn2.weight"])
+    assert torch.linalg.norm(named["head.weight"]) < torch.linalg.norm(before["head.weight"])
+
+
 @pytest.mark.parametrize("name", ["MAE", "MSE", "RMSE", "Huber"])
 def test_losses(name):
     loss = create_loss(name)(torch.tensor([[0.2], [0.9]]), torch.tensor([[0.0], [1.0]]))

@@ -15,6 +15,10 @@ from coughreg.training.distributed import distributed_context
 
 log = logging.getLogger(__name__)
 
+# The layout of the optimizer's parameter groups; a checkpoint's optimizer state fits only its own layout.
+# 2: weights decayed, biases and 1-D parameters not; 1: one group per learning rate, all decayed.
+PARAMETER_GROUPS_VERSION = 2
+
 
 def create_loss(name: str) -> nn.Module:
     if name == "MAE":
@@ -34,25 +38,31 @@ def create_loss(name: str) -> nn.Module:
 
 
 def create_optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
-    """The config's optimizer; parameters under ``differential_learning_rate_layers`` get their own rate."""
+    """The config's optimizer; parameters under ``differential_learning_rate_layers`` get their own rate.
+
+    Weight decay applies to weights only. As in timm's ``param_groups_weight_decay``, biases and every
+    1-D parameter (norm scales and shifts, GeM's power) are not decayed: decay would pull a norm's
+    scale toward 0 and GeM's power toward its floor of 1, which no regulariser means to do.
+    """
     training = config.training
     prefixes = tuple(training.differential_learning_rate_layers)
-    differential = [p for n, p in model.named_parameters() if prefixes and n.startswith(prefixes)]
-    special = {id(p) for p in differential}
-    rest = [p for p in model.parameters() if id(p) not in special]
-    if prefixes and not differential:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if prefixes and not any(n.startswith(prefixes) for n, _ in named):
         raise CoughPipelineError(
             f"training.differential_learning_rate_layers {list(prefixes)} match no parameter "
             "(use module names such as 'backbone' or 'head')"
         )
-    groups = [{"params": rest, "lr": training.learning_rate}]
-    if differential:
-        groups.append({"params": differential, "lr": training.differential_learning_rate})
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, parameter in named:
+        rate = training.differential_learning_rate if prefixes and name.startswith(prefixes) else training.learning_rate
+        decay = 0.0 if parameter.ndim <= 1 or name.endswith(".bias") else training.weight_decay
+        groups.setdefault((rate, decay), []).append(parameter)
+    param_groups = [{"params": params, "lr": rate, "weight_decay": decay} for (rate, decay), params in groups.items()]
     if training.optimizer == "AdamW":
-        return torch.optim.AdamW(groups, weight_decay=training.weight_decay)
+        return torch.optim.AdamW(param_groups)
     if training.optimizer == "Adam":
-        return torch.optim.Adam(groups, weight_decay=training.weight_decay)
-    return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=training.weight_decay)
+        return torch.optim.Adam(param_groups)
+    return torch.optim.SGD(param_groups, momentum=0.9, nesterov=True)
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, config: ExperimentConfig, steps_per_epoch: int):
