@@ -162,7 +162,7 @@ def print_table(results: dict, generator: dict, truth_path: Path, label: str, ar
         cells = []
         for result in results.values():
             numbers = result["metrics"]["robustness"]["transforms"][key]["labels"][label]
-            cells.append(f"{numbers['mean_change']:.3f} / {numbers['max_change']:.3f}")
+            cells.append("n/a" if numbers["mean_change"] is None else f"{numbers['mean_change']:.3f} / {numbers['max_change']:.3f}")
         row(f"{transform.name}: mean / largest change", cells)
     reals = {name: real_scores(r["model"], r["config"]) for name, r in results.items()}
     for recording in reals[names[0]]:

@@ -228,7 +228,7 @@ def evaluate(model_dir: str | Path, features_dir: str | Path, ingest_dir: str | 
                    max_mae_to_median_baseline=verdict["threshold"], model_weights_sha256=model_weights_sha256(model_dir, info),
                    validation_truncated=int(predictions["truncated"].sum()), noise_floor_mae=noise_floor(ingest_dir))
     if config.prediction.robustness_recordings:
-        metrics["robustness"] = robustness.summarize(changes, info["label_columns"])
+        metrics["robustness"] = robustness.summarize(changes, info["label_columns"], sample_rate=config.audio.sample_rate)
         metrics.update(robustness.flat(metrics["robustness"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions_path = out_dir / artifacts.PREDICTIONS

@@ -82,6 +82,7 @@ def _frontend(params: dict):
 
 WINDOW_SECONDS = 10.0  # decoded and transformed at a time: a worker's memory does not grow with a recording's length
 VIEW_SECONDS = 60.0  # the longest stretch of a recording its recording-chain copies cover
+MAX_COPY_FAILURE_SHARE = 0.5  # of the recordings that should have copies: more failing fails the step
 
 
 def log_mel_of_file(path: Path, params: dict) -> np.ndarray:
@@ -112,7 +113,11 @@ def chain_views(path: Path, identifier: str, params: dict, views: int) -> list[n
     out = []
     for view in range(views):
         rng = view_rng(identifier, view)
-        changed = draw_chain(rng)(samples, rate, rng)
+        chain = draw_chain(rng)
+        try:
+            changed = chain(samples, rate, rng)
+        except Exception as exc:  # noqa: BLE001 - named: which copy, through which chain
+            raise CoughPipelineError(f"copy {view} ({chain.name}): {exc}") from exc
         with torch.inference_mode():
             out.append(_frontend(params)(torch.from_numpy(changed)[None])[0].numpy())
     return out
@@ -127,7 +132,7 @@ def _write_shard(task: dict) -> dict:
         Path(task["views_path"]), task["label_columns"], task["group_column"], task["views_metadata"],
         task["row_group_rows"] * max(1, views),
     ) if views else None
-    failures = []
+    failures, copy_failures = [], []
     seconds = 0.0
     for record in task["records"]:
         path = None
@@ -142,13 +147,13 @@ def _write_shard(task: dict) -> dict:
             try:
                 copies = chain_views(path, record["id"], task["params"], views)
             except Exception as exc:  # noqa: BLE001 - a recording a chain cannot take still trains as recorded
-                log.warning("features: no recording-chain copies of %s: %s", record["id"], exc)
+                copy_failures.append({"id": record["id"], "audio_path": record["audio_path"], "reason": str(exc)})
         seconds += log_mel.shape[1] * task["params"]["hop_size"] / task["params"]["sample_rate"]
         writer.add(record, log_mel)
         for copy in copies:
             view_writer.add(record, copy)
-    if view_writer is not None:
-        view_writer.close()  # first: a shard whose copies are missing is not complete
+    if view_writer is not None:  # first: a shard whose copies are missing is not complete
+        view_writer.close({"copy_failures": copy_failures})  # kept with the copies: a rerun that skips the shard reports them
     info = writer.close()
     return {"path": str(info.path), "rows": info.rows, "failures": failures, "audio_seconds": seconds}
 
@@ -286,6 +291,7 @@ def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: 
         raise CoughPipelineError(f"{out_dir}: no recording could be featurized ({len(failures)} failed)")
     for failure in failures:
         log.warning("features: skipped %s: %s", failure["id"], failure["reason"])
+    copy_failures = _copy_failures(out_dir, plan)
     index = {
         "shard_set": plan.shard_set,
         "shards": [task["name"] for task in plan.tasks],
@@ -300,6 +306,7 @@ def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: 
     }
     report = {
         "rows": rows, "shards": len(shards), "skipped_shards": skipped, "failures": failures,
+        **({"copy_failures": copy_failures} if plan.tasks[0].get("views") else {}),
         "seconds": round(seconds, 2), "audio_seconds": round(audio_seconds, 1),
     }
     atomic_write_text(out_dir / FEATURES_REPORT, json.dumps(report, indent=2))
@@ -307,6 +314,29 @@ def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: 
     atomic_write_text(out_dir / SHARD_INDEX, json.dumps(index, indent=2))  # last: the folder is finished
     log.info("features: %d rows in %d shards (%d failed) in %.1f s", rows, len(shards), len(failures), seconds)
     return FeaturesResult(out_dir / SHARD_INDEX, shards, rows, failures, skipped)
+
+
+def _copy_failures(out_dir: Path, plan: ShardPlan) -> list[dict]:
+    """The recordings whose recording-chain copies could not be made, from every copies shard, each reported.
+    They train as recorded only; when that is more than ``MAX_COPY_FAILURE_SHARE`` of the recordings that should
+    have copies (a codec missing from the image, say), the step fails rather than train without them."""
+    views = plan.tasks[0].get("views") if plan.tasks else 0
+    if not views:
+        return []
+    failures, copied = [], 0
+    for task in plan.tasks:
+        path = out_dir / task["views_name"]
+        failures.extend(read_shard_metadata(path).get("copy_failures", []))
+        copied += read_shard_metadata_rows(path) // views
+    for failure in failures:
+        log.warning("features: no recording-chain copies of %s (%s), it trains as recorded only: %s",
+                    failure["id"], failure["audio_path"], failure["reason"])
+    if failures and len(failures) > MAX_COPY_FAILURE_SHARE * (copied + len(failures)):
+        raise CoughPipelineError(
+            f"{out_dir}: recording-chain copies failed for {len(failures)} of {copied + len(failures)} recordings "
+            f"(augmentation.recording_chain_views is {views}); the first: {failures[0]['id']}: {failures[0]['reason']}"
+        )
+    return failures
 
 
 def extract_features(

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from coughreg.errors import CoughPipelineError
+
 CHAIN_VERSION = 1  # bump when a transform or the law of draw_chain changes: cached augmented views are remade
 FRAME_SECONDS = 0.010  # the noise gate's level meter
 
@@ -35,6 +37,10 @@ class Transform(ABC):
 
     def describe(self) -> dict:
         return {"transform": type(self).__name__, **{k: v for k, v in vars(self).items() if k != "name"}}
+
+    def applies(self, sample_rate: int) -> bool:
+        """False where the transform cannot change a clip at ``sample_rate`` (a measured change of 0 would mislead)."""
+        return True
 
 
 @dataclass
@@ -62,10 +68,13 @@ class LowPass(Transform):
     def __post_init__(self) -> None:
         self.name = self.name or f"low-pass {self.cutoff_hz / 1000:g} kHz"
 
+    def applies(self, sample_rate: int) -> bool:
+        return self.cutoff_hz < sample_rate / 2
+
     def __call__(self, samples, sample_rate, rng=None):
         from scipy.signal import butter, sosfiltfilt
 
-        if self.cutoff_hz >= sample_rate / 2 or samples.size < 64:
+        if not self.applies(sample_rate) or samples.size < 64:
             return samples.astype(np.float32, copy=True)
         sos = butter(8, self.cutoff_hz, btype="low", fs=sample_rate, output="sos")
         return sosfiltfilt(sos, samples.astype(np.float64), padlen=min(samples.size - 1, sample_rate // 10)).astype(np.float32)
@@ -116,6 +125,7 @@ class NoiseGate(Transform):
         return np.where(is_open, np.minimum(1.0, distance / ramp), 0.0)
 
 
+CODEC_MIN_SECONDS = 0.1  # shorter clips are padded with silence for the codec (and cut back after)
 CODEC_CONTAINERS = {"opus": ("ogg", "libopus"), "mp3": ("mp3", "libmp3lame")}
 CODEC_RATES = {"opus": (8000, 12000, 16000, 24000, 48000), "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)}
 
@@ -145,7 +155,12 @@ class Codec(Transform):
         clip = np.ascontiguousarray(samples, dtype=np.float32)
         if rate != sample_rate:
             clip = _resample(clip, sample_rate, rate)
-        decoded = decode_audio(encode_mono(clip, rate, container, encoder, self.bitrate), sample_rate)
+        # a clip shorter than a few codec frames is encoded with silence after it (a codec emits whole frames)
+        clip = np.pad(clip, (0, max(0, int(rate * CODEC_MIN_SECONDS) - clip.size)))
+        try:
+            decoded = decode_audio(encode_mono(clip, rate, container, encoder, self.bitrate), sample_rate)
+        except Exception as exc:  # noqa: BLE001 - named: which codec, at which rate, failed on what
+            raise CoughPipelineError(f"{self.name} round trip at {rate} Hz failed on {samples.size} samples: {exc}") from exc
         out_samples = np.zeros(samples.size, dtype=np.float32)
         out_samples[: min(samples.size, decoded.size)] = decoded[: samples.size]
         return out_samples

@@ -60,8 +60,9 @@ def measure(scorer: FoldScorer, items: list[tuple[str, object]], labels: list[st
             workers: int = 1) -> pd.DataFrame:
     """Every item (id, recording source) scored as recorded and through each transform, over its first
     ``window_seconds(scorer.max_seconds)``: one row per clip, transform and label (``CHANGE_COLUMNS``). A recording
-    that cannot be decoded is left out (the predictions already say why); one a transform fails on is left out
-    of that transform, with a warning naming both."""
+    that cannot be decoded is left out (the predictions already say why); one the scorer or a transform fails on
+    is left out (of that transform), with a warning naming both. A transform that cannot change a clip at the
+    scorer's rate (a low-pass above its Nyquist frequency) is not measured."""
     seconds = window_seconds(scorer.max_seconds)
 
     def one(item) -> list[list]:
@@ -76,9 +77,15 @@ def measure(scorer: FoldScorer, items: list[tuple[str, object]], labels: list[st
             return []
         if samples.size == 0:
             return []
-        original = np.asarray(scorer.score(samples), dtype=float)
+        try:
+            original = np.asarray(scorer.score(samples), dtype=float)
+        except Exception as exc:  # noqa: BLE001 - one clip the scorer cannot take must not stop the evaluation
+            log.warning("robustness: %s could not be scored as recorded, left out: %s", identifier, exc)
+            return []
         rows = []
         for transform in transforms:
+            if not transform.applies(scorer.sample_rate):
+                continue  # nothing to measure at this rate: summarize says so
             try:
                 changed = transform(samples, scorer.sample_rate, clip_rng(identifier))
                 values = np.asarray(scorer.score(changed), dtype=float)
@@ -102,8 +109,10 @@ def measure(scorer: FoldScorer, items: list[tuple[str, object]], labels: list[st
     return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
 
 
-def summarize(changes: pd.DataFrame, labels: list[str], transforms: tuple[Transform, ...] = STANDARD) -> dict:
-    """Per transform and label: mean, 95th percentile and largest absolute change, and the clip that moved most.
+def summarize(changes: pd.DataFrame, labels: list[str], transforms: tuple[Transform, ...] = STANDARD,
+              sample_rate: int | None = None) -> dict:
+    """Per transform and label: the clips measured, the mean, 95th percentile and largest absolute change, and the
+    clip that moved most. A transform with no clip measured has ``None`` figures and a ``note`` that says why.
 
     Returns ``{"recordings": n, "transforms": {slug: {"name", "description", "labels": {label: {...}}}}}``.
     """
@@ -111,27 +120,33 @@ def summarize(changes: pd.DataFrame, labels: list[str], transforms: tuple[Transf
     for transform in transforms:
         key = slug(transform)
         entry = {"name": transform.name, "description": transform.describe(), "labels": {}}
+        if sample_rate is not None and not transform.applies(sample_rate):
+            entry["note"] = f"cannot change a clip at the {sample_rate} Hz sample rate: not measured"
         for label in labels:
             rows = changes[(changes["transform"] == key) & (changes["label"] == label)]
             moved = rows["change"].abs().to_numpy(dtype=float)
             if moved.size == 0:
-                entry["labels"][label] = {"mean_change": float("nan"), "p95_change": float("nan"), "max_change": float("nan"),
+                entry["labels"][label] = {"clips": 0, "mean_change": None, "p95_change": None, "max_change": None,
                                           "most_moved": None}
+                entry.setdefault("note", "no clip could be measured")
                 continue
             worst = int(np.argmax(moved))
             entry["labels"][label] = {
-                "mean_change": float(moved.mean()), "p95_change": float(np.percentile(moved, 95)), "max_change": float(moved.max()),
-                "most_moved": str(rows["id"].iloc[worst]),
+                "clips": int(moved.size), "mean_change": float(moved.mean()), "p95_change": float(np.percentile(moved, 95)),
+                "max_change": float(moved.max()), "most_moved": str(rows["id"].iloc[worst]),
             }
         out["transforms"][key] = entry
     return out
 
 
 def flat(summary: dict) -> dict[str, float]:
-    """``robustness_<transform>_<label>_mean_change`` and ``..._max_change``: scalars for KFP's Metrics."""
+    """``robustness_<transform>_<label>_mean_change`` and ``..._max_change``: scalars for KFP's Metrics (a transform
+    that measured nothing has none)."""
     values = {}
     for key, entry in summary.get("transforms", {}).items():
         for label, numbers in entry["labels"].items():
+            if numbers["mean_change"] is None:
+                continue
             values[f"robustness_{key}_{label}_mean_change"] = numbers["mean_change"]
             values[f"robustness_{key}_{label}_max_change"] = numbers["max_change"]
     return values

@@ -38,9 +38,13 @@ def robustness_section(inputs) -> str:
     for entry in summary["transforms"].values():
         for name in labels:
             numbers = entry["labels"][name]
-            rows.append([entry["name"], *([name] if len(labels) > 1 else []), numbers["mean_change"], numbers["p95_change"],
-                         numbers["max_change"], html.escape(str(numbers["most_moved"]))])
-    header = ["transform", *(["label"] if len(labels) > 1 else []), "mean change", "95th percentile", "largest", "moved most"]
+            if numbers["mean_change"] is None:
+                figures = [f"n/a: {entry.get('note', 'not measured')}", "", "", ""]
+            else:
+                figures = [numbers["mean_change"], numbers["p95_change"], numbers["max_change"], str(numbers["most_moved"])]
+            rows.append([entry["name"], *([name] if len(labels) > 1 else []), numbers.get("clips", ""), *figures])
+    header = ["transform", *(["label"] if len(labels) > 1 else []), "clips", "mean change", "95th percentile", "largest",
+              "moved most"]
     parts.append(report.table(rows, header))
     parts.append(report.figure_to_img(change_figure(changes, label), f"score changes of {label} per transform"))
     parts.append(_moved_clips(inputs, changes, label))

@@ -88,7 +88,11 @@ class SpectrogramShardWriter:
     def __len__(self) -> int:
         return len(self._columns["id"])
 
-    def close(self) -> ShardInfo:
+    def close(self, extra_metadata: dict | None = None) -> ShardInfo:
+        """Write the shard atomically; ``extra_metadata`` (known only at the end) joins the file-level metadata."""
+        if extra_metadata:
+            self.metadata = {**self.metadata, **extra_metadata}
+            self.schema = self.schema.with_metadata({METADATA_KEY: json.dumps(self.metadata, sort_keys=True).encode()})
         table = pa.Table.from_pydict(self._columns, schema=self.schema)
         compression = {name: ("NONE" if name == "spectrogram" else "ZSTD") for name in self.schema.names}
         with atomic_path(self.path) as tmp:

@@ -281,3 +281,38 @@ def test_recording_chain_copies_are_stored_beside_the_shards_and_made_the_same_e
     assert list(again.index["id"]) == list(copies.index["id"])
     for row in range(len(copies)):  # drawn from the recording's id: the same copies in any process, any part
         np.testing.assert_array_equal(again.spectrogram(row), copies.spectrogram(row))
+
+
+def test_recordings_whose_copies_failed_are_reported_and_too_many_fail_the_step(coughvid_zip, config, tmp_path, caplog):
+    import pyarrow as pa
+
+    from coughreg.artifacts import FEATURES_REPORT, view_shard_paths
+    from coughreg.shards import METADATA_KEY
+
+    with_views = config.model_copy(update={"augmentation": config.augmentation.model_copy(update={"recording_chain_views": 1})})
+    ingest(str(coughvid_zip), tmp_path / "ingest", with_views)
+    extract_features(tmp_path / "ingest", tmp_path / "views", with_views, workers=1)
+    assert json.loads((tmp_path / "views" / FEATURES_REPORT).read_text())["copy_failures"] == []
+
+    def fail_copies(path, count):  # as a worker writes a shard whose chain failed on its first `count` recordings
+        table = pq.read_table(path)
+        metadata = read_shard_metadata(path)
+        gone = list(dict.fromkeys(table.column("id").to_pylist()))[:count]
+        metadata["copy_failures"] = [{"id": i, "audio_path": f"audio/{i}.webm", "reason": "copy 0 (Opus 12 kbit/s): no encoder"}
+                                     for i in gone]
+        kept = table.filter(pa.compute.invert(pa.compute.is_in(table.column("id"), pa.array(gone))))
+        pq.write_table(kept.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}), path)
+        return gone
+
+    shards = view_shard_paths(tmp_path / "views")
+    gone = fail_copies(shards[0], 1)
+    with caplog.at_level("WARNING"):
+        again = extract_features(tmp_path / "ingest", tmp_path / "views", with_views, workers=1)
+    assert again.skipped_shards == len(shards)  # the shards stand; their failures are reported again on every run
+    report = json.loads((tmp_path / "views" / FEATURES_REPORT).read_text())
+    assert [f["id"] for f in report["copy_failures"]] == gone
+    assert f"no recording-chain copies of {gone[0]}" in caplog.text and "no encoder" in caplog.text
+    for path in shards:  # every copy failed: training would quietly lose them all
+        fail_copies(path, 1000)
+    with pytest.raises(CoughPipelineError, match=r"copies failed for \d+ of \d+ recordings.*no encoder"):
+        extract_features(tmp_path / "ingest", tmp_path / "views", with_views, workers=1)

@@ -94,6 +94,16 @@ def test_weight_decay_reaches_weights_only():
     assert torch.linalg.norm(named["head.weight"]) < torch.linalg.norm(before["head.weight"])
 
 
+def test_what_a_transformer_backbone_exempts_from_weight_decay_is_not_decayed():
+    config = load_resolved_config(HT_YAML, [*TINY, "architecture.backbone=test_vit", "training.weight_decay=0.05"])
+    model = create_model(config)
+    decay_of = {id(p): g["weight_decay"] for g in create_optimizer(model, config).param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert named["backbone.pos_embed"].ndim == 3 and decay_of[id(named["backbone.pos_embed"])] == 0.0  # timm's list
+    assert decay_of[id(named["backbone.cls_token"])] == 0.0
+    assert decay_of[id(named["backbone.patch_embed.proj.weight"])] == 0.05
+
+
 @pytest.mark.parametrize("name", ["MAE", "MSE", "RMSE", "Huber"])
 def test_losses(name):
     loss = create_loss(name)(torch.tensor([[0.2], [0.9]]), torch.tensor([[0.0], [1.0]]))

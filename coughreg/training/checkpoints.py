@@ -25,6 +25,7 @@ import torch
 
 from coughreg.config import ExperimentConfig
 from coughreg.frontend import NORMALIZER_VERSION
+from coughreg.recording_chain import CHAIN_VERSION
 from coughreg.training.factories import PARAMETER_GROUPS_VERSION
 from coughreg.errors import CoughPipelineError, StorageError
 from coughreg.scoring import readback
@@ -63,11 +64,11 @@ def set_rng_state(state: dict) -> None:
 def fingerprint(config: ExperimentConfig, shard_set: str, train_rows: np.ndarray, batch_size: int) -> str:
     """What shapes a member: the train step's keys and its upstream keys, the data (the shard set, named by
     the hashes of its feature parameters and its manifest), its rows, its batch size, and the version of the
-    normaliser's definition and of the optimizer's parameter groups (a checkpoint made under another one is
-    not resumed)."""
+    normaliser's definition, of the training chains' law (the copies it trains on) and of the optimizer's
+    parameter groups (a checkpoint made under another one is not resumed)."""
     payload = json.dumps(
         {"config": config_values(config, chain_keys("train")), "data": shard_set, "rows": train_rows.tolist(), "batch": batch_size,
-         "normalizer": NORMALIZER_VERSION, "parameter_groups": PARAMETER_GROUPS_VERSION},
+         "normalizer": NORMALIZER_VERSION, "parameter_groups": PARAMETER_GROUPS_VERSION, "chain": CHAIN_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -40,8 +40,9 @@ def create_loss(name: str) -> nn.Module:
 def create_optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
     """The config's optimizer; parameters under ``differential_learning_rate_layers`` get their own rate.
 
-    Weight decay applies to weights only. As in timm's ``param_groups_weight_decay``, biases and every
-    1-D parameter (norm scales and shifts, GeM's power) are not decayed: decay would pull a norm's
+    Weight decay applies to weights only. As in timm's ``param_groups_weight_decay``, biases, every 1-D
+    parameter (norm scales and shifts, GeM's power) and what the backbone lists in ``no_weight_decay()``
+    (a transformer's position embedding and class token) are not decayed: decay would pull a norm's
     scale toward 0 and GeM's power toward its floor of 1, which no regulariser means to do.
     """
     training = config.training
@@ -52,10 +53,12 @@ def create_optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.
             f"training.differential_learning_rate_layers {list(prefixes)} match no parameter "
             "(use module names such as 'backbone' or 'head')"
         )
+    backbone = getattr(model, "backbone", None)
+    exempt = {f"backbone.{name}" for name in getattr(backbone, "no_weight_decay", set)()}  # a ViT's position embedding
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, parameter in named:
         rate = training.differential_learning_rate if prefixes and name.startswith(prefixes) else training.learning_rate
-        decay = 0.0 if parameter.ndim <= 1 or name.endswith(".bias") else training.weight_decay
+        decay = 0.0 if parameter.ndim <= 1 or name.endswith(".bias") or name in exempt else training.weight_decay
         groups.setdefault((rate, decay), []).append(parameter)
     param_groups = [{"params": params, "lr": rate, "weight_decay": decay} for (rate, decay), params in groups.items()]
     if training.optimizer == "AdamW":
