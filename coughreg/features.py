@@ -158,14 +158,15 @@ def _write_shard(task: dict) -> dict:
     return {"path": str(info.path), "rows": info.rows, "failures": failures, "audio_seconds": seconds}
 
 
-def _complete(path: Path, expected: dict) -> bool:
+def _complete(path: Path, expected: dict) -> dict | None:
+    """The shard's metadata when it is a whole shard made with ``expected``, else None."""
     if not path.exists():
-        return False
+        return None
     try:
         metadata = read_shard_metadata(path)
     except CoughPipelineError:
-        return False
-    return all(metadata.get(k) == v for k, v in expected.items())
+        return None
+    return metadata if all(metadata.get(k) == v for k, v in expected.items()) else None
 
 
 @dataclass
@@ -233,12 +234,16 @@ def task_files(task: dict) -> list[str]:
     return [task["name"], *([task["views_name"]] if task.get("views") else [])]
 
 
-def _task_complete(task: dict, out_dir: Path) -> bool:
+def _task_complete(task: dict, out_dir: Path, redo_failed_copies: bool = False) -> bool:
+    """Whether the task's files are whole and made with its parameters. Its copies shard must also list the copies
+    that failed (older ones did not); with ``redo_failed_copies`` (a run deciding what to skip) a copies shard with
+    failures is not complete either, so a rerun tries them again (a codec installed since, say)."""
     expected = {k: task["metadata"][k] for k in EXPECTED_KEYS}
-    if task.get("views") and not _complete(out_dir / task["views_name"], {**expected, "views": task["views"],
-                                                                         "chain_version": CHAIN_VERSION}):
-        return False
-    return _complete(out_dir / task["name"], expected)
+    if task.get("views"):
+        copies = _complete(out_dir / task["views_name"], {**expected, "views": task["views"], "chain_version": CHAIN_VERSION})
+        if copies is None or "copy_failures" not in copies or (redo_failed_copies and copies["copy_failures"]):
+            return False
+    return _complete(out_dir / task["name"], expected) is not None
 
 
 def _run_tasks(tasks: list[dict], out_dir: Path, workers: int) -> tuple[list[dict], float]:
@@ -248,7 +253,7 @@ def _run_tasks(tasks: list[dict], out_dir: Path, workers: int) -> tuple[list[dic
     for task in tasks:
         task = {**task, "path": str(out_dir / task["name"]),
                 **({"views_path": str(out_dir / task["views_name"])} if task.get("views") else {})}
-        if not _task_complete(task, out_dir):
+        if not _task_complete(task, out_dir, redo_failed_copies=True):
             todo.append(task)
     if len(todo) < len(tasks):
         log.info("features: %d of %d shards already complete, skipped", len(tasks) - len(todo), len(tasks))
@@ -291,7 +296,7 @@ def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: 
         raise CoughPipelineError(f"{out_dir}: no recording could be featurized ({len(failures)} failed)")
     for failure in failures:
         log.warning("features: skipped %s: %s", failure["id"], failure["reason"])
-    copy_failures = _copy_failures(out_dir, plan)
+    copy_failures = _copy_failures(out_dir, plan.tasks)
     index = {
         "shard_set": plan.shard_set,
         "shards": [task["name"] for task in plan.tasks],
@@ -316,15 +321,16 @@ def _finish(out_dir: Path, plan: ShardPlan, config: ExperimentConfig, failures: 
     return FeaturesResult(out_dir / SHARD_INDEX, shards, rows, failures, skipped)
 
 
-def _copy_failures(out_dir: Path, plan: ShardPlan) -> list[dict]:
-    """The recordings whose recording-chain copies could not be made, from every copies shard, each reported.
+def _copy_failures(out_dir: Path, tasks: list[dict]) -> list[dict]:
+    """The recordings whose recording-chain copies could not be made, from the tasks' copies shards, each reported.
     They train as recorded only; when that is more than ``MAX_COPY_FAILURE_SHARE`` of the recordings that should
-    have copies (a codec missing from the image, say), the step fails rather than train without them."""
-    views = plan.tasks[0].get("views") if plan.tasks else 0
+    have copies (a codec missing from the image, say), the step fails rather than train without them (and a
+    rerun makes those shards again)."""
+    views = tasks[0].get("views") if tasks else 0
     if not views:
         return []
     failures, copied = [], 0
-    for task in plan.tasks:
+    for task in tasks:
         path = out_dir / task["views_name"]
         failures.extend(read_shard_metadata(path).get("copy_failures", []))
         copied += read_shard_metadata_rows(path) // views
@@ -372,6 +378,7 @@ def extract_feature_part(
     mine = [task for task in plan.tasks if task["number"] % parts == part]
     out_dir.mkdir(parents=True, exist_ok=True)
     results, audio_seconds = _run_tasks(mine, out_dir, _default_workers(config, workers))
+    _copy_failures(out_dir, mine)  # a part whose copies mostly failed fails here, and is not kept as a finished part
     summary = {
         "part": part, "parts": parts, "shards": [name for t in mine for name in task_files(t)],
         "failures": [f for r in results for f in r["failures"]], "audio_seconds": audio_seconds,

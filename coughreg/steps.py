@@ -325,7 +325,8 @@ def _features_config(ingest_dir: Path, given: Given, named: str | Path) -> Exper
 def _features_metrics(out_dir: Path, metrics: Any) -> dict:
     report = artifacts.read_json(out_dir, artifacts.FEATURES_REPORT, "features")
     log_metrics(metrics, {"spectrograms": report["rows"], "shards": report["shards"], "failed_recordings": len(report["failures"]),
-                          "audio_hours": report["audio_seconds"] / 3600})
+                          "audio_hours": report["audio_seconds"] / 3600,
+                          **({"recordings_without_copies": len(report["copy_failures"])} if "copy_failures" in report else {})})
     return report
 
 

@@ -283,36 +283,49 @@ def test_recording_chain_copies_are_stored_beside_the_shards_and_made_the_same_e
         np.testing.assert_array_equal(again.spectrogram(row), copies.spectrogram(row))
 
 
-def test_recordings_whose_copies_failed_are_reported_and_too_many_fail_the_step(coughvid_zip, config, tmp_path, caplog):
+def test_recordings_whose_copies_failed_are_reported_tried_again_and_too_many_fail_the_step(
+        coughvid_zip, config, tmp_path, caplog):
     import pyarrow as pa
 
-    from coughreg.artifacts import FEATURES_REPORT, view_shard_paths
+    from coughreg.artifacts import FEATURES_REPORT
+    from coughreg.features import collect_feature_parts, extract_feature_part
     from coughreg.shards import METADATA_KEY
 
     with_views = config.model_copy(update={"augmentation": config.augmentation.model_copy(update={"recording_chain_views": 1})})
     ingest(str(coughvid_zip), tmp_path / "ingest", with_views)
-    extract_features(tmp_path / "ingest", tmp_path / "views", with_views, workers=1)
-    assert json.loads((tmp_path / "views" / FEATURES_REPORT).read_text())["copy_failures"] == []
+    parts = [tmp_path / "part0", tmp_path / "part1"]
+    for number, part in enumerate(parts):
+        extract_feature_part(tmp_path / "ingest", part, with_views, number, 2, workers=1)
+    collect_feature_parts(tmp_path / "ingest", parts, tmp_path / "features", with_views)
+    assert json.loads((tmp_path / "features" / FEATURES_REPORT).read_text())["copy_failures"] == []
 
-    def fail_copies(path, count):  # as a worker writes a shard whose chain failed on its first `count` recordings
+    def fail_copies(path, count):  # as a worker writes a shard whose chain failed on `count` recordings
         table = pq.read_table(path)
         metadata = read_shard_metadata(path)
         gone = list(dict.fromkeys(table.column("id").to_pylist()))[:count]
         metadata["copy_failures"] = [{"id": i, "audio_path": f"audio/{i}.webm", "reason": "copy 0 (Opus 12 kbit/s): no encoder"}
-                                     for i in gone]
+                         for i in gone]
         kept = table.filter(pa.compute.invert(pa.compute.is_in(table.column("id"), pa.array(gone))))
         pq.write_table(kept.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}), path)
         return gone
 
-    shards = view_shard_paths(tmp_path / "views")
-    gone = fail_copies(shards[0], 1)
+    def copies_of(part):
+        return sorted(part.glob("views/*/part-*.parquet"))
+
+    first = copies_of(parts[0])[0]
+    gone = fail_copies(first, 1)
     with caplog.at_level("WARNING"):
-        again = extract_features(tmp_path / "ingest", tmp_path / "views", with_views, workers=1)
-    assert again.skipped_shards == len(shards)  # the shards stand; their failures are reported again on every run
-    report = json.loads((tmp_path / "views" / FEATURES_REPORT).read_text())
-    assert [f["id"] for f in report["copy_failures"]] == gone
+        collect_feature_parts(tmp_path / "ingest", parts, tmp_path / "features", with_views)
+    assert [f["id"] for f in json.loads((tmp_path / "features" / FEATURES_REPORT).read_text())["copy_failures"]] == gone
     assert f"no recording-chain copies of {gone[0]}" in caplog.text and "no encoder" in caplog.text
-    for path in shards:  # every copy failed: training would quietly lose them all
+    for path in copies_of(parts[0]) + copies_of(parts[1]):  # every copy failed: training would lose them all
         fail_copies(path, 1000)
     with pytest.raises(CoughPipelineError, match=r"copies failed for \d+ of \d+ recordings.*no encoder"):
-        extract_features(tmp_path / "ingest", tmp_path / "views", with_views, workers=1)
+        collect_feature_parts(tmp_path / "ingest", parts, tmp_path / "features", with_views)
+    extract_feature_part(tmp_path / "ingest", parts[0], with_views, 0, 2, workers=1)  # a rerun tries the copies again
+    assert gone[0] in pq.read_table(first).column("id").to_pylist() and read_shard_metadata(first)["copy_failures"] == []
+    metadata = read_shard_metadata(first)  # a copies shard that does not list its failures (an older one) ...
+    del metadata["copy_failures"]
+    pq.write_table(pq.read_table(first).replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), first)
+    extract_feature_part(tmp_path / "ingest", parts[0], with_views, 0, 2, workers=1)
+    assert read_shard_metadata(first)["copy_failures"] == []  # ... is made again, not trusted

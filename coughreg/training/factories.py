@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 
@@ -16,8 +17,9 @@ from coughreg.training.distributed import distributed_context
 log = logging.getLogger(__name__)
 
 # The layout of the optimizer's parameter groups; a checkpoint's optimizer state fits only its own layout.
-# 2: weights decayed, biases and 1-D parameters not; 1: one group per learning rate, all decayed.
-PARAMETER_GROUPS_VERSION = 2
+# 3: weights decayed; biases, 1-D parameters and the backbone's no_weight_decay() patterns not;
+# 2: biases and 1-D parameters not; 1: one group per learning rate, all decayed.
+PARAMETER_GROUPS_VERSION = 3
 
 
 def create_loss(name: str) -> nn.Module:
@@ -54,11 +56,12 @@ def create_optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.
             "(use module names such as 'backbone' or 'head')"
         )
     backbone = getattr(model, "backbone", None)
-    exempt = {f"backbone.{name}" for name in getattr(backbone, "no_weight_decay", set)()}  # a ViT's position embedding
+    exempt = [f"backbone.{pattern}" for pattern in getattr(backbone, "no_weight_decay", set)()]  # a ViT's pos_embed
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, parameter in named:
         rate = training.differential_learning_rate if prefixes and name.startswith(prefixes) else training.learning_rate
-        decay = 0.0 if parameter.ndim <= 1 or name.endswith(".bias") or name in exempt else training.weight_decay
+        undecayed = parameter.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, p) for p in exempt)
+        decay = 0.0 if undecayed else training.weight_decay
         groups.setdefault((rate, decay), []).append(parameter)
     param_groups = [{"params": params, "lr": rate, "weight_decay": decay} for (rate, decay), params in groups.items()]
     if training.optimizer == "AdamW":
