@@ -45,10 +45,10 @@ demo: $(STAMP)
 	$(PY) pipeline.py demo
 
 # Container images: names and immutable tags (the version and a digest of the sources) come from
-# coughreg/images.py (COUGHREG_REGISTRY; COUGHREG_IMAGE_TAG replaces the tag).
-CPU_IMAGE = $(shell $(PY) -c 'from coughreg.images import CPU_IMAGE; print(CPU_IMAGE)')
-GPU_IMAGE = $(shell $(PY) -c 'from coughreg.images import GPU_IMAGE; print(GPU_IMAGE)')
-BUILD_ARGS = --build-arg VERSION=$(shell $(PY) -c 'from coughreg.images import VERSION; print(VERSION)') \
+# coughreg/runtime/images.py (COUGHREG_REGISTRY; COUGHREG_IMAGE_TAG replaces the tag).
+CPU_IMAGE = $(shell $(PY) -c 'from coughreg.runtime.images import CPU_IMAGE; print(CPU_IMAGE)')
+GPU_IMAGE = $(shell $(PY) -c 'from coughreg.runtime.images import GPU_IMAGE; print(GPU_IMAGE)')
+BUILD_ARGS = --build-arg VERSION=$(shell $(PY) -c 'from coughreg.runtime.images import VERSION; print(VERSION)') \
 	--build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 
 .PHONY: image push

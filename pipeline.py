@@ -17,7 +17,7 @@ Steps, each a container, artifacts passed through the pipeline root (S3 on a clu
                    failed: a note where the scorer would be; the metrics and report say why
 
 Each step receives only the config keys that shape its output (`<step>_config`, see
-coughreg/step_config.py), so KFP's cache reruns a step only when one of them changes; the backbone,
+coughreg/config/ownership.py), so KFP's cache reruns a step only when one of them changes; the backbone,
 epochs, learning rate and batch size are typed run parameters. Kubernetes settings come from the
 config's `cluster` section and are never parameters: S3 credentials reach the steps that read S3
 as env from a Secret, the experiment tracker's (logging.logger) reach preflight, evaluate and export
@@ -49,14 +49,14 @@ from components.ingest import ingest
 from components.preflight import preflight
 from components.score_test import score_test
 from components.train import train
-from coughreg.gate import PASSED
-from coughreg.config import ExperimentConfig
-from coughreg.images import CPU_IMAGE, GPU_IMAGE
-from coughreg.resources import CPU_REQUEST_ENV, GPUS_REQUESTED_ENV
-from coughreg.step_config import STEPS, runtime_env, step_arguments
-from coughreg.steps import GPU_NODE_SELECTOR_ENV, IMAGE_ENV, PIPELINE_ENV
-from coughreg.storage import checked_uri
-from coughreg.tracking import SECRET_KEYS as TRACKING_SECRET_KEYS
+from coughreg.evaluation.gate import PASSED
+from coughreg.config.experiment import ExperimentConfig
+from coughreg.runtime.images import CPU_IMAGE, GPU_IMAGE
+from coughreg.runtime.resources import CPU_REQUEST_ENV, GPUS_REQUESTED_ENV
+from coughreg.config.ownership import STEPS, runtime_env, step_arguments
+from coughreg.steps.harness import GPU_NODE_SELECTOR_ENV, IMAGE_ENV, PIPELINE_ENV
+from coughreg.io.storage import checked_uri
+from coughreg.tracking.tracker import SECRET_KEYS as TRACKING_SECRET_KEYS
 
 PIPELINE_NAME = "cough-regression"
 SCRATCH = "/scratch"  # ingest's ephemeral volume
@@ -202,6 +202,6 @@ def compile_pipeline(path: str | Path, config: ExperimentConfig, source_uri: str
 
 
 if __name__ == "__main__":
-    from coughreg.cli import main
+    from coughreg.app.cli import main
 
     sys.exit(main(sys.modules[__name__]))

@@ -32,11 +32,11 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from benchmarks.memory import TreeMemorySampler  # noqa: E402
-from coughreg.audio import decode_audio  # noqa: E402
-from coughreg.config import load_resolved_config  # noqa: E402
-from coughreg.feature_spec import feature_parameters  # noqa: E402
-from coughreg.features import _write_shard, log_mel_of_file  # noqa: E402
-from coughreg.synth import generate_coughvid_zip  # noqa: E402
+from coughreg.audio.files import decode_audio  # noqa: E402
+from coughreg.config.experiment import load_resolved_config  # noqa: E402
+from coughreg.audio.feature_spec import feature_parameters  # noqa: E402
+from coughreg.features.extract import _write_shard, log_mel_of_file  # noqa: E402
+from coughreg.synth.coughvid import generate_coughvid_zip  # noqa: E402
 
 
 def prepare(folder: Path, clips: int) -> list[Path]:
@@ -62,7 +62,7 @@ def rate(seconds_of_audio: float, wall: float) -> float:
 def per_core(paths: list[Path], params: dict) -> dict:
     import torch
 
-    from coughreg.frontend import LogMel
+    from coughreg.audio.frontend import LogMel
 
     torch.set_num_threads(1)
     sr = params["sample_rate"]

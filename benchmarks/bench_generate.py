@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from coughreg.synth import generate_coughvid_zip
+from coughreg.synth.coughvid import generate_coughvid_zip
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from benchmarks.memory import TreeMemorySampler  # noqa: E402
-from coughreg.local_s3 import LocalS3  # noqa: E402
-from coughreg.synth import COUGHVID_COLUMNS, _clip_job, sample_labels  # noqa: E402
+from coughreg.io.local_s3 import LocalS3  # noqa: E402
+from coughreg.synth.coughvid import COUGHVID_COLUMNS, _clip_job, sample_labels  # noqa: E402
 
 
 def build_archive(path: Path, n: int, pool_size: int, seed: int = 0) -> None:

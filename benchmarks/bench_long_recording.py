@@ -6,8 +6,8 @@ Generates a recording of ``--minutes`` (48 kHz Opus in WebM, a tone and noise; P
 features step's per-recording path in a fresh process per variant and prints that process's peak
 resident memory (VmHWM), above what the same imports take alone:
   whole clip: decode the whole recording, then one STFT over it (what the step did before);
-  windowed:   ``coughreg.features.log_mel_of_file`` (decode and log-mel ``--window-seconds`` at a time,
-              by default the step's ``coughreg.features.WINDOW_SECONDS``).
+  windowed:   ``coughreg.features.extract.log_mel_of_file`` (decode and log-mel ``--window-seconds`` at a time,
+              by default the step's ``coughreg.features.extract.WINDOW_SECONDS``).
 It also prints how far apart the two spectrograms are.
 """
 
@@ -26,9 +26,9 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from coughreg.config import load_resolved_config  # noqa: E402
-from coughreg.feature_spec import feature_parameters  # noqa: E402
-from coughreg.features import WINDOW_SECONDS  # noqa: E402
+from coughreg.config.experiment import load_resolved_config  # noqa: E402
+from coughreg.audio.feature_spec import feature_parameters  # noqa: E402
+from coughreg.features.extract import WINDOW_SECONDS  # noqa: E402
 
 VARIANTS = ("imports", "whole", "windowed")
 
@@ -39,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 import numpy as np, torch
 torch.set_num_threads(1)
-from coughreg import features
-from coughreg.audio import decode_audio
+from coughreg.features import extract as features
+from coughreg.audio.files import decode_audio
 variant, path, params = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 features.WINDOW_SECONDS = params.pop("window_seconds") or features.WINDOW_SECONDS
 started = time.perf_counter()

@@ -8,7 +8,7 @@ Generates N COUGHVID-format recordings (the generator's fixed mapping, whose nui
 label), ingests them once, and for each recipe runs features, train and evaluate as plain Python. It prints,
 side by side: the validation MAE beside the generator's noise floor (the best any model can do, expected and
 realized on the very validation rows) and the predict-the-median baseline; the error on the clips the
-generator gated or band-limited; and, per recording-chain transform (``coughreg.recording_chain.STANDARD``),
+generator gated or band-limited; and, per recording-chain transform (``coughreg.audio.recording_chain.STANDARD``),
 the mean and largest change of the score over the measured validation recordings. Then the REAL recordings'
 scores under each recipe, as they come out (nothing is tuned on them).
 
@@ -35,12 +35,12 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from coughreg.config import load_resolved_config
-from coughreg.evaluate import evaluate
-from coughreg.features import extract_features
-from coughreg.ingest import ingest
-from coughreg.recording_chain import STANDARD, slug
-from coughreg.synth import generate_coughvid_zip, posterior_median
+from coughreg.config.experiment import load_resolved_config
+from coughreg.evaluation.evaluate import evaluate
+from coughreg.features.extract import extract_features
+from coughreg.ingest.manifest import ingest
+from coughreg.audio.recording_chain import STANDARD, slug
+from coughreg.synth.coughvid import generate_coughvid_zip, posterior_median
 from coughreg.training import train
 
 RECIPES = {
@@ -67,7 +67,7 @@ def main() -> None:
     archive = work / f"coughvid_{args.n}_{args.seed}.zip"
     generator_path = archive.with_suffix(".generator.json")
     if archive.exists():
-        from coughreg.synth import MAPPING_VERSION
+        from coughreg.synth.coughvid import MAPPING_VERSION
 
         if json.loads(generator_path.read_text()).get("mapping_version") != MAPPING_VERSION:
             archive.unlink()  # made under another mapping: not the data this code describes
@@ -114,9 +114,9 @@ def real_scores(model_dir: Path, config) -> dict[str, float]:
     """The REAL recordings scored by the first fold's models, through the scoring pipeline's own code."""
     import torch
 
-    from coughreg.evaluate import scoring_policy
-    from coughreg.frontend import LogMel
-    from coughreg.model import CoughScorer
+    from coughreg.evaluation.evaluate import scoring_policy
+    from coughreg.audio.frontend import LogMel
+    from coughreg.model.network import CoughScorer
     from coughreg.scoring.scorer import Scorer
     from coughreg.training import load_members
 

@@ -37,14 +37,14 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from coughreg.config import load_resolved_config  # noqa: E402
-from coughreg.export import write_scorer  # noqa: E402
-from coughreg.frontend import LogMel  # noqa: E402
-from coughreg.model import CoughScorer, create_model  # noqa: E402
+from coughreg.config.experiment import load_resolved_config  # noqa: E402
+from coughreg.export.scorer_folder import write_scorer  # noqa: E402
+from coughreg.audio.frontend import LogMel  # noqa: E402
+from coughreg.model.network import CoughScorer, create_model  # noqa: E402
 from coughreg.scoring.processes import ProcessPool  # noqa: E402
 from coughreg.scoring.scorer import Scorer  # noqa: E402
 from coughreg.scoring.server import ScoringService, make_server  # noqa: E402
-from coughreg.synth import encode_audio  # noqa: E402
+from coughreg.synth.coughvid import encode_audio  # noqa: E402
 
 SECONDS = 10.0
 BATCH = 16

@@ -5,7 +5,7 @@ coughs must move too where the gate erased them.
 
 Reads a ``bench_quality.py`` work folder: the generated data set's truth (``coughvid_<n>_<seed>.truth.csv``) and a
 recipe's ``evaluation/robustness.parquet``. Each measured clip is made again by the generator with its coughs
-alone (``coughreg.synth.regenerate_clip``), the evaluation's gate (``recording_chain.NoiseGate``) is metered on
+alone (``coughreg.synth.coughvid.regenerate_clip``), the evaluation's gate (``recording_chain.NoiseGate``) is metered on
 the clip as generated (before its codec: the evaluation gates the decoded recording, so the share is a close
 estimate), and the share of the coughs' energy it lets through is set beside the change of the score. The gate
 opens 10 dB above the clip's noise floor, so coughs less than about 10 dB above the background (cough evidence
@@ -24,8 +24,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coughreg.recording_chain import NoiseGate, slug
-from coughreg.synth import SAMPLE_RATE, regenerate_clip
+from coughreg.audio.recording_chain import NoiseGate, slug
+from coughreg.synth.coughvid import SAMPLE_RATE, regenerate_clip
 
 KEPT_BINS = [0.0, 0.1, 0.5, 0.9, 1.0001]
 KEPT_NAMES = ["< 10 % (erased)", "10-50 %", "50-90 %", ">= 90 % (kept)"]

@@ -1,11 +1,11 @@
-"""KFP component for step 4: validation scored from audio, metrics, the quality gate, the report (see ``coughreg.evaluate``)."""
+"""KFP component for step 4: validation scored from audio, metrics, the quality gate, the report (see ``coughreg.evaluation.evaluate``)."""
 
 from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from coughreg.images import CPU_IMAGE
+from coughreg.runtime.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -22,7 +22,7 @@ def evaluate(
     """Validation MAE, RMSE and R² beside the mean and median baselines; ``gate``: 'passed' or 'failed'."""
     from collections import namedtuple
 
-    from coughreg.steps import Given, evaluate_step
+    from coughreg.steps.harness import Given, evaluate_step
 
     given = Given.parameter("evaluate_config", evaluate_config, {"max_mae_to_median_baseline": max_mae_to_median_baseline})
     values = evaluate_step(model.path, spectrograms.path, dataset.path, evaluation.path, given, metrics=metrics, html=report.path,

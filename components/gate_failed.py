@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from coughreg.images import CPU_IMAGE
+from coughreg.runtime.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -13,7 +13,7 @@ def gate_failed(evaluation: Input[Dataset], scorer: Output[Model]) -> NamedTuple
     """No scorer: the quality gate's verdict, in words, and an empty ``scorer_uri``."""
     from collections import namedtuple
 
-    from coughreg.steps import gate_failed_step
+    from coughreg.steps.harness import gate_failed_step
 
     gate_failed_step(evaluation.path, scorer.path)
     return namedtuple("GateOutputs", ["scorer_uri"])("")

@@ -1,11 +1,11 @@
-"""KFP component for step 0: what can be known before a recording is downloaded (see ``coughreg.preflight``)."""
+"""KFP component for step 0: what can be known before a recording is downloaded (see ``coughreg.preflight.checks``)."""
 
 from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Markdown, Output
 
-from coughreg.images import CPU_IMAGE
+from coughreg.runtime.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -26,7 +26,7 @@ def preflight(
     """Config, data, output locations, GPUs, pretrained weights: one error line per failed check, before anything runs."""
     from collections import namedtuple
 
-    from coughreg.steps import Given, preflight_step
+    from coughreg.steps.harness import Given, preflight_step
 
     typed = {"backbone": backbone, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
     givens = {

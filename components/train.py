@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from coughreg.images import GPU_IMAGE
+from coughreg.runtime.images import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -20,7 +20,7 @@ def train(
     training: Output[Metrics],
 ):
     """Group k-fold split, timm backbone, the config's optimisation; weights, folds and validation predictions."""
-    from coughreg.steps import Given, train_step
+    from coughreg.steps.harness import Given, train_step
 
     typed = {"backbone": backbone, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
     given = Given.parameter("train_config", train_config, typed)

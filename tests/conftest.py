@@ -14,9 +14,9 @@ os.environ.pop("HF_TOKEN", None)
 
 import pytest
 
-from coughreg.config import load_resolved_config
-from coughreg.local_s3 import LocalS3
-from coughreg.synth import generate_coughvid_zip
+from coughreg.config.experiment import load_resolved_config
+from coughreg.io.local_s3 import LocalS3
+from coughreg.synth.coughvid import generate_coughvid_zip
 from tests.tcp_proxy import FaultProxy
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def public_s3():
     import time
     import urllib.request
 
-    from coughreg.local_s3 import free_port
+    from coughreg.io.local_s3 import free_port
 
     port = free_port()
     process = subprocess.Popen(
@@ -129,8 +129,8 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_run(coughvid_zip, tmp_path_factory):
     """ingest -> features -> train on the generated fixture, once per session (plain Python, no KFP)."""
-    from coughreg.features import extract_features
-    from coughreg.ingest import ingest
+    from coughreg.features.extract import extract_features
+    from coughreg.ingest.manifest import ingest
     from coughreg.training import train
 
     root = tmp_path_factory.mktemp("tiny_run")
@@ -144,7 +144,7 @@ def tiny_run(coughvid_zip, tmp_path_factory):
 @pytest.fixture(scope="session")
 def evaluated(tiny_run, tmp_path_factory):
     """The evaluation step on the tiny run, once per session."""
-    from coughreg.evaluate import evaluate
+    from coughreg.evaluation.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("evaluation")
     return evaluate(tiny_run["model"], tiny_run["features"], tiny_run["ingest"], out, tiny_run["config"], workers=2)

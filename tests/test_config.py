@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from coughreg.config import (
+from coughreg.config.experiment import (
     CONFIG_FILE_NAME,
     DEFAULT_CONFIG,
     load_config,
@@ -17,7 +17,7 @@ from coughreg.config import (
     resolve_config,
     save_config,
 )
-from coughreg.errors import ConfigError
+from coughreg.runtime.errors import ConfigError
 from tests.conftest import HT_YAML, PROJECT
 
 
@@ -163,7 +163,7 @@ def test_cli_prints_the_resolved_config_and_names_bad_keys(tmp_path):
 
 
 def test_the_readme_config_reference_is_generated_from_the_model():
-    from coughreg.step_config import config_reference
+    from coughreg.config.ownership import config_reference
 
     readme = (PROJECT / "README.md").read_text()
     section = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]

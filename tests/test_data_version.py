@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from coughreg.data_version import source_identity
-from coughreg.errors import StorageError
-from coughreg.ingest import ingest
-from coughreg.steps import source_version_step
+from coughreg.io.data_version import source_identity
+from coughreg.runtime.errors import StorageError
+from coughreg.ingest.manifest import ingest
+from coughreg.steps.harness import source_version_step
 
 
 def test_an_s3_object_keeps_its_version_until_it_is_uploaded_again_with_other_bytes(s3_env, bucket, coughvid_zip):
@@ -45,7 +45,7 @@ def test_a_prefix_changes_when_an_object_is_added(s3_env, bucket):
 
 
 def test_a_prefix_read_after_a_deletion_no_longer_shows_the_deleted_object(s3_env, bucket, tmp_path):
-    from coughreg.sources import open_source
+    from coughreg.io.sources import open_source
 
     client = s3_env.client()
     for name in ("metadata_compiled.csv", "a.webm", "b.webm"):

@@ -410,7 +410,7 @@ def test_the_scorer_service_serves_the_s3_scorer_with_the_secrets_keys_on_its_pr
 
 
 def test_the_serving_command_parses_with_the_real_command_line():
-    from coughreg.cli import build_parser, cmd_serve
+    from coughreg.app.cli import build_parser, cmd_serve
 
     container = _serving_container(_scorer_service())
     args = build_parser().parse_args(_pipeline_argv(container))
@@ -499,9 +499,9 @@ def test_every_container_image_is_pinned(target):
         assert {image.split(":")[0] for _, image in images} == {"quay.io/minio/minio", "quay.io/minio/mc"}
         assert all(re.search(r":RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ$", image) for _, image in images), images
     if target == SERVING:
-        # The project's CPU image, named as coughreg/images.py names it. The tag is the image the scorer
+        # The project's CPU image, named as coughreg/runtime/images.py names it. The tag is the image the scorer
         # was exported with (kustomization.yaml's `images:`), not necessarily this checkout's.
-        from coughreg import images as built
+        from coughreg.runtime import images as built
 
         form = re.escape(f"{built.REGISTRY}/coughreg:{built.VERSION}-") + r"[0-9a-f]{12}-cpu"
         assert [re.fullmatch(form, image) is not None for _, image in images] == [True], images
@@ -512,9 +512,9 @@ def test_every_container_image_is_pinned(target):
 def test_components_take_their_image_from_one_place():
     from components.features import feature_part
     from components.train import train
-    from coughreg.images import CPU_IMAGE, GPU_IMAGE
+    from coughreg.runtime.images import CPU_IMAGE, GPU_IMAGE
 
     assert feature_part.component_spec.implementation.container.image == CPU_IMAGE
     assert train.component_spec.implementation.container.image == GPU_IMAGE
     makefile = (PROJECT / "Makefile").read_text()
-    assert "coughreg.images" in makefile
+    assert "coughreg.runtime.images" in makefile

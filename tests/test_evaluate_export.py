@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from coughreg.artifacts import read_manifest, shard_paths
-from coughreg.errors import CoughPipelineError
-from coughreg.evaluate import evaluate
-from coughreg.export import export
-from coughreg.features import log_mel_of_file
-from coughreg.frontend import feature_parameters
-from coughreg.metrics import constant_baselines, regression_metrics
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.evaluation.evaluate import evaluate
+from coughreg.export.scorer_folder import export
+from coughreg.features.extract import log_mel_of_file
+from coughreg.audio.frontend import feature_parameters
+from coughreg.model.metrics import constant_baselines, regression_metrics
 from coughreg.scoring.policy import chunk_bounds
 from coughreg.scoring.scorer import Scorer
-from coughreg.shards import SpectrogramShardReader
+from coughreg.artifacts.shards import SpectrogramShardReader
 from coughreg.training import load_members
 from tests.conftest import REAL_COUGHS
 
@@ -94,7 +94,7 @@ def test_the_scorer_agrees_with_the_model_on_the_shards(exported, tiny_run):
 
 
 def test_the_front_end_inside_is_the_features_front_end(exported, tiny_run):
-    from coughreg.audio import decode_audio
+    from coughreg.audio.files import decode_audio
 
     path = min(REAL_COUGHS.glob("*.mp3"))
     samples = decode_audio(path, 48000)
@@ -202,8 +202,8 @@ def test_a_bad_file_is_reported_and_the_others_scored(exported, tmp_path):
 
 def test_evaluation_measures_how_far_the_recording_chain_moves_each_score(evaluated):
     from coughreg.artifacts import ROBUSTNESS
-    from coughreg.recording_chain import STANDARD, slug
-    from coughreg.robustness import headline
+    from coughreg.audio.recording_chain import STANDARD, slug
+    from coughreg.evaluation.robustness import headline
 
     metrics = json.loads(evaluated.metrics_path.read_text())
     robustness = metrics["robustness"]

@@ -34,12 +34,12 @@ import soundfile
 import torch
 
 from coughreg.artifacts import read_manifest
-from coughreg.audio import decode_audio
-from coughreg.config import load_resolved_config, save_config
-from coughreg.ingest import ingest
+from coughreg.audio.files import decode_audio
+from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.ingest.manifest import ingest
 from coughreg.scoring.filenames import NAME_BYTES, fits, fitting_name
-from coughreg.shards import read_shard_metadata
-from coughreg.synth import encode_audio
+from coughreg.artifacts.shards import read_shard_metadata
+from coughreg.synth.coughvid import encode_audio
 from coughreg.training import checkpoints
 from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
 
@@ -464,7 +464,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(args, message,
 
 def test_a_temporary_name_fits_whatever_the_final_name(tmp_path):
     from coughreg.scoring.filenames import temporary_file, temporary_folder, temporary_name
-    from coughreg.storage import atomic_write_text
+    from coughreg.io.storage import atomic_write_text
 
     for name in (LONG_ASCII, "é" * 127, "x" * NAME_BYTES):
         target = tmp_path / name
@@ -562,7 +562,7 @@ def _refusal(ingest: Path, victim: str, path: str) -> str:
 
 @pytest.mark.parametrize("how", ["climbs-out", "absolute"])
 def test_features_refuse_a_manifest_row_outside_the_ingest_folder(how, tiny_run, tmp_path):
-    from coughreg.features import extract_features
+    from coughreg.features.extract import extract_features
 
     ingest, victim, path = _tampered_ingest(tiny_run, tmp_path, how)
     result = extract_features(ingest, tmp_path / "features", tiny_run["config"], workers=1)
@@ -574,7 +574,7 @@ def test_features_refuse_a_manifest_row_outside_the_ingest_folder(how, tiny_run,
 def test_an_ingest_folder_from_its_s3_uri_is_not_outside_itself(s3_env, bucket, tiny_run, tmp_path):
     """The features step mirrors an ``s3://`` ingest artifact as a folder of links into the download cache: its
     recordings are the folder's own, every one featurized."""
-    from coughreg.storage import upload_folder
+    from coughreg.io.storage import upload_folder
 
     upload_folder(tiny_run["ingest"], f"s3://{bucket}/run-1/ingest/dataset/")
     done = _cli("step", "features", "--input", f"s3://{bucket}/run-1/ingest/dataset/", "--out", tmp_path / "features",
@@ -585,7 +585,7 @@ def test_an_ingest_folder_from_its_s3_uri_is_not_outside_itself(s3_env, bucket, 
 
 
 def test_evaluate_refuses_a_manifest_row_outside_the_ingest_folder(tiny_run, tmp_path):
-    from coughreg.evaluate import evaluate
+    from coughreg.evaluation.evaluate import evaluate
 
     validated = set(pd.read_parquet(tiny_run["model"] / "predictions.parquet")["id"])
     ingest, victim, path = _tampered_ingest(tiny_run, tmp_path, "climbs-out", among=validated)
@@ -597,7 +597,7 @@ def test_evaluate_refuses_a_manifest_row_outside_the_ingest_folder(tiny_run, tmp
 
 
 def test_test_scoring_refuses_a_manifest_row_outside_the_ingest_folder(tiny_run, scorer_folder, tmp_path):
-    from coughreg.test_scoring import score_test_table
+    from coughreg.export.score_test_table import score_test_table
 
     ingest, victim, path = _tampered_ingest(tiny_run, tmp_path, "absolute", test_rows=3)
     summary = score_test_table(scorer_folder, ingest, tmp_path / "scored", workers=1)
@@ -758,8 +758,8 @@ def test_recordings_from_phones_and_browsers(name, config, tmp_path):
     """Each kind beside four REAL recordings, through ingest and features: rejected with its reason, or accepted with
     the container, codec, rate and channels it has and the duration that decodes (not what a header claims), and a
     finite spectrogram of that length; the REAL recordings all featurized."""
-    from coughreg.features import extract_features
-    from coughreg.shards import SpectrogramShardReader
+    from coughreg.features.extract import extract_features
+    from coughreg.artifacts.shards import SpectrogramShardReader
 
     suffix, make, reason, container, codec, rate, channels, seconds = RECORDINGS[name]
     root = tmp_path / "release"
@@ -854,7 +854,7 @@ def test_metadata_tables_from_spreadsheets(name, tmp_path):
 
 
 def _ingest_through(fault_proxy, bucket: str, config, tmp_path: Path, budget: float, out: str = "ingest"):
-    from coughreg.storage import S3Options
+    from coughreg.io.storage import S3Options
 
     config.ingest.retry_budget_seconds = budget
     return ingest(f"s3://{bucket}/coughvid.zip", tmp_path / out, config, s3=S3Options(endpoint_url=fault_proxy.endpoint_url),
@@ -864,7 +864,7 @@ def _ingest_through(fault_proxy, bucket: str, config, tmp_path: Path, budget: fl
 @pytest.fixture
 def small_parts(monkeypatch):
     """Parts of 64 KiB, so the test's zip comes in many of them (the cluster's are 16 MiB)."""
-    from coughreg import storage
+    from coughreg.io import storage
 
     monkeypatch.setattr(storage, "PART_BYTES", 64 * 2**10)
     monkeypatch.setattr(storage, "CHUNK_BYTES", 16 * 2**10)
@@ -889,7 +889,7 @@ def test_an_s3_outage_longer_than_the_budget_fails_naming_the_uri_and_keeps_the_
                                                                                       config, small_parts, tmp_path):
     """Down for 8 s with a budget of 2 s: the step fails within seconds, naming the object and the budget; the whole
     parts stay in the cache, and the run after the outage fetches only the rest."""
-    from coughreg.errors import StorageError
+    from coughreg.runtime.errors import StorageError
 
     s3_env.client().upload_file(str(coughvid_zip), bucket, "coughvid.zip")
     size = coughvid_zip.stat().st_size
@@ -924,9 +924,9 @@ def test_a_ten_minute_recording_stays_small_in_a_feature_worker(tmp_path):
     the recording itself adds far less than the 600 MB a worker may take (decoding the whole clip and one STFT over
     it added 1.3 GB), and the spectrogram is the whole clip's."""
     from benchmarks.bench_long_recording import measure
-    from coughreg.config import load_resolved_config
-    from coughreg.feature_spec import feature_parameters
-    from coughreg.features import WINDOW_SECONDS
+    from coughreg.config.experiment import load_resolved_config
+    from coughreg.audio.feature_spec import feature_parameters
+    from coughreg.features.extract import WINDOW_SECONDS
 
     path = _long_recording(tmp_path / "ten-minutes.webm", 10)
     config = load_resolved_config(HT_YAML)
@@ -941,7 +941,7 @@ def test_a_ten_minute_recording_stays_small_in_a_feature_worker(tmp_path):
 @pytest.mark.parametrize("window_frames", [1, 3, 94, 1000])
 def test_the_windowed_log_mel_equals_the_whole_clips(samples, window_frames):
     """Any length, any window, blocks of any size: the same frames as one STFT over the whole clip."""
-    from coughreg.frontend import LogMel, windowed_log_mel
+    from coughreg.audio.frontend import LogMel, windowed_log_mel
 
     module = LogMel(48000, 2048, 512, 128, 50.0, 24000.0).eval()
     rng = np.random.default_rng(samples)
@@ -957,9 +957,9 @@ def test_the_windowed_log_mel_equals_the_whole_clips(samples, window_frames):
 
 def test_the_features_of_a_long_recording_equal_the_whole_clips(tmp_path):
     """70 s of Opus (seven windows of 10 s): ``log_mel_of_file`` against decoding it whole and one STFT."""
-    from coughreg.config import load_resolved_config
-    from coughreg.feature_spec import feature_parameters
-    from coughreg.features import _frontend, log_mel_of_file
+    from coughreg.config.experiment import load_resolved_config
+    from coughreg.audio.feature_spec import feature_parameters
+    from coughreg.features.extract import _frontend, log_mel_of_file
 
     path = _long_recording(tmp_path / "seventy-seconds.webm", 70 / 60)
     params = {**feature_parameters(load_resolved_config(HT_YAML).audio), "max_seconds": 600.0}

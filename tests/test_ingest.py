@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from coughreg.artifacts import MANIFEST, read_manifest
-from coughreg.errors import CoughPipelineError, StorageError
-from coughreg.ingest import REASON_NO_METADATA, REASON_NO_RECORDING, ingest
-from coughreg.synth import SAMPLE_RATE, encode_audio
+from coughreg.runtime.errors import CoughPipelineError, StorageError
+from coughreg.ingest.manifest import REASON_NO_METADATA, REASON_NO_RECORDING, ingest
+from coughreg.synth.coughvid import SAMPLE_RATE, encode_audio
 from tests.conftest import REAL_COUGHS, REAL_METADATA
 
 

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from coughreg.artifacts import read_manifest
-from coughreg.errors import CoughPipelineError, StorageError
-from coughreg.ingest import REASON_NO_METADATA, REASON_NO_RECORDING, ingest
-from coughreg.synth import encode_audio
+from coughreg.runtime.errors import CoughPipelineError, StorageError
+from coughreg.ingest.manifest import REASON_NO_METADATA, REASON_NO_RECORDING, ingest
+from coughreg.synth.coughvid import encode_audio
 
 
 def _tone(seconds=1.5, rate=48000, freq=600.0, channels=1):

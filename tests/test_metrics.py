@@ -13,9 +13,9 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import mean_absolute_error, mean_squared_error, median_absolute_error, r2_score
 
-from coughreg import intervals
-from coughreg.intervals import METRIC_NAMES, _label_statistics, flat_scalars, metrics_with_intervals
-from coughreg.metrics import regression_metrics
+from coughreg.evaluation import intervals
+from coughreg.evaluation.intervals import METRIC_NAMES, _label_statistics, flat_scalars, metrics_with_intervals
+from coughreg.model.metrics import regression_metrics
 
 LABELS = ["cough_detected", "dyspnea", "wheezing"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coughreg.frontend import LogMel
-from coughreg.model import PAD_DB, CoughRegressor, CoughScorer
+from coughreg.audio.frontend import LogMel
+from coughreg.model.network import PAD_DB, CoughRegressor, CoughScorer
 
 
 @pytest.mark.parametrize("pool", ["Average", "Max", "GeM"])
@@ -59,15 +59,15 @@ def test_the_scorer_takes_a_raw_waveform():
 
 
 def test_an_unknown_backbone_is_named():
-    from coughreg.errors import CoughPipelineError
+    from coughreg.runtime.errors import CoughPipelineError
 
     with pytest.raises(CoughPipelineError, match="architecture.backbone"):
         CoughRegressor("resnet_does_not_exist", 1)
 
 
 def test_clip_normalization_ignores_gain_and_digital_silence():
-    from coughreg.feature_spec import FLOOR_DB
-    from coughreg.frontend import CLIP_SILENCE, CLIP_TOP_DB, SpectrogramNormalizer
+    from coughreg.audio.feature_spec import FLOOR_DB
+    from coughreg.audio.frontend import CLIP_SILENCE, CLIP_TOP_DB, SpectrogramNormalizer
 
     normalizer = SpectrogramNormalizer("Clip")
     rng = torch.Generator().manual_seed(0)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import pipeline
-from coughreg.config import load_config, load_resolved_config
-from coughreg.local_run import run_local
+from coughreg.config.experiment import load_config, load_resolved_config
+from coughreg.app.local_run import run_local
 from coughreg.scoring.scorer import Scorer
 from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
 
@@ -224,7 +224,7 @@ def test_pods_that_survive_on_a_cluster(compiled):
 def test_images_are_immutable_and_install_nothing_at_start(compiled, tmp_path):
     import shutil
 
-    from coughreg.images import BUILD_INPUTS, VERSION, source_digest
+    from coughreg.runtime.images import BUILD_INPUTS, VERSION, source_digest
 
     digest = source_digest()
     for name, executor in compiled["deploymentSpec"]["executors"].items():

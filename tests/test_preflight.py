@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from coughreg.config import load_resolved_config
-from coughreg.errors import CoughPipelineError
-from coughreg.local_s3 import Credentials
-from coughreg.preflight import pipeline_root_of
-from coughreg.steps import Given, givens_of, preflight_step
+from coughreg.config.experiment import load_resolved_config
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.io.local_s3 import Credentials
+from coughreg.preflight.checks import pipeline_root_of
+from coughreg.steps.harness import Given, givens_of, preflight_step
 from tests.conftest import HT_YAML, PROJECT, TINY
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.signal import welch
 
-from coughreg.recording_chain import (
+from coughreg.audio.recording_chain import (
     CHAIN_VERSION,
     STANDARD,
     Chain,
@@ -23,7 +23,7 @@ from coughreg.recording_chain import (
     slug,
 )
 from coughreg.scoring.decode import decode_audio
-from coughreg.synth import cough_event
+from coughreg.synth.coughvid import cough_event
 from tests.conftest import REAL_COUGHS
 
 RATE = 48000

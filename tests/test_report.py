@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from coughreg.evaluation_report import choose_recordings, lineage_section
-from coughreg.interpret import occlusion_map
-from coughreg.report import encode_ogg_opus
+from coughreg.evaluation.report import choose_recordings, lineage_section
+from coughreg.evaluation.occlusion import occlusion_map
+from coughreg.io.html_page import encode_ogg_opus
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
@@ -211,10 +211,10 @@ def _synthetic_inputs(tmp_path, rows: int, labels: list[str], folds: int, consta
     """A report's inputs without a training run: several folds and labels, to draw every figure on."""
     import pandas as pd
 
-    from coughreg.config import load_resolved_config
-    from coughreg.evaluate import compute_metrics
-    from coughreg.evaluation_report import ReportInputs
-    from coughreg.gate import decide
+    from coughreg.config.experiment import load_resolved_config
+    from coughreg.evaluation.evaluate import compute_metrics
+    from coughreg.evaluation.report import ReportInputs
+    from coughreg.evaluation.gate import decide
     from tests.conftest import HT_YAML
 
     rng = np.random.default_rng(3)
@@ -238,7 +238,7 @@ def _synthetic_inputs(tmp_path, rows: int, labels: list[str], folds: int, consta
 
 
 def test_several_folds_and_labels_draw_every_figure(tmp_path):
-    from coughreg.evaluation_report import build
+    from coughreg.evaluation.report import build
 
     inputs = _synthetic_inputs(tmp_path, 400, ["cough_detected", "severity"], folds=3)
     page = build(inputs)
@@ -249,8 +249,8 @@ def test_several_folds_and_labels_draw_every_figure(tmp_path):
 
 
 def test_labels_with_no_spread_say_n_a_instead_of_nan(tmp_path):
-    from coughreg.evaluate import json_ready
-    from coughreg.evaluation_report import build
+    from coughreg.evaluation.evaluate import json_ready
+    from coughreg.evaluation.report import build
 
     inputs = _synthetic_inputs(tmp_path, 40, ["cough_detected"], folds=2, constant_truth=True)
     page = build(inputs)

@@ -14,12 +14,12 @@ import yaml
 from safetensors.torch import load_file
 
 import pipeline
-from coughreg.cache_keys import compare, task_materials
-from coughreg.config import load_resolved_config, save_config
-from coughreg.errors import CoughPipelineError
-from coughreg.local_run import run_local
-from coughreg.step_config import UI_PARAMETERS, step_parameter
-from coughreg.steps import Given, train_step
+from coughreg.app.cache_keys import compare, task_materials
+from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.app.local_run import run_local
+from coughreg.config.ownership import UI_PARAMETERS, step_parameter
+from coughreg.steps.harness import Given, train_step
 from coughreg.training import train
 from tests.conftest import HT_YAML, PROJECT, TINY
 
@@ -208,7 +208,7 @@ def test_a_second_local_run_reuses_ingest_and_features_from_the_cache(two_local_
 @pytest.mark.slow
 def test_rerun_train_alone_against_a_local_runs_artifacts(two_local_runs, s3_env, bucket, tmp_path):
     """The same step function from the command line (s3:// artifact URIs) and the way the component calls it."""
-    from coughreg.storage import upload_folder
+    from coughreg.io.storage import upload_folder
 
     out, first, _ = two_local_runs
     features = next((out / "pipeline-root").glob("cough-regression-*/collect-features/spectrograms"))
@@ -284,8 +284,8 @@ def test_a_random_seed_is_drawn_by_the_train_step_and_recorded(tiny_run, tmp_pat
 
 
 def test_given_keys_are_checked(tmp_path):
-    from coughreg.errors import ConfigError
-    from coughreg.step_config import build_step_config
+    from coughreg.runtime.errors import ConfigError
+    from coughreg.config.ownership import build_step_config
 
     with pytest.raises(ConfigError, match="pipeline parameter train_config: expected a JSON object of config sections"):
         Given.parameter("train_config", '{"training": 5}')

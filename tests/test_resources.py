@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from coughreg.config import load_resolved_config
-from coughreg.errors import CoughPipelineError
-from coughreg.resources import _cgroup_quota, available_cpus, parse_cpu
+from coughreg.config.experiment import load_resolved_config
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.runtime.resources import _cgroup_quota, available_cpus, parse_cpu
 from coughreg.training.factories import select_device
 from tests.conftest import HT_YAML
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from coughreg.recording_chain import STANDARD, LowPass, slug
-from coughreg.robustness import FoldScorer, flat, measure, summarize
+from coughreg.audio.recording_chain import STANDARD, LowPass, slug
+from coughreg.evaluation.robustness import FoldScorer, flat, measure, summarize
 from coughreg.scoring.decode import decode_audio
 from tests.conftest import REAL_COUGHS
 

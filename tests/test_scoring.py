@@ -24,12 +24,12 @@ import pandas as pd
 import pytest
 
 import pipeline
-from coughreg.config import load_resolved_config
-from coughreg.local_run import run_local
-from coughreg.local_s3 import free_port
+from coughreg.config.experiment import load_resolved_config
+from coughreg.app.local_run import run_local
+from coughreg.io.local_s3 import free_port
 from coughreg.scoring.scorer import Scorer
 from coughreg.scoring.server import ScoringService, make_server
-from coughreg.synth import SAMPLE_RATE, encode_audio, synthesize_clip
+from coughreg.synth.coughvid import SAMPLE_RATE, encode_audio, synthesize_clip
 from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
 
 TOLERANCE = 1e-4

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coughreg.errors import StorageError
-from coughreg.local_s3 import Credentials
-from coughreg.storage import S3Options, atomic_path, download_s3_object, local_path
+from coughreg.runtime.errors import StorageError
+from coughreg.io.local_s3 import Credentials
+from coughreg.io.storage import S3Options, atomic_path, download_s3_object, local_path
 
 
 def test_download_uses_the_standard_aws_variables_and_caches_by_etag(s3_env, bucket, coughvid_zip, tmp_path, fault_proxy, monkeypatch):
@@ -93,7 +93,7 @@ def test_anonymous_access_to_a_public_bucket_sends_no_signature(public_s3, cough
     import boto3
 
     from coughreg.artifacts import read_manifest
-    from coughreg.ingest import ingest
+    from coughreg.ingest.manifest import ingest
     from tests.tcp_proxy import FaultProxy
 
     owner = boto3.client("s3", endpoint_url=public_s3, region_name="us-east-1",

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from scipy.stats import ks_2samp
 
-from coughreg.audio import decode_audio, probe_audio
-from coughreg.recording_chain import CHAIN_VERSION
-from coughreg.synth import (
+from coughreg.audio.files import decode_audio, probe_audio
+from coughreg.audio.recording_chain import CHAIN_VERSION
+from coughreg.synth.coughvid import (
     COUGHVID_COLUMNS,
     MAPPING_VERSION,
     LABEL_NOISE_SD,
@@ -85,7 +85,7 @@ def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(coughvid_z
 
 
 def test_cough_events_are_explosive_broadband_and_short():
-    from coughreg.synth import SAMPLE_RATE, cough_event
+    from coughreg.synth.coughvid import SAMPLE_RATE, cough_event
 
     rng = np.random.default_rng(4)
     for _ in range(20):
@@ -100,7 +100,7 @@ def test_cough_events_are_explosive_broadband_and_short():
 
 
 def test_the_label_sets_how_far_coughs_stand_above_the_background():
-    from coughreg.synth import synthesize_clip
+    from coughreg.synth.coughvid import synthesize_clip
 
     for evidence in (0.0, 0.5, 1.0):
         _, info = synthesize_clip(0.5, evidence, np.random.default_rng(9))
@@ -108,7 +108,7 @@ def test_the_label_sets_how_far_coughs_stand_above_the_background():
 
 
 def test_a_clip_made_again_is_the_same_clip_with_its_coughs_apart(coughvid_zip):
-    from coughreg.synth import regenerate_clip, synthesize_clip
+    from coughreg.synth.coughvid import regenerate_clip, synthesize_clip
 
     truth = pd.read_csv(coughvid_zip.with_suffix(".truth.csv"))
     for index in range(8):  # three clear coughs among them, one gated

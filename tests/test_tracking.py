@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 import pipeline
-from coughreg import tracking
-from coughreg.config import load_resolved_config
-from coughreg.errors import ConfigError
-from coughreg.evaluate import json_ready
-from coughreg.local_s3 import free_port
-from coughreg.step_config import RUNTIME, runtime_env, step_parameter
-from coughreg.steps import Given, _tracking_check, evaluate_step, export_step, training_summary
+from coughreg.tracking import tracker as tracking
+from coughreg.config.experiment import load_resolved_config
+from coughreg.runtime.errors import ConfigError
+from coughreg.evaluation.evaluate import json_ready
+from coughreg.io.local_s3 import free_port
+from coughreg.config.ownership import RUNTIME, runtime_env, step_parameter
+from coughreg.steps.harness import Given, _tracking_check, evaluate_step, export_step, training_summary
 from tests.conftest import HT_YAML, PROJECT, TINY
 
 # The Neptune client's own dependencies import jsonschema's RefResolver, which jsonschema deprecates.
@@ -310,10 +310,10 @@ def test_a_tracking_server_that_is_down_costs_a_warning_not_the_result(made, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
     before = _files(made["evaluation"])
     started = time.monotonic()
-    with caplog.at_level("WARNING", logger="coughreg.tracking"):
+    with caplog.at_level("WARNING", logger="coughreg.tracking.tracker"):
         logged = tracking.log_evaluation(_mlflow_config("down"), "s3://b/cough-regression/r1", made["model"], made["evaluation"])
     assert logged is False and time.monotonic() - started < tracking.PROBE_SECONDS + 5
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "coughreg.tracking"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "coughreg.tracking.tracker"]
     assert f"MLflow at http://127.0.0.1:{port}" in warning and "results are kept" in warning
     assert "s3cret" not in caplog.text and "alice" not in caplog.text
     assert _files(made["evaluation"]) == before
@@ -374,7 +374,7 @@ def test_the_evaluate_and_export_steps_log_into_one_tracker_run(mlflow_env, tiny
 def test_a_local_pipeline_run_logs_into_one_tracker_run(mlflow_env, coughvid_zip, tmp_path):
     """The whole DAG through kfp.local: the tracker setting reaches the step subprocesses, and the evaluate and
     export tasks' artifact URIs name one run."""
-    from coughreg.local_run import run_local
+    from coughreg.app.local_run import run_local
 
     experiment = f"local-{uuid.uuid4().hex[:8]}"
     config = load_resolved_config(HT_YAML, [*TINY, "prediction.max_mae_to_median_baseline=100", "logging.logger=MLflow",

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from coughreg.config import load_resolved_config
-from coughreg.errors import CoughPipelineError
-from coughreg.model import create_model
+from coughreg.config.experiment import load_resolved_config
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.model.network import create_model
 from coughreg.training import load_members, train
 from coughreg.training.data import LengthBucketBatchSampler
 from coughreg.training.factories import create_loss, create_optimizer, create_scheduler
@@ -186,7 +186,7 @@ def test_pretrained_weights_from_a_file(tiny_run, tmp_path):
 
 def test_dataset_normalization_statistics_come_from_the_training_rows(tiny_run, tmp_path):
     from coughreg.artifacts import shard_paths
-    from coughreg.shards import SpectrogramShardReader
+    from coughreg.artifacts.shards import SpectrogramShardReader
 
     config = load_resolved_config(HT_YAML, [*TINY, "audio.spectrogram_normalization=Dataset", "training.epochs=1"])
     result = train(tiny_run["features"], tmp_path / "model", config)
@@ -221,7 +221,7 @@ def test_block_pools_read_each_row_group_once_per_epoch():
 def test_a_training_clip_is_one_of_its_recording_chain_copies_with_the_asked_probability(tmp_path):
     import pickle
 
-    from coughreg.shards import SpectrogramShardWriter
+    from coughreg.artifacts.shards import SpectrogramShardWriter
     from coughreg.training.data import ChainViews, SpectrogramDataset
 
     ids = [f"rec{k}" for k in range(40)]
@@ -253,7 +253,7 @@ def test_a_training_clip_is_one_of_its_recording_chain_copies_with_the_asked_pro
 
 
 def test_a_paired_clip_comes_with_another_version_of_itself_cropped_alike(tmp_path):
-    from coughreg.shards import SpectrogramShardWriter
+    from coughreg.artifacts.shards import SpectrogramShardWriter
     from coughreg.training.data import ChainViews, SpectrogramDataset, collate_spectrograms
 
     ids = [f"rec{k}" for k in range(30)]

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from coughreg.artifacts import shard_paths
-from coughreg.config import load_resolved_config, save_config
-from coughreg.errors import CoughPipelineError
-from coughreg.features import extract_features
-from coughreg.shards import SpectrogramShardReader
+from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.features.extract import extract_features
+from coughreg.artifacts.shards import SpectrogramShardReader
 from coughreg.training import checkpoints, load_members, train
 from coughreg.training.folds import truncate_groups
 from coughreg.training.mixing import mix_batch
@@ -227,8 +227,8 @@ def test_the_weight_average_is_what_is_validated_and_saved(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_the_train_step_launches_one_rank_per_process(tiny_run, tmp_path, capfd):
     """What the train step does on a node with several GPUs, here with two CPU ranks (gloo) started by the step itself."""
-    from coughreg.step_config import step_parameter
-    from coughreg.steps import Given, train_step
+    from coughreg.config.ownership import step_parameter
+    from coughreg.steps.harness import Given, train_step
 
     config = _config("training.epochs=2")
     summary = train_step(tiny_run["features"], tmp_path / "ddp", Given.parameter("train_config", step_parameter(config, "train")),
@@ -243,8 +243,8 @@ def test_the_train_step_launches_one_rank_per_process(tiny_run, tmp_path, capfd)
 
 @pytest.mark.slow
 def test_a_rank_that_fails_is_named_in_one_line(tiny_run, tmp_path):
-    from coughreg.step_config import step_parameter
-    from coughreg.steps import Given, train_step
+    from coughreg.config.ownership import step_parameter
+    from coughreg.steps.harness import Given, train_step
 
     config = _config("training.differential_learning_rate_layers=[no_such_layer]")
     with pytest.raises(CoughPipelineError) as error:

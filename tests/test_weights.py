@@ -12,10 +12,10 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from coughreg.config import load_resolved_config, save_config
-from coughreg.errors import CoughPipelineError
+from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import load_members, train
-from coughreg.weights import hub_id
+from coughreg.model.weights import hub_id
 from tests.conftest import HT_YAML, PROJECT, TINY
 from tests.hub_mirror import HubMirror
 
@@ -178,7 +178,7 @@ def test_the_cache_gives_the_backbones_own_weights_never_a_neighbours(tiny_run, 
 
 def test_a_stored_copy_that_does_not_hold_up_is_fetched_again(tmp_path, caplog):
     """The store's record is checked against the file's hash: a damaged copy or record is a miss, never a crash."""
-    from coughreg.weights import Weights, keep, resolve
+    from coughreg.model.weights import Weights, keep, resolve
 
     _timm_weights("test_efficientnet", tmp_path / "model.safetensors")
     import hashlib
@@ -200,7 +200,7 @@ def test_a_stored_copy_that_does_not_hold_up_is_fetched_again(tmp_path, caplog):
 
 
 def test_a_weights_folder_names_one_file_or_is_a_hugging_face_cache(tmp_path):
-    from coughreg.weights import weights_in
+    from coughreg.model.weights import weights_in
 
     folder = tmp_path / "weights"
     folder.mkdir()
@@ -220,7 +220,7 @@ def test_a_weights_folder_names_one_file_or_is_a_hugging_face_cache(tmp_path):
 
 
 def test_credentials_in_hf_endpoint_never_reach_a_message(monkeypatch):
-    from coughreg.weights import hub_endpoint
+    from coughreg.model.weights import hub_endpoint
 
     monkeypatch.setenv("HF_ENDPOINT", "https://user:s3cr3tpass@hf-mirror.example.com:8443/")
     assert hub_endpoint() == "https://hf-mirror.example.com:8443"

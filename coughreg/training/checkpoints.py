@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coughreg.config import ExperimentConfig
-from coughreg.frontend import NORMALIZER_VERSION
-from coughreg.recording_chain import CHAIN_VERSION
+from coughreg.config.experiment import ExperimentConfig
+from coughreg.audio.frontend import NORMALIZER_VERSION
+from coughreg.audio.recording_chain import CHAIN_VERSION
 from coughreg.training.factories import PARAMETER_GROUPS_VERSION
-from coughreg.errors import CoughPipelineError, StorageError
+from coughreg.runtime.errors import CoughPipelineError, StorageError
 from coughreg.scoring import readback
-from coughreg.step_config import chain_keys, config_values
-from coughreg.storage import atomic_path
+from coughreg.config.ownership import chain_keys, config_values
+from coughreg.io.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def remote_location(base: str | None, key: str, member: str) -> str | None:
 
 def fetch(remote: str, local: Path) -> bool:
     """Copy a stored checkpoint into the member's folder; nothing stored yet is a first run (False)."""
-    from coughreg.storage import download_s3_object, is_s3_uri, local_path
+    from coughreg.io.storage import download_s3_object, is_s3_uri, local_path
 
     try:
         source = download_s3_object(remote) if is_s3_uri(remote) else local_path(remote)
@@ -101,7 +101,7 @@ def fetch(remote: str, local: Path) -> bool:
 
 
 def store(local: Path, remote: str) -> None:
-    from coughreg.storage import is_s3_uri, local_path, upload_file
+    from coughreg.io.storage import is_s3_uri, local_path, upload_file
 
     if is_s3_uri(remote):
         upload_file(local, remote)  # one PUT: the object is replaced whole or not at all

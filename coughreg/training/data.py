@@ -9,17 +9,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from coughreg.config import ExperimentConfig
-from coughreg.model import PAD_DB
-from coughreg.resources import available_cpus
-from coughreg.shards import SpectrogramShardReader
+from coughreg.config.experiment import ExperimentConfig
+from coughreg.model.network import PAD_DB
+from coughreg.runtime.resources import available_cpus
+from coughreg.artifacts.shards import SpectrogramShardReader
 from coughreg.training.distributed import distributed_context
 
 
 class SpectrogramDataset(Dataset):
     """Rows of the shards as (log-mel float32 (mels, frames), labels); opens the shards per process.
 
-    With ``views`` (the recording-chain copies, ``coughreg.features``) and ``view_probability`` p, each clip is, in
+    With ``views`` (the recording-chain copies, ``coughreg.features.extract``) and ``view_probability`` p, each clip is, in
     each epoch and with probability p, one of its copies instead of the recording as it came. With ``pairs``
     instead, an item is the recording as recorded and one of its copies (the recording again when it has none),
     cropped to the same stretch of time (``augmentation.recording_chain_consistency``). Every choice and the crop

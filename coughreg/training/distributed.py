@@ -33,7 +33,7 @@ def launch(function, args: tuple, processes: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from coughreg.errors import CoughPipelineError
+    from coughreg.runtime.errors import CoughPipelineError
 
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"coughreg-{uuid.uuid4().hex[:8]}",

@@ -9,9 +9,9 @@ import math
 import torch
 from torch import nn
 
-from coughreg.config import ExperimentConfig
-from coughreg.errors import CoughPipelineError
-from coughreg.resources import gpus_requested
+from coughreg.config.experiment import ExperimentConfig
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.runtime.resources import gpus_requested
 from coughreg.training.distributed import distributed_context
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from coughreg.config import ExperimentConfig
-from coughreg.errors import CoughPipelineError
+from coughreg.config.experiment import ExperimentConfig
+from coughreg.runtime.errors import CoughPipelineError
 
 
 def assign_folds(groups: pd.Series, n_folds: int, seed: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from coughreg.errors import CoughPipelineError
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training.mixing import mix_batch
 
 log = logging.getLogger("coughreg.train")

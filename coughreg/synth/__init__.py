@@ -1,0 +1,4 @@
+"""Generated data: the demo's embedded default and the tests' fixture.
+
+- ``coughvid``: COUGHVID-format recordings and metadata whose labels follow a known law.
+"""
