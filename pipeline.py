@@ -49,16 +49,22 @@ from components.ingest import ingest
 from components.preflight import preflight
 from components.score_test import score_test
 from components.train import train
-from coughreg.evaluation.gate import PASSED
 from coughreg.config.experiment import ExperimentConfig
-from coughreg.runtime.images import CPU_IMAGE, GPU_IMAGE
-from coughreg.runtime.resources import CPU_REQUEST_ENV, GPUS_REQUESTED_ENV
 from coughreg.config.ownership import STEPS, runtime_env, step_arguments
-from coughreg.steps.harness import GPU_NODE_SELECTOR_ENV, IMAGE_ENV, PIPELINE_ENV
+from coughreg.evaluation.gate import PASSED
 from coughreg.io.storage import checked_uri
+from coughreg.runtime.env import (
+    CACHE_ENV,
+    CPU_REQUEST_ENV,
+    GPU_NODE_SELECTOR_ENV,
+    GPUS_REQUESTED_ENV,
+    IMAGE_ENV,
+    PIPELINE_ENV,
+)
+from coughreg.runtime.images import CPU_IMAGE, GPU_IMAGE
+from coughreg.runtime.names import PIPELINE_NAME
 from coughreg.tracking.tracker import SECRET_KEYS as TRACKING_SECRET_KEYS
 
-PIPELINE_NAME = "cough-regression"
 SCRATCH = "/scratch"  # ingest's ephemeral volume
 S3_KEYS = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
 HF_KEYS = {key: key for key in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE")}  # the hub, for pretrained weights
@@ -134,7 +140,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
         kubernetes.add_ephemeral_volume(ingest_task, volume_name="scratch", mount_path=SCRATCH, access_modes=["ReadWriteOnce"],
                                         size=cluster.scratch_size, storage_class_name=cluster.scratch_storage_class)
         if not local:  # downloads and temporary files on the scratch volume, not the node's disk
-            ingest_task.set_env_variable("COUGHREG_CACHE", f"{SCRATCH}/cache").set_env_variable("TMPDIR", SCRATCH)
+            ingest_task.set_env_variable(CACHE_ENV, f"{SCRATCH}/cache").set_env_variable("TMPDIR", SCRATCH)
 
         plan_task = step(plan_feature_parts(parts=feature_parts), "features", "2a. Plan feature parts", cpu="500m", memory="1Gi")
         plan_task.after(preflight_task)  # nothing starts before the preflight passed

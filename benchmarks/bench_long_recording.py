@@ -26,8 +26,8 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from coughreg.config.experiment import load_resolved_config  # noqa: E402
 from coughreg.audio.feature_spec import feature_parameters  # noqa: E402
+from coughreg.config.experiment import load_resolved_config  # noqa: E402
 from coughreg.features.extract import WINDOW_SECONDS  # noqa: E402
 
 VARIANTS = ("imports", "whole", "windowed")

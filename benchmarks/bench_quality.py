@@ -35,11 +35,11 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
+from coughreg.audio.recording_chain import STANDARD, slug
 from coughreg.config.experiment import load_resolved_config
 from coughreg.evaluation.evaluate import evaluate
 from coughreg.features.extract import extract_features
 from coughreg.ingest.manifest import ingest
-from coughreg.audio.recording_chain import STANDARD, slug
 from coughreg.synth.coughvid import generate_coughvid_zip, posterior_median
 from coughreg.training import train
 
@@ -114,8 +114,8 @@ def real_scores(model_dir: Path, config) -> dict[str, float]:
     """The REAL recordings scored by the first fold's models, through the scoring pipeline's own code."""
     import torch
 
-    from coughreg.evaluation.evaluate import scoring_policy
     from coughreg.audio.frontend import LogMel
+    from coughreg.evaluation.evaluate import scoring_policy
     from coughreg.model.network import CoughScorer
     from coughreg.scoring.scorer import Scorer
     from coughreg.training import load_members

@@ -37,9 +37,9 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
+from coughreg.audio.frontend import LogMel  # noqa: E402
 from coughreg.config.experiment import load_resolved_config  # noqa: E402
 from coughreg.export.scorer_folder import write_scorer  # noqa: E402
-from coughreg.audio.frontend import LogMel  # noqa: E402
 from coughreg.model.network import CoughScorer, create_model  # noqa: E402
 from coughreg.scoring.processes import ProcessPool  # noqa: E402
 from coughreg.scoring.scorer import Scorer  # noqa: E402
@@ -131,7 +131,8 @@ def http_load(scorer: Scorer, files: list[bytes], workers: int, clients: int, re
 
 def profile(predict, clip: np.ndarray, threads: int) -> None:
     """The operators' share of the time (the eager model: TorchScript's fused kernels all report as ``forward``)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     torch.set_num_threads(threads)
     for _ in range(3):
@@ -201,7 +202,7 @@ def main() -> None:
         assert all(row["status"] == "ok" for row in rows)
         print(f"{f'files: decode + score, {args.threads} threads':<44}{whole:>9.1f}{'':>18}{whole / baseline:>9.2f}")
         started = time.perf_counter()
-        pool = ProcessPool(folder, "torchscript", args.threads)
+        pool = ProcessPool(Scorer, folder, "torchscript", args.threads)
         start_seconds = time.perf_counter() - started
         try:
             started = time.perf_counter()

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torchaudio
 
-from coughreg.training.augment import FLOOR_DB, SpectrogramAugmenter, enabled, mel_band_centers
+from coughreg.audio.feature_spec import AMIN
 from coughreg.config.experiment import load_resolved_config
 from coughreg.runtime.errors import ConfigError
-from coughreg.audio.feature_spec import AMIN
+from coughreg.training.augment import FLOOR_DB, SpectrogramAugmenter, enabled, mel_band_centers
 from tests.conftest import HT_YAML
 
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from coughreg.ingest.manifest import ingest
 from coughreg.io.data_version import source_identity
 from coughreg.runtime.errors import StorageError
-from coughreg.ingest.manifest import ingest
 from coughreg.steps.harness import source_version_step
 
 

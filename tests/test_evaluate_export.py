@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from coughreg.artifacts import read_manifest, shard_paths
-from coughreg.runtime.errors import CoughPipelineError
+from coughreg.artifacts.shards import SpectrogramShardReader
+from coughreg.audio.frontend import feature_parameters
 from coughreg.evaluation.evaluate import evaluate
 from coughreg.export.scorer_folder import export
 from coughreg.features.extract import log_mel_of_file
-from coughreg.audio.frontend import feature_parameters
 from coughreg.model.metrics import constant_baselines, regression_metrics
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.scoring.policy import chunk_bounds
 from coughreg.scoring.scorer import Scorer
-from coughreg.artifacts.shards import SpectrogramShardReader
 from coughreg.training import load_members
 from tests.conftest import REAL_COUGHS
 

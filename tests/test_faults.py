@@ -34,11 +34,11 @@ import soundfile
 import torch
 
 from coughreg.artifacts import read_manifest
+from coughreg.artifacts.shards import read_shard_metadata
 from coughreg.audio.files import decode_audio
 from coughreg.config.experiment import load_resolved_config, save_config
 from coughreg.ingest.manifest import ingest
 from coughreg.scoring.filenames import NAME_BYTES, fits, fitting_name
-from coughreg.artifacts.shards import read_shard_metadata
 from coughreg.synth.coughvid import encode_audio
 from coughreg.training import checkpoints
 from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
@@ -463,8 +463,8 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(args, message,
 
 
 def test_a_temporary_name_fits_whatever_the_final_name(tmp_path):
-    from coughreg.scoring.filenames import temporary_file, temporary_folder, temporary_name
     from coughreg.io.storage import atomic_write_text
+    from coughreg.scoring.filenames import temporary_file, temporary_folder, temporary_name
 
     for name in (LONG_ASCII, "é" * 127, "x" * NAME_BYTES):
         target = tmp_path / name
@@ -758,8 +758,8 @@ def test_recordings_from_phones_and_browsers(name, config, tmp_path):
     """Each kind beside four REAL recordings, through ingest and features: rejected with its reason, or accepted with
     the container, codec, rate and channels it has and the duration that decodes (not what a header claims), and a
     finite spectrogram of that length; the REAL recordings all featurized."""
-    from coughreg.features.extract import extract_features
     from coughreg.artifacts.shards import SpectrogramShardReader
+    from coughreg.features.extract import extract_features
 
     suffix, make, reason, container, codec, rate, channels, seconds = RECORDINGS[name]
     root = tmp_path / "release"
@@ -924,8 +924,8 @@ def test_a_ten_minute_recording_stays_small_in_a_feature_worker(tmp_path):
     the recording itself adds far less than the 600 MB a worker may take (decoding the whole clip and one STFT over
     it added 1.3 GB), and the spectrogram is the whole clip's."""
     from benchmarks.bench_long_recording import measure
-    from coughreg.config.experiment import load_resolved_config
     from coughreg.audio.feature_spec import feature_parameters
+    from coughreg.config.experiment import load_resolved_config
     from coughreg.features.extract import WINDOW_SECONDS
 
     path = _long_recording(tmp_path / "ten-minutes.webm", 10)
@@ -957,8 +957,8 @@ def test_the_windowed_log_mel_equals_the_whole_clips(samples, window_frames):
 
 def test_the_features_of_a_long_recording_equal_the_whole_clips(tmp_path):
     """70 s of Opus (seven windows of 10 s): ``log_mel_of_file`` against decoding it whole and one STFT."""
-    from coughreg.config.experiment import load_resolved_config
     from coughreg.audio.feature_spec import feature_parameters
+    from coughreg.config.experiment import load_resolved_config
     from coughreg.features.extract import _frontend, log_mel_of_file
 
     path = _long_recording(tmp_path / "seventy-seconds.webm", 70 / 60)

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from coughreg.artifacts import SHARD_INDEX, read_manifest, shard_paths
-from coughreg.audio.files import decode_audio
-from coughreg.config.experiment import load_resolved_config
-from coughreg.runtime.errors import CoughPipelineError
-from coughreg.features.extract import extract_features, log_mel_of_file
-from coughreg.audio.frontend import LogMel, feature_parameters
-from coughreg.ingest.manifest import ingest
 from coughreg.artifacts.shards import SpectrogramShardReader, SpectrogramShardWriter, read_shard_metadata
+from coughreg.audio.files import decode_audio
+from coughreg.audio.frontend import LogMel, feature_parameters
+from coughreg.config.experiment import load_resolved_config
+from coughreg.features.extract import extract_features, log_mel_of_file
+from coughreg.ingest.manifest import ingest
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.synth.coughvid import encode_audio
 from tests.conftest import HT_YAML, REAL_COUGHS
 
@@ -236,8 +236,8 @@ def test_a_killed_run_leaves_no_shard_that_reads_as_complete(coughvid_zip, tmp_p
 
 def test_recording_chain_copies_are_stored_beside_the_shards_and_made_the_same_every_time(coughvid_zip, config, tmp_path):
     from coughreg.artifacts import view_shard_paths
-    from coughreg.features.extract import collect_feature_parts, extract_feature_part, view_rng
     from coughreg.audio.recording_chain import Gain, Transient, draw_chain
+    from coughreg.features.extract import collect_feature_parts, extract_feature_part, view_rng
 
     with_views = config.model_copy(update={"augmentation": config.augmentation.model_copy(update={"recording_chain_views": 2})})
     ingest(str(coughvid_zip), tmp_path / "ingest", with_views)
@@ -288,8 +288,8 @@ def test_recordings_whose_copies_failed_are_reported_tried_again_and_too_many_fa
     import pyarrow as pa
 
     from coughreg.artifacts import FEATURES_REPORT
-    from coughreg.features.extract import collect_feature_parts, extract_feature_part
     from coughreg.artifacts.shards import METADATA_KEY
+    from coughreg.features.extract import collect_feature_parts, extract_feature_part
 
     with_views = config.model_copy(update={"augmentation": config.augmentation.model_copy(update={"recording_chain_views": 1})})
     ingest(str(coughvid_zip), tmp_path / "ingest", with_views)

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from coughreg.artifacts import MANIFEST, read_manifest
-from coughreg.runtime.errors import CoughPipelineError, StorageError
 from coughreg.ingest.manifest import REASON_NO_METADATA, REASON_NO_RECORDING, ingest
+from coughreg.runtime.errors import CoughPipelineError, StorageError
 from coughreg.synth.coughvid import SAMPLE_RATE, encode_audio
 from tests.conftest import REAL_COUGHS, REAL_METADATA
 

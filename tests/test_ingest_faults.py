@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from coughreg.artifacts import read_manifest
-from coughreg.runtime.errors import CoughPipelineError, StorageError
 from coughreg.ingest.manifest import REASON_NO_METADATA, REASON_NO_RECORDING, ingest
+from coughreg.runtime.errors import CoughPipelineError, StorageError
 from coughreg.synth.coughvid import encode_audio
 
 

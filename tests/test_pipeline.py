@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import pipeline
-from coughreg.config.experiment import load_config, load_resolved_config
 from coughreg.app.local_run import run_local
+from coughreg.config.experiment import load_config, load_resolved_config
 from coughreg.scoring.scorer import Scorer
 from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
 

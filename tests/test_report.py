@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from coughreg.evaluation.report import choose_recordings, lineage_section
 from coughreg.evaluation.occlusion import occlusion_map
+from coughreg.evaluation.report import choose_recordings, lineage_section
 from coughreg.io.html_page import encode_ogg_opus
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -213,8 +213,8 @@ def _synthetic_inputs(tmp_path, rows: int, labels: list[str], folds: int, consta
 
     from coughreg.config.experiment import load_resolved_config
     from coughreg.evaluation.evaluate import compute_metrics
-    from coughreg.evaluation.report import ReportInputs
     from coughreg.evaluation.gate import decide
+    from coughreg.evaluation.report import ReportInputs
     from tests.conftest import HT_YAML
 
     rng = np.random.default_rng(3)

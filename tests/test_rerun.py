@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 import pipeline
 from coughreg.app.cache_keys import compare, task_materials
-from coughreg.config.experiment import load_resolved_config, save_config
-from coughreg.runtime.errors import CoughPipelineError
 from coughreg.app.local_run import run_local
+from coughreg.config.experiment import load_resolved_config, save_config
 from coughreg.config.ownership import UI_PARAMETERS, step_parameter
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.steps.harness import Given, train_step
 from coughreg.training import train
 from tests.conftest import HT_YAML, PROJECT, TINY
@@ -284,8 +284,8 @@ def test_a_random_seed_is_drawn_by_the_train_step_and_recorded(tiny_run, tmp_pat
 
 
 def test_given_keys_are_checked(tmp_path):
-    from coughreg.runtime.errors import ConfigError
     from coughreg.config.ownership import build_step_config
+    from coughreg.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="pipeline parameter train_config: expected a JSON object of config sections"):
         Given.parameter("train_config", '{"training": 5}')

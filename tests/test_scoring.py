@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 
 import pipeline
-from coughreg.config.experiment import load_resolved_config
 from coughreg.app.local_run import run_local
+from coughreg.config.experiment import load_resolved_config
 from coughreg.io.local_s3 import free_port
 from coughreg.scoring.scorer import Scorer
 from coughreg.scoring.server import ScoringService, make_server
@@ -392,7 +392,7 @@ def test_a_worker_process_that_dies_is_replaced_and_its_recording_tried_again(sh
 
     from coughreg.scoring.processes import ProcessPool
 
-    pool = ProcessPool(shipped["scorer"], "torchscript", 2)
+    pool = ProcessPool(Scorer, shipped["scorer"], "torchscript", 2)
     try:
         assert pool.score("first", REAL[0])["status"] == "ok"
         workers = [child for child in multiprocessing.active_children() if child.pid in pool.pids]

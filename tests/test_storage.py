@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coughreg.runtime.errors import StorageError
 from coughreg.io.local_s3 import Credentials
 from coughreg.io.storage import S3Options, atomic_path, download_s3_object, local_path
+from coughreg.runtime.errors import StorageError
 
 
 def test_download_uses_the_standard_aws_variables_and_caches_by_etag(s3_env, bucket, coughvid_zip, tmp_path, fault_proxy, monkeypatch):

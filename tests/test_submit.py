@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 import pipeline
-from coughreg.config.experiment import load_resolved_config
 from coughreg.app.submit import Submission, submit
+from coughreg.config.experiment import load_resolved_config
 from tests.conftest import HT_YAML
 from tests.kfp_api import KfpApiRecorder
 

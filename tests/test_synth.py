@@ -17,8 +17,8 @@ from coughreg.audio.files import decode_audio, probe_audio
 from coughreg.audio.recording_chain import CHAIN_VERSION
 from coughreg.synth.coughvid import (
     COUGHVID_COLUMNS,
-    MAPPING_VERSION,
     LABEL_NOISE_SD,
+    MAPPING_VERSION,
     generate_coughvid_zip,
     noise_floor,
     posterior_median,

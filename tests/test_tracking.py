@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 import pipeline
-from coughreg.tracking import tracker as tracking
 from coughreg.config.experiment import load_resolved_config
-from coughreg.runtime.errors import ConfigError
+from coughreg.config.ownership import RUNTIME, runtime_env, step_parameter
 from coughreg.evaluation.evaluate import json_ready
 from coughreg.io.local_s3 import free_port
-from coughreg.config.ownership import RUNTIME, runtime_env, step_parameter
+from coughreg.runtime.errors import ConfigError
 from coughreg.steps.harness import Given, _tracking_check, evaluate_step, export_step, training_summary
+from coughreg.tracking import tracker as tracking
 from tests.conftest import HT_YAML, PROJECT, TINY
 
 # The Neptune client's own dependencies import jsonschema's RefResolver, which jsonschema deprecates.

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from coughreg.config.experiment import load_resolved_config
-from coughreg.runtime.errors import CoughPipelineError
 from coughreg.model.network import create_model
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import load_members, train
 from coughreg.training.data import LengthBucketBatchSampler
 from coughreg.training.factories import create_loss, create_optimizer, create_scheduler

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from coughreg.artifacts import shard_paths
-from coughreg.config.experiment import load_resolved_config, save_config
-from coughreg.runtime.errors import CoughPipelineError
-from coughreg.features.extract import extract_features
 from coughreg.artifacts.shards import SpectrogramShardReader
+from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.features.extract import extract_features
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import checkpoints, load_members, train
 from coughreg.training.folds import truncate_groups
 from coughreg.training.mixing import mix_batch

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.model.weights import hub_id
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import load_members, train
-from coughreg.model.weights import hub_id
 from tests.conftest import HT_YAML, PROJECT, TINY
 from tests.hub_mirror import HubMirror
 

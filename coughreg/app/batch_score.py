@@ -16,10 +16,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from coughreg.io.sources import download_prefix
+from coughreg.io.storage import (
+    DEFAULT_CACHE,
+    S3Options,
+    download_s3_object,
+    is_s3_uri,
+    list_s3_prefix,
+    parse_s3_uri,
+    s3_client,
+)
 from coughreg.scoring.inputs import expand
 from coughreg.scoring.scorer import Scorer
-from coughreg.io.sources import download_prefix
-from coughreg.io.storage import DEFAULT_CACHE, S3Options, download_s3_object, is_s3_uri, list_s3_prefix, parse_s3_uri, s3_client
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +60,8 @@ def _fetcher(uri: str, etag: str | None, options: S3Options, client):
 
 def s3_inputs(uri: str, options: S3Options, client=None) -> list[tuple[str, object]]:
     """Every non-hidden object under an ``s3://`` prefix (or the one object the URI names), as ``(uri, fetcher)``."""
-    from coughreg.runtime.errors import StorageError
     from coughreg.io.storage import head_object
+    from coughreg.runtime.errors import StorageError
 
     location = parse_s3_uri(uri)
     client = client or s3_client(options)

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from coughreg.runtime.errors import CoughPipelineError
+from coughreg.runtime.names import PIPELINE_NAME
 
 log = logging.getLogger("coughreg")
 
@@ -212,8 +213,8 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from coughreg.scoring.outputs import output_folder
     from coughreg.app.submit import Submission, submit
+    from coughreg.scoring.outputs import output_folder
 
     output_folder(args.out)
 
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit the pipeline to Kubeflow Pipelines on a cluster")
     submit.add_argument("--host", type=location, default=None, help="KFP API endpoint (default: in-cluster or kube config)")
     submit.add_argument("--namespace", default="kubeflow")
-    submit.add_argument("--experiment", default="cough-regression")
+    submit.add_argument("--experiment", default=PIPELINE_NAME)
     submit.add_argument("--run-name", default=None)
     submit.add_argument("--data", type=location, required=True, help="s3:// URI of the data set as the cluster sees it")
     submit.add_argument("--pipeline-root", type=location, default=None, help="s3://bucket/prefix for artifacts (default: kfp-launcher's)")

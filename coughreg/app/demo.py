@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from coughreg.config.experiment import PROJECT_ROOT, load_resolved_config
 from coughreg.app.local_run import run_local
-from coughreg.io.local_s3 import LocalS3
+from coughreg.config.experiment import PROJECT_ROOT, load_resolved_config
 from coughreg.evaluation.robustness import headline
+from coughreg.io.local_s3 import LocalS3
 from coughreg.synth.coughvid import generate_coughvid_zip
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ def _current_generator(archive: Path) -> bool:
     """The archive was written by this generator version (its comment holds the law the evaluation reads)."""
     import zipfile
 
-    from coughreg.ingest.manifest import generator_of
     from coughreg.audio.recording_chain import CHAIN_VERSION
+    from coughreg.ingest.manifest import generator_of
     from coughreg.synth.coughvid import MAPPING_VERSION
 
     try:

@@ -12,10 +12,10 @@ from types import ModuleType
 
 from coughreg import artifacts
 from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.ownership import RUNTIME, STEPS, runtime_env
+from coughreg.runtime.env import ERROR_FILE_ENV
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.scoring import readback
-from coughreg.config.ownership import RUNTIME, STEPS, runtime_env
-from coughreg.steps.harness import ERROR_FILE_ENV
 
 log = logging.getLogger(__name__)
 

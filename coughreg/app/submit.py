@@ -10,6 +10,7 @@ from types import ModuleType
 
 from coughreg.config.experiment import ExperimentConfig
 from coughreg.runtime.errors import CoughPipelineError
+from coughreg.runtime.names import PIPELINE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 class Submission:
     host: str | None = None
     namespace: str = "kubeflow"
-    experiment: str = "cough-regression"
+    experiment: str = PIPELINE_NAME
     run_name: str | None = None
     pipeline_root: str | None = None
     token: str | None = None

@@ -20,10 +20,11 @@ import json
 import os
 from pathlib import Path
 
+from coughreg.audio.feature_spec import feature_parameters
 from coughreg.config.experiment import CONFIG_FILE_NAME, ExperimentConfig, load_config
 from coughreg.runtime.errors import CoughPipelineError
-from coughreg.audio.feature_spec import feature_parameters
 from coughreg.scoring import readback
+from coughreg.scoring.folder import SCORER_INFO, sha256_file
 
 CONFIG = CONFIG_FILE_NAME
 
@@ -46,7 +47,6 @@ METRICS = "metrics.json"
 REPORT = "report.html"
 ROBUSTNESS = "robustness.parquet"  # each measured clip's score as recorded and through each recording-chain transform
 
-SCORER_INFO = "scorer.json"
 PROVENANCE = "provenance.json"
 GATE_NOTE = "quality_gate_failed.txt"  # where the scorer would be, when the model failed the quality gate
 
@@ -153,6 +153,11 @@ def read_model_info(folder: str | Path) -> dict:
             raise CoughPipelineError(f"{Path(folder) / str(weights)}: missing; {folder} is not a finished train output "
                                      f"(its {MODEL_INFO} names a member without its weights); rerun the train step")
     return info
+
+
+def model_weights_sha256(model_dir: str | Path, info: dict) -> dict[str, str]:
+    """The SHA-256 of each member's weights file named in a model folder's ``model.json``."""
+    return {m["weights"]: sha256_file(Path(model_dir) / m["weights"]) for m in info["members"]}
 
 
 def expected_feature_parameters(config: ExperimentConfig) -> dict:

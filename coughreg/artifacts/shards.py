@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coughreg.runtime.errors import CoughPipelineError
 from coughreg.io.storage import atomic_path
+from coughreg.runtime.errors import CoughPipelineError
 
 SHARD_SCHEMA_VERSION = 1
 METADATA_KEY = b"coughreg.shard"

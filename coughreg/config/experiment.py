@@ -22,8 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from coughreg.runtime.errors import ConfigError, StorageError
 from coughreg.io.storage import atomic_write_text, checked_uri, redacted
+from coughreg.runtime.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from coughreg.config.experiment import ExperimentConfig, _describe_errors, resolve_config
+from coughreg.runtime import env
 from coughreg.runtime.errors import ConfigError
 
 STEPS = ("ingest", "features", "train", "evaluate", "export")
@@ -69,14 +70,14 @@ KEY_OWNER = {
 # The experiment tracker is one: where results are also sent changes none of them.
 TRACKING = ("evaluate", "export")
 RUNTIME = {
-    "features.workers": ("features", "COUGHREG_FEATURE_WORKERS"),
+    "features.workers": ("features", env.FEATURE_WORKERS_ENV),
     "ingest.retry_budget_seconds": ("ingest", "COUGHREG_S3_RETRY_BUDGET"),
-    "environment.number_of_workers": ("train", "COUGHREG_LOADER_WORKERS"),
-    "cluster.checkpoint_uri": ("train", "COUGHREG_CHECKPOINT_URI"),
-    "cluster.weights_uri": ("preflight", "COUGHREG_WEIGHTS_URI"),
-    "logging.logger": (TRACKING, "COUGHREG_TRACKING_LOGGER"),
-    "logging.neptune_project": (TRACKING, "COUGHREG_NEPTUNE_PROJECT"),
-    "logging.mlflow_experiment": (TRACKING, "COUGHREG_MLFLOW_EXPERIMENT"),
+    "environment.number_of_workers": ("train", env.LOADER_WORKERS_ENV),
+    "cluster.checkpoint_uri": ("train", env.CHECKPOINT_URI_ENV),
+    "cluster.weights_uri": ("preflight", env.WEIGHTS_URI_ENV),
+    "logging.logger": (TRACKING, env.TRACKING_LOGGER_ENV),
+    "logging.neptune_project": (TRACKING, env.NEPTUNE_PROJECT_ENV),
+    "logging.mlflow_experiment": (TRACKING, env.MLFLOW_EXPERIMENT_ENV),
 }
 # Keys a user sets in the KFP UI as typed run parameters (their step's JSON leaves them out).
 UI_PARAMETERS = {

@@ -22,26 +22,21 @@ import pandas as pd
 import torch
 
 from coughreg import artifacts
-
-from coughreg.evaluation import gate
-
-from coughreg.evaluation import lineage
-
-from coughreg.evaluation import robustness
-from coughreg.config.experiment import ExperimentConfig, save_config
-from coughreg.runtime.errors import CoughPipelineError
-from coughreg.evaluation.report import ReportInputs, build
-from coughreg.export.scorer_folder import model_weights_sha256
+from coughreg.artifacts import model_weights_sha256
 from coughreg.audio.frontend import LogMel
+from coughreg.config.experiment import ExperimentConfig, save_config
+from coughreg.config.ownership import chain_keys, with_upstream
+from coughreg.evaluation import gate, lineage, robustness
 from coughreg.evaluation.intervals import flat_scalars, metrics_with_intervals
+from coughreg.evaluation.report import ReportInputs, build
+from coughreg.io.storage import atomic_path, atomic_write_text
 from coughreg.model.metrics import metric_value, regression_metrics
 from coughreg.model.network import CoughScorer
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.scoring import readback
-from coughreg.scoring.cli import plan_threads
+from coughreg.scoring.cpus import plan_threads
 from coughreg.scoring.policy import Policy
 from coughreg.scoring.scorer import Scorer
-from coughreg.config.ownership import chain_keys, with_upstream
-from coughreg.io.storage import atomic_path, atomic_write_text
 from coughreg.training import load_members
 from coughreg.training.factories import autocast_dtype
 

@@ -13,8 +13,8 @@ from importlib import metadata
 from pathlib import Path
 
 from coughreg import artifacts
-from coughreg.scoring.scorer import sha256_file
-from coughreg.steps.harness import IMAGE_ENV
+from coughreg.runtime.env import IMAGE_ENV
+from coughreg.scoring.folder import sha256_file
 
 LIBRARIES = ("coughreg", "torch", "timm", "kfp", "numpy", "pandas", "pyarrow", "av", "scikit-learn", "scipy",
              "safetensors", "pydantic", "matplotlib")

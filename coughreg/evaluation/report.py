@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 
 from coughreg import artifacts
-
-from coughreg.io import html_page as report
-from coughreg.evaluation.robustness_section import robustness_section
 from coughreg.config.experiment import ExperimentConfig
+from coughreg.evaluation.robustness_section import robustness_section
+from coughreg.io import html_page as report
 from coughreg.scoring import readback
 
 log = logging.getLogger(__name__)
@@ -318,9 +317,9 @@ def recordings_section(inputs: ReportInputs) -> tuple[str, int]:
     """
     import matplotlib.pyplot as plt
 
+    from coughreg.artifacts.shards import SpectrogramShardReader
     from coughreg.evaluation.occlusion import occlusion_map
     from coughreg.scoring.decode import decode
-    from coughreg.artifacts.shards import SpectrogramShardReader
     from coughreg.training import load_members
 
     config, info = inputs.config, inputs.info

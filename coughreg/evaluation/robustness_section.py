@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 
 from coughreg import artifacts
-
-from coughreg.io import html_page as report
 from coughreg.audio.recording_chain import STANDARD, slug
 from coughreg.evaluation.robustness import clip_rng, most_moved, window_seconds
+from coughreg.io import html_page as report
 
 log = logging.getLogger(__name__)
 

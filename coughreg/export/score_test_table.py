@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 
 from coughreg import artifacts
+from coughreg.io.storage import atomic_path, atomic_write_text
 from coughreg.model.metrics import regression_metrics
-from coughreg.scoring.cli import plan_threads
+from coughreg.scoring.cpus import plan_threads
 from coughreg.scoring.scorer import Scorer
 from coughreg.scoring.table import TAIL_COLUMNS
-from coughreg.io.storage import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 

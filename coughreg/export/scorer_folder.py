@@ -24,14 +24,17 @@ import numpy as np
 import torch
 
 from coughreg import artifacts
-from coughreg.config.experiment import ExperimentConfig, save_config
-from coughreg.runtime.errors import CoughPipelineError, StorageError
+from coughreg.artifacts import model_weights_sha256
 from coughreg.audio.frontend import LogMel
-from coughreg.model.network import CoughScorer
-from coughreg.scoring import policy as scoring_policy
-from coughreg.scoring.scorer import PROGRAMS, SCORER_FORMAT, SCORER_INFO, Scorer
+from coughreg.config.experiment import ExperimentConfig, save_config
 from coughreg.config.ownership import chain_keys, with_upstream
 from coughreg.io.storage import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file, staged_folder
+from coughreg.model.network import CoughScorer
+from coughreg.runtime.errors import CoughPipelineError, StorageError
+from coughreg.runtime.names import MODEL_NAME
+from coughreg.scoring import policy as scoring_policy
+from coughreg.scoring.folder import PROGRAMS, SCORER_FORMAT, SCORER_INFO
+from coughreg.scoring.scorer import Scorer
 from coughreg.training import load_members
 
 log = logging.getLogger(__name__)
@@ -68,10 +71,6 @@ def provenance(model_dir: Path, info: dict, run: dict | None, gate: dict | None 
         },
         "quality_gate": gate or {},
     }
-
-
-def model_weights_sha256(model_dir: Path, info: dict) -> dict[str, str]:
-    return {m["weights"]: sha256_file(Path(model_dir) / m["weights"]) for m in info["members"]}
 
 
 def _check(program, eager: CoughScorer, policy: scoring_policy.Policy) -> None:
@@ -238,7 +237,7 @@ def write_scorer(eager: CoughScorer, config: ExperimentConfig, out_dir: Path, fa
     atomic_write_text(out_dir / "requirements.txt", _requirements())
     description = {
         "format": SCORER_FORMAT,
-        "model_name": "cough-regression",
+        "model_name": MODEL_NAME,
         "backbone": facts["backbone"],
         "label_columns": facts["label_columns"],
         "label_range": facts["label_range"],

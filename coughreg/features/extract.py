@@ -35,15 +35,15 @@ from coughreg.artifacts import (
     read_manifest,
     recording_path,
 )
-from coughreg.config.experiment import ExperimentConfig, save_config
-from coughreg.runtime.errors import CoughPipelineError
+from coughreg.artifacts.shards import SpectrogramShardWriter, read_shard_metadata
 from coughreg.audio.feature_spec import feature_hash
 from coughreg.audio.recording_chain import CHAIN_VERSION
-from coughreg.runtime.resources import available_cpus
-from coughreg.scoring import readback
-from coughreg.artifacts.shards import SpectrogramShardWriter, read_shard_metadata
+from coughreg.config.experiment import ExperimentConfig, save_config
 from coughreg.config.ownership import chain_keys, config_values
 from coughreg.io.storage import atomic_path, atomic_write_text, sha256_file
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.runtime.resources import available_cpus
+from coughreg.scoring import readback
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from coughreg.runtime.errors import StorageError
 from coughreg.io.storage import (
     S3Options,
     head_object,
@@ -29,6 +28,7 @@ from coughreg.io.storage import (
     s3_client,
     sha256_file,
 )
+from coughreg.runtime.errors import StorageError
 
 
 def is_archive_key(key: str) -> bool:

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coughreg.io.data_version import etag_of, is_archive_key, prefix_listing, source_identity
-from coughreg.runtime.errors import StorageError
-from coughreg.scoring.filenames import fitting_path, temporary_name
 from coughreg.io.storage import (
     DEFAULT_CACHE,
     S3Options,
@@ -30,6 +28,8 @@ from coughreg.io.storage import (
     parse_s3_uri,
     s3_client,
 )
+from coughreg.runtime.errors import StorageError
+from coughreg.scoring.filenames import fitting_path, temporary_name
 
 log = logging.getLogger(__name__)
 

@@ -26,16 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from coughreg.runtime.errors import StorageError
 from coughreg.io.retry_budget import BudgetSpent, Outage, ShortRead
+from coughreg.runtime.env import CACHE_ENV
+from coughreg.runtime.errors import StorageError
 from coughreg.scoring.filenames import fitting_name, temporary_file, temporary_folder
-from coughreg.scoring.scorer import sha256_file  # noqa: F401 - one place (every scorer folder carries it)
+from coughreg.scoring.folder import sha256_file  # noqa: F401 - one place (every scorer folder carries it)
 
 log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-DEFAULT_CACHE = Path(os.environ.get("COUGHREG_CACHE", Path.home() / ".cache" / "coughreg"))
+DEFAULT_CACHE = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "coughreg"))
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from coughreg.config.experiment import ExperimentConfig
-from coughreg.runtime.errors import CoughPipelineError
 from coughreg.audio.feature_spec import FLOOR_DB
 from coughreg.audio.frontend import LogMel, SpectrogramNormalizer
+from coughreg.config.experiment import ExperimentConfig
+from coughreg.runtime.errors import CoughPipelineError
 
 log = logging.getLogger(__name__)
 

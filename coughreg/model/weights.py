@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coughreg.config.experiment import ExperimentConfig
+from coughreg.io.storage import atomic_write_text, download_s3_object, is_s3_uri, local_path, sha256_file, upload_file
 from coughreg.runtime.errors import CoughPipelineError, StorageError
 from coughreg.scoring import readback
-from coughreg.io.storage import atomic_write_text, download_s3_object, is_s3_uri, local_path, sha256_file, upload_file
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,12 @@ def _from_store(store: str, repo: str, revision: str | None) -> Weights | None:
 def _download(repo: str, revision: str | None, backbone: str) -> Path:
     """timm's file for the backbone from the hub (huggingface_hub retries a connection that fails)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+    )
 
     problem = ""
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

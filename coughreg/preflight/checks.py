@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coughreg.config.experiment import ExperimentConfig
-from coughreg.runtime.errors import CoughPipelineError
 from coughreg.io.storage import S3Options, is_s3_uri, local_path, parse_s3_uri, s3_client
+from coughreg.runtime.errors import CoughPipelineError
 
 log = logging.getLogger(__name__)
 

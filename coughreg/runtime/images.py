@@ -13,6 +13,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from coughreg.runtime.env import CPU_IMAGE_ENV, GPU_IMAGE_ENV, IMAGE_TAG_ENV, REGISTRY_ENV
+
 VERSION = "0.1.0"
 ROOT = Path(__file__).resolve().parents[2]
 # What an image is built from (docker/Dockerfile copies these).
@@ -47,13 +49,13 @@ def source_digest(root: Path = ROOT) -> str | None:
 
 
 def _tag() -> str:
-    if os.environ.get("COUGHREG_IMAGE_TAG"):
-        return os.environ["COUGHREG_IMAGE_TAG"]
+    if os.environ.get(IMAGE_TAG_ENV):
+        return os.environ[IMAGE_TAG_ENV]
     digest = source_digest()
     return f"{VERSION}-{digest[:12]}" if digest else VERSION
 
 
-REGISTRY = os.environ.get("COUGHREG_REGISTRY", "ghcr.io/coughreg")
+REGISTRY = os.environ.get(REGISTRY_ENV, "ghcr.io/coughreg")
 TAG = _tag()
-CPU_IMAGE = os.environ.get("COUGHREG_CPU_IMAGE") or f"{REGISTRY}/coughreg:{TAG}-cpu"
-GPU_IMAGE = os.environ.get("COUGHREG_GPU_IMAGE") or f"{REGISTRY}/coughreg:{TAG}-cuda"
+CPU_IMAGE = os.environ.get(CPU_IMAGE_ENV) or f"{REGISTRY}/coughreg:{TAG}-cpu"
+GPU_IMAGE = os.environ.get(GPU_IMAGE_ENV) or f"{REGISTRY}/coughreg:{TAG}-cuda"

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import os
 
-from coughreg.scoring.cpus import CPU_REQUEST_ENV, _cgroup_quota, available_cpus, parse_cpu  # noqa: F401 - one place
-
-GPUS_REQUESTED_ENV = "COUGHREG_GPUS_REQUESTED"  # the nvidia.com/gpu the train task asked for
+from coughreg.runtime.env import GPUS_REQUESTED_ENV
+from coughreg.scoring.cpus import _cgroup_quota, available_cpus, parse_cpu  # noqa: F401 - one place
 
 
 def limit_threads() -> int:

@@ -16,22 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .cpus import available_cpus
+from .cpus import plan_threads
 from .errors import CoughPipelineError
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
-
-
-def plan_threads(workers: int | None) -> int:
-    """Recordings scored at once (default: one per CPU this process may use). With several, each runs
-    on one torch thread: clips in parallel use the cores better than one clip on all of them."""
-    import torch
-
-    workers = workers or available_cpus()
-    torch.set_num_threads(1 if workers > 1 else available_cpus())
-    return workers
 
 
 def score_table(scorer, items: list[tuple[str, str | Path]], out: str | Path | None, workers: int | None = None) -> int:

@@ -48,3 +48,13 @@ def available_cpus() -> int:
         except ValueError:
             pass
     return max(1, math.floor(min(limits)))
+
+
+def plan_threads(workers: int | None) -> int:
+    """Recordings scored at once (default: one per CPU this process may use). With several, each runs
+    on one torch thread: clips in parallel use the cores better than one clip on all of them."""
+    import torch
+
+    workers = workers or available_cpus()
+    torch.set_num_threads(1 if workers > 1 else available_cpus())
+    return workers

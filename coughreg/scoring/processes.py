@@ -18,19 +18,20 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
-from .scorer import Scorer, failed_row, read_info
+from .folder import read_info
+from .table import failed_row
 
 log = logging.getLogger(__name__)
 
-_scorer: Scorer | None = None  # one per worker process
+_scorer = None  # this worker process's scorer
 
 
-def _load(folder: str, program: str) -> None:
+def _load(make, folder: str, program: str) -> None:
     global _scorer
     import torch
 
     torch.set_num_threads(1)
-    _scorer = Scorer(folder, program)
+    _scorer = make(folder, program)
 
 
 def _ready(_: int) -> int:
@@ -45,10 +46,13 @@ def _score(name: str, source: str | bytes) -> dict:
 
 
 class ProcessPool:
-    """``workers`` processes holding the scorer in ``folder``; ``score`` is safe to call from many threads."""
+    """``workers`` processes holding the scorer in ``folder``; ``score`` is safe to call from many threads.
 
-    def __init__(self, folder: str | Path, program: str, workers: int) -> None:
-        self.folder, self.program, self.workers = str(folder), program, max(1, workers)
+    ``make(folder, program)`` builds each process's scorer (the ``Scorer`` class, passed by reference).
+    """
+
+    def __init__(self, make, folder: str | Path, program: str, workers: int) -> None:
+        self.make, self.folder, self.program, self.workers = make, str(folder), program, max(1, workers)
         self.label_columns = list(read_info(folder)["label_columns"])
         self._lock = threading.Lock()
         self.pids: set[int] = set()  # the worker processes' ids (each answered once it had loaded the scorer)
@@ -56,7 +60,7 @@ class ProcessPool:
 
     def _start(self) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_load,
-                                   initargs=(self.folder, self.program))
+                                   initargs=(self.make, self.folder, self.program))
         started = time.perf_counter()
         self.pids = set(pool.map(_ready, range(self.workers)))  # every worker has loaded the scorer
         log.info("%d scoring process(es) ready in %.1f s", len(self.pids), time.perf_counter() - started)

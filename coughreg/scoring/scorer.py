@@ -12,7 +12,6 @@ scorers from where only the pipeline writes. Neither program needs timm or the t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -23,26 +22,16 @@ import numpy as np
 
 from .decode import Decoded, decode
 from .errors import AudioDecodeError, CoughPipelineError
+from .folder import PROGRAMS, SCORER_FORMAT, SCORER_INFO, read_info, sha256_file, verify_files  # noqa: F401 - their home
 from .policy import Policy, score_samples
-from .readback import read_json, require_keys
+from .table import failed_row
 
 log = logging.getLogger(__name__)
 
-SCORER_INFO = "scorer.json"
-SCORER_FORMAT = 2
-PROGRAMS = {"torchscript": "scorer.ts", "export": "scorer.pt2"}
 # Worker processes take a second or two to start, and gain most where threads are held back by decoding
 # (which holds the GIL) the most: many workers. Measured on 2 CPUs (10 s Opus clips): threads 51, processes
 # 57 clips/s, +1.7 s to start; threads stop scaling at ~65 clips/s, processes do not.
 PROCESS_WORK = 800  # recordings x (workers - 1) from which processes are used
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_torchscript(path: str | Path):
@@ -65,40 +54,6 @@ def load_exported(path: str | Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "No complete tensor found in the group": CPU weights, as saved
         return torch.export.load(str(path)).module()
-
-
-AGAIN = "export the scorer again, or copy the whole scorer folder again"
-INFO_KEYS = {"format": int, "programs": dict, "files": dict, "label_columns": list, "sample_rate": (int, float),
-             "inference_chunk_seconds": (int, float), "max_inference_chunk_seconds": (int, float)}
-
-
-def read_info(folder: str | Path) -> dict:
-    """A scorer folder's ``scorer.json``; a clear error when the folder is not a whole scorer."""
-    path = Path(folder) / SCORER_INFO
-    if not path.is_file():
-        raise CoughPipelineError(f"{path}: missing; {folder} is not a scorer folder (the export step writes one)")
-    info = read_json(path, AGAIN)
-    if info.get("format") != SCORER_FORMAT:
-        raise CoughPipelineError(f"{path}: scorer format {info.get('format', '?')}, not {SCORER_FORMAT}; {AGAIN}")
-    return require_keys(info, INFO_KEYS, path, AGAIN)
-
-
-def verify_files(folder: str | Path, info: dict, program: str) -> None:
-    """Every file ``scorer.json`` lists has the SHA-256 it records (but the other programs, which are not
-    loaded); a file missing, changed or outside the folder is named. ``program`` (a file name) must be listed."""
-    folder = Path(folder)
-    if program not in info["files"]:
-        raise CoughPipelineError(f"{folder / SCORER_INFO}: records no SHA-256 for {program}, which is never loaded "
-                                 f"unchecked; {AGAIN}")
-    others = {str(file) for file in info["programs"].values()} - {program}
-    for name, expected in sorted(info["files"].items()):
-        if name in others:
-            continue
-        path = folder / str(name)
-        inside = not Path(str(name)).is_absolute() and ".." not in Path(str(name)).parts
-        if not inside or not path.is_file() or sha256_file(path) != expected:
-            raise CoughPipelineError(f"{path}: missing or damaged (its SHA-256 is not the {expected} the export recorded); "
-                                     "copy the scorer folder again")
 
 
 class Scorer:
@@ -208,7 +163,7 @@ class Scorer:
         if processes:
             from .processes import ProcessPool
 
-            pool = ProcessPool(self.folder, self.program_name, workers)
+            pool = ProcessPool(type(self), self.folder, self.program_name, workers)
 
         def one(name: str, source) -> dict:
             if pool is None:
@@ -237,9 +192,3 @@ class Scorer:
             if pool is not None:
                 pool.close()
         return rows
-
-
-def failed_row(path: str, reason: str, label_columns: list[str]) -> dict:
-    """The row of a recording that could not be scored: no values, the reason."""
-    return {"path": path, **{label: float("nan") for label in label_columns}, "duration_s": float("nan"),
-            "n_chunks": 0, "truncated": False, "status": "failed", "reason": reason}

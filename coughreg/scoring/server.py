@@ -22,11 +22,11 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .folder import MODEL_NAME
 from .scorer import Scorer
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "cough-regression"
 
 
 class ScoringService:
@@ -53,7 +53,7 @@ class ScoringService:
         if self.processes:
             from .processes import ProcessPool
 
-            self.pool = ProcessPool(self.scorer.folder, self.scorer.program_name, self.workers)
+            self.pool = ProcessPool(type(self.scorer), self.scorer.folder, self.scorer.program_name, self.workers)
         self.ready.set()
 
     def close(self) -> None:

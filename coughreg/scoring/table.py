@@ -46,3 +46,9 @@ def write(table, path: str | Path | None) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def failed_row(path: str, reason: str, label_columns: list[str]) -> dict:
+    """The row of a recording that could not be scored: no values, the reason."""
+    return {"path": path, **{label: float("nan") for label in label_columns}, "duration_s": float("nan"),
+            "n_chunks": 0, "truncated": False, "status": "failed", "reason": reason}

@@ -29,21 +29,20 @@ from typing import Any
 
 from coughreg import artifacts
 from coughreg.config.experiment import ExperimentConfig, load_settings
-from coughreg.runtime.errors import ConfigError, CoughPipelineError
-from coughreg.runtime.resources import limit_threads
-from coughreg.scoring.outputs import output_folder
 from coughreg.config.ownership import UI_PARAMETERS, build_step_config, runtime_from_env
 from coughreg.io.storage import DEFAULT_CACHE, S3Options, is_s3_uri
+from coughreg.runtime.env import ERROR_FILE_ENV, GPU_NODE_SELECTOR_ENV, IMAGE_ENV, PIPELINE_ENV
+from coughreg.runtime.errors import ConfigError, CoughPipelineError
+from coughreg.runtime.names import PIPELINE_NAME
+from coughreg.runtime.resources import limit_threads
+from coughreg.scoring.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
-PIPELINE_ENV = "COUGHREG_PIPELINE"  # the pipeline's name, set on every task
-GPU_NODE_SELECTOR_ENV = "COUGHREG_GPU_NODE_SELECTOR"  # the train task's node selector (JSON), set on preflight
-IMAGE_ENV = "COUGHREG_IMAGE"  # the task's image reference, set on every task
 
 
 def _pipeline_name() -> str:
-    return os.environ.get(PIPELINE_ENV, "cough-regression")
+    return os.environ.get(PIPELINE_ENV, PIPELINE_NAME)
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,6 @@ class Given:
         for section, values in keys.items():
             merged.setdefault(section, {}).update(values)
         return Given(merged, self.where, self.strict, self.overrides)
-
-
-ERROR_FILE_ENV = "COUGHREG_ERROR_FILE"  # where a failing step writes its message (run-local reads it back)
 
 
 def reports_errors(step: str):
@@ -245,8 +241,8 @@ def preflight_step(source_uri: str, givens: dict[str, Given], *, report: str | N
     Raises:
         CoughPipelineError: one line per failed check.
     """
-    from coughreg.preflight.checks import PreflightResult, failure_message, pipeline_root_of, preflight, write_report
     from coughreg.preflight.checks import Check as PreflightCheck
+    from coughreg.preflight.checks import PreflightResult, failure_message, pipeline_root_of, preflight, write_report
 
     setup_logging()
     started = time.perf_counter()
@@ -277,8 +273,8 @@ def preflight_step(source_uri: str, givens: dict[str, Given], *, report: str | N
 def _tracking_check(config: ExperimentConfig):
     """The experiment tracker's settings and credentials are there (``coughreg.tracking.tracker.describe``); whether an MLflow
     server answers now is reported, not required (the evaluate and export steps warn and go on without it)."""
-    from coughreg.tracking import tracker as tracking
     from coughreg.preflight.checks import Check
+    from coughreg.tracking import tracker as tracking
 
     began = time.perf_counter()
     try:
@@ -475,8 +471,8 @@ def evaluate_step(model: str | Path, features: str | Path, ingest: str | Path, o
     With ``logging.logger``, the config, the training curves, the metrics and the report also go to the
     experiment tracker, into the tracker run of the pipeline run ``artifact_uri`` (default: ``out``) belongs to.
     """
-    from coughreg.tracking import tracker as tracking
     from coughreg.evaluation.evaluate import evaluate
+    from coughreg.tracking import tracker as tracking
 
     setup_logging()
     limit_threads()
@@ -508,8 +504,8 @@ def run_identity(artifact_uri: str | None) -> dict:
 def export_step(model: str | Path, evaluation: str | Path, out: str | Path, given: Given, *, artifact_uri: str | None = None,
                 s3: S3Options | None = None, cache_dir: Path | None = None) -> dict:
     """The scorer folder; with ``logging.logger``, also to the experiment tracker (the evaluate step's tracker run)."""
-    from coughreg.tracking import tracker as tracking
     from coughreg.export.scorer_folder import export
+    from coughreg.tracking import tracker as tracking
 
     setup_logging()
     limit_threads()

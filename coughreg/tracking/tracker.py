@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 from coughreg import artifacts
 from coughreg.config.experiment import ExperimentConfig
 from coughreg.runtime.errors import ConfigError
+from coughreg.runtime.names import PIPELINE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKI
 
 RUN_ID_TAG = "coughreg.run"  # an MLflow run's run key, hashed: what it is looked up by
 RUN_KEY_TAG = "coughreg.run_key"  # and in words
-DEFAULT_PIPELINE = "cough-regression"
+DEFAULT_PIPELINE = PIPELINE_NAME
 PROBE_SECONDS = 10  # how long a tracking server may take to answer before it counts as down
 HISTORY_KEYS = ("fold", "seed", "epoch")
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coughreg.config.experiment import AudioConfig, AugmentationConfig
 from coughreg.audio.feature_spec import FLOOR_DB
+from coughreg.config.experiment import AudioConfig, AugmentationConfig
 
 LOWPASS_MIN_HZ = 4000.0
 

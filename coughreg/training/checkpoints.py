@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coughreg.config.experiment import ExperimentConfig
 from coughreg.audio.frontend import NORMALIZER_VERSION
 from coughreg.audio.recording_chain import CHAIN_VERSION
-from coughreg.training.factories import PARAMETER_GROUPS_VERSION
-from coughreg.runtime.errors import CoughPipelineError, StorageError
-from coughreg.scoring import readback
+from coughreg.config.experiment import ExperimentConfig
 from coughreg.config.ownership import chain_keys, config_values
 from coughreg.io.storage import atomic_path
+from coughreg.runtime.errors import CoughPipelineError, StorageError
+from coughreg.scoring import readback
+from coughreg.training.factories import PARAMETER_GROUPS_VERSION
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from coughreg.artifacts.shards import SpectrogramShardReader
 from coughreg.config.experiment import ExperimentConfig
 from coughreg.model.network import PAD_DB
 from coughreg.runtime.resources import available_cpus
-from coughreg.artifacts.shards import SpectrogramShardReader
 from coughreg.training.distributed import distributed_context
 
 

@@ -16,16 +16,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from coughreg.training.augment import SpectrogramAugmenter
-from coughreg.training.augment import enabled as augmentation_enabled
+from coughreg.artifacts.shards import SpectrogramShardReader
 from coughreg.config.experiment import ExperimentConfig
-from coughreg.runtime.errors import CoughPipelineError
+from coughreg.io.storage import atomic_path, atomic_write_text
 from coughreg.model.metrics import baseline_constants, regression_metrics
 from coughreg.model.network import CoughRegressor, create_model
+from coughreg.runtime.errors import CoughPipelineError
 from coughreg.scoring import readback
-from coughreg.artifacts.shards import SpectrogramShardReader
-from coughreg.io.storage import atomic_path, atomic_write_text
 from coughreg.training import checkpoints
+from coughreg.training.augment import SpectrogramAugmenter
+from coughreg.training.augment import enabled as augmentation_enabled
 from coughreg.training.data import ChainViews, SpectrogramDataset, create_loader
 from coughreg.training.distributed import distributed_context, is_main_process
 from coughreg.training.factories import create_loss, create_optimizer, create_scheduler

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coughreg.config.experiment import ExperimentConfig
 from coughreg.audio.feature_spec import AMIN
+from coughreg.config.experiment import ExperimentConfig
 
 
 def mix_batch(spectrograms, lengths, labels, config: ExperimentConfig, rng: np.random.Generator):

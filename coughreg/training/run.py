@@ -18,15 +18,14 @@ import pandas as pd
 import torch
 
 from coughreg import artifacts
-
-from coughreg.io import html_page as report
-from coughreg.config.experiment import ExperimentConfig, save_config
-from coughreg.runtime.errors import CoughPipelineError
-from coughreg.model.network import CoughRegressor, create_model
-from coughreg.scoring import readback
 from coughreg.artifacts.shards import SpectrogramShardReader
+from coughreg.config.experiment import ExperimentConfig, save_config
 from coughreg.config.ownership import chain_keys
+from coughreg.io import html_page as report
 from coughreg.io.storage import atomic_path, atomic_write_text
+from coughreg.model.network import CoughRegressor, create_model
+from coughreg.runtime.errors import CoughPipelineError
+from coughreg.scoring import readback
 from coughreg.training.data import ChainViews
 from coughreg.training.distributed import is_main_process, start_process_group, stop_process_group
 from coughreg.training.factories import autocast_dtype, select_device
