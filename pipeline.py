@@ -13,7 +13,7 @@ Steps, each a container, artifacts passed through the pipeline root (S3 on a clu
                    beside the mean/median baselines, the quality gate's verdict, HTML report
        quality gate (dsl.If on evaluate's `gate`: MAE / median-baseline MAE <= max_mae_to_median_baseline)
     5. export    - passed: the scorer folder (raw audio in; torch, numpy, PyAV only) and its provenance
-    6. score     - passed, with dataset.test_dataframe: the test table scored with that scorer (Parquet)
+    6. score_test_table - passed, with dataset.test_dataframe: the test table scored with that scorer (Parquet)
                    failed: a note where the scorer would be; the metrics and report say why
 
 Each step receives only the config keys that shape its output (`<step>_config`, see
@@ -47,7 +47,7 @@ from components.features import collect_features, feature_part, plan_feature_par
 from components.gate_failed import gate_failed
 from components.ingest import ingest
 from components.preflight import preflight
-from components.score_test import score_test
+from components.score_test_table import score_test_table
 from components.train import train
 from coughreg.config.experiment import ExperimentConfig
 from coughreg.config.ownership import STEPS, runtime_env, step_arguments
@@ -184,7 +184,7 @@ def build_pipeline(config: ExperimentConfig, source_uri: str = "", feature_parts
                                  export_config=export_config)
             tracked(step(export_task, "export", "5. Export the scorer"))
             if config.dataset.test_dataframe and config.training.build_scoring_pipelines:
-                test_task = score_test(scorer=export_task.outputs["scorer"], dataset=ingest_task.outputs["dataset"])
+                test_task = score_test_table(scorer=export_task.outputs["scorer"], dataset=ingest_task.outputs["dataset"])
                 step(test_task, "score", "6. Score the test table")
         with dsl.Else("quality-gate-failed"):
             failed_task = gate_failed(evaluation=evaluate_task.outputs["evaluation"])

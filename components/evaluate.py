@@ -22,7 +22,8 @@ def evaluate(
     """Validation MAE, RMSE and R² beside the mean and median baselines; ``gate``: 'passed' or 'failed'."""
     from collections import namedtuple
 
-    from coughreg.steps.harness import Given, evaluate_step
+    from coughreg.config.given import Given
+    from coughreg.steps.evaluate import evaluate_step
 
     given = Given.parameter("evaluate_config", evaluate_config, {"max_mae_to_median_baseline": max_mae_to_median_baseline})
     values = evaluate_step(model.path, spectrograms.path, dataset.path, evaluation.path, given, metrics=metrics, html=report.path,

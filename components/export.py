@@ -14,7 +14,8 @@ def export(model: Input[Model], evaluation: Input[Dataset], export_config: str,
     """A scorer that takes raw audio (mel front end inside) and needs only torch, numpy and PyAV; ``scorer_uri``: where it is."""
     from collections import namedtuple
 
-    from coughreg.steps.harness import Given, export_step
+    from coughreg.config.given import Given
+    from coughreg.steps.export import export_step
 
     export_step(model.path, evaluation.path, scorer.path, Given.parameter("export_config", export_config), artifact_uri=scorer.uri)
     return namedtuple("ExportOutputs", ["scorer_uri"])(scorer.uri)

@@ -19,7 +19,8 @@ def plan_feature_parts(parts: int) -> List[int]:
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def feature_part(dataset: Input[Dataset], features_config: str, part: int, parts: int, spectrograms: Output[Dataset]):
     """Decode, resample and log-mel one slice of the recordings into Parquet spectrogram shards."""
-    from coughreg.steps.harness import Given, feature_part_step
+    from coughreg.config.given import Given
+    from coughreg.steps.features import feature_part_step
 
     feature_part_step(dataset.path, spectrograms.path, Given.parameter("features_config", features_config), part, parts)
 
@@ -29,7 +30,8 @@ def collect_features(
     dataset: Input[Dataset], parts: Input[List[Dataset]], features_config: str, spectrograms: Output[Dataset], stats: Output[Metrics]
 ):
     """Gather every part's shards into one artifact and write the shard index."""
-    from coughreg.steps.harness import Given, collect_features_step
+    from coughreg.config.given import Given
+    from coughreg.steps.features import collect_features_step
 
     collect_features_step(dataset.path, [p.path for p in parts], spectrograms.path,
                           Given.parameter("features_config", features_config), metrics=stats)

@@ -13,7 +13,7 @@ def gate_failed(evaluation: Input[Dataset], scorer: Output[Model]) -> NamedTuple
     """No scorer: the quality gate's verdict, in words, and an empty ``scorer_uri``."""
     from collections import namedtuple
 
-    from coughreg.steps.harness import gate_failed_step
+    from coughreg.steps.gate_failed import gate_failed_step
 
     gate_failed_step(evaluation.path, scorer.path)
     return namedtuple("GateOutputs", ["scorer_uri"])("")

@@ -16,7 +16,8 @@ def ingest(
     quality_report: Output[HTML],
 ):
     """Fetch the data set at ``source_uri`` (that version); write manifest.parquet, the accepted audio, a data-quality report."""
-    from coughreg.steps.harness import Given, ingest_step
+    from coughreg.config.given import Given
+    from coughreg.steps.ingest import ingest_step
 
     ingest_step(source_uri, dataset.path, Given.parameter("ingest_config", ingest_config), source_version=source_version,
                 metrics=quality, html=quality_report.path)

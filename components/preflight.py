@@ -26,7 +26,8 @@ def preflight(
     """Config, data, output locations, GPUs, pretrained weights: one error line per failed check, before anything runs."""
     from collections import namedtuple
 
-    from coughreg.steps.harness import Given, preflight_step
+    from coughreg.config.given import Given
+    from coughreg.steps.preflight import preflight_step
 
     typed = {"backbone": backbone, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
     givens = {

@@ -20,7 +20,8 @@ def train(
     training: Output[Metrics],
 ):
     """Group k-fold split, timm backbone, the config's optimisation; weights, folds and validation predictions."""
-    from coughreg.steps.harness import Given, train_step
+    from coughreg.config.given import Given
+    from coughreg.steps.train import train_step
 
     typed = {"backbone": backbone, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
     given = Given.parameter("train_config", train_config, typed)

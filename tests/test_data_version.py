@@ -10,7 +10,7 @@ import pytest
 from coughreg.ingest.manifest import ingest
 from coughreg.io.data_version import source_identity
 from coughreg.runtime.errors import StorageError
-from coughreg.steps.harness import source_version_step
+from coughreg.steps.preflight import source_version_step
 
 
 def test_an_s3_object_keeps_its_version_until_it_is_uploaded_again_with_other_bytes(s3_env, bucket, coughvid_zip):

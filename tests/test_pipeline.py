@@ -156,10 +156,10 @@ def test_a_test_table_is_scored_after_the_gate(tmp_path):
     config = load_resolved_config(HT_YAML, ["dataset.test_dataframe=data/user/ht/test.csv"])
     spec = next(yaml.safe_load_all(pipeline.compile_pipeline(tmp_path / "p.yaml", config).read_text()))
     _, tasks = _branches(spec)["quality-gate-passed"]
-    assert set(tasks) == {"export", "score-test"}
-    assert tasks["score-test"]["inputs"]["artifacts"]["scorer"]["taskOutputArtifact"]["producerTask"] == "export"
-    assert tasks["score-test"]["taskInfo"]["name"] == "6. Score the test table"
-    assert spec["components"]["comp-score-test"]["outputDefinitions"]["artifacts"]["test_predictions"]["artifactType"][
+    assert set(tasks) == {"export", "score-test-table"}
+    assert tasks["score-test-table"]["inputs"]["artifacts"]["scorer"]["taskOutputArtifact"]["producerTask"] == "export"
+    assert tasks["score-test-table"]["taskInfo"]["name"] == "6. Score the test table"
+    assert spec["components"]["comp-score-test-table"]["outputDefinitions"]["artifacts"]["test_predictions"]["artifactType"][
         "schemaTitle"] == "system.Dataset"
     local = next(yaml.safe_load_all(pipeline.compile_pipeline(tmp_path / "local.yaml", config, local=True).read_text()))
     assert set(local["root"]["outputDefinitions"]["artifacts"]) == {"report", "metrics", "model"}  # kfp.local: OneOf of parameters only

@@ -10,10 +10,11 @@ import sys
 import pytest
 
 from coughreg.config.experiment import load_resolved_config
+from coughreg.config.given import Given, givens_of
 from coughreg.io.local_s3 import Credentials
 from coughreg.preflight.checks import pipeline_root_of
 from coughreg.runtime.errors import CoughPipelineError
-from coughreg.steps.harness import Given, givens_of, preflight_step
+from coughreg.steps.preflight import preflight_step
 from tests.conftest import HT_YAML, PROJECT, TINY
 
 

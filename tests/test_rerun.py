@@ -17,9 +17,10 @@ import pipeline
 from coughreg.app.cache_keys import compare, task_materials
 from coughreg.app.local_run import run_local
 from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.config.given import Given
 from coughreg.config.ownership import UI_PARAMETERS, step_parameter
 from coughreg.runtime.errors import CoughPipelineError
-from coughreg.steps.harness import Given, train_step
+from coughreg.steps.train import train_step
 from coughreg.training import train
 from tests.conftest import HT_YAML, PROJECT, TINY
 

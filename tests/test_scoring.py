@@ -88,7 +88,7 @@ def shipped(tmp_path_factory):
     data = _ht_layout(root / "ht")
     result = run_local(pipeline, str(data), load_resolved_config(HT_YAML, [*TINY, *HT_KEYS]), root / "run")
     (manifest,) = (root / "run" / "pipeline-root").glob("*/ingest/dataset/manifest.parquet")
-    (test_predictions,) = (root / "run" / "pipeline-root").glob("*/score-test/test_predictions/test_predictions.parquet")
+    (test_predictions,) = (root / "run" / "pipeline-root").glob("*/score-test-table/test_predictions/test_predictions.parquet")
     evaluation = pd.read_parquet(result.metrics.parent / "predictions.parquet")
     names = pd.read_parquet(manifest).set_index("id")["source_name"]
     evaluation["file"] = [Path(names[i]).name for i in evaluation["id"]]

@@ -20,12 +20,16 @@ import yaml
 
 import pipeline
 from coughreg.config.experiment import load_resolved_config
+from coughreg.config.given import Given
 from coughreg.config.ownership import RUNTIME, runtime_env, step_parameter
 from coughreg.evaluation.evaluate import json_ready
 from coughreg.io.local_s3 import free_port
 from coughreg.runtime.errors import ConfigError
-from coughreg.steps.harness import Given, _tracking_check, evaluate_step, export_step, training_summary
+from coughreg.steps.evaluate import evaluate_step
+from coughreg.steps.export import export_step
+from coughreg.steps.preflight import _tracking_check
 from coughreg.tracking import tracker as tracking
+from coughreg.training.summary import training_summary
 from tests.conftest import HT_YAML, PROJECT, TINY
 
 # The Neptune client's own dependencies import jsonschema's RefResolver, which jsonschema deprecates.

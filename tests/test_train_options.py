@@ -227,8 +227,9 @@ def test_the_weight_average_is_what_is_validated_and_saved(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_the_train_step_launches_one_rank_per_process(tiny_run, tmp_path, capfd):
     """What the train step does on a node with several GPUs, here with two CPU ranks (gloo) started by the step itself."""
+    from coughreg.config.given import Given
     from coughreg.config.ownership import step_parameter
-    from coughreg.steps.harness import Given, train_step
+    from coughreg.steps.train import train_step
 
     config = _config("training.epochs=2")
     summary = train_step(tiny_run["features"], tmp_path / "ddp", Given.parameter("train_config", step_parameter(config, "train")),
@@ -243,8 +244,9 @@ def test_the_train_step_launches_one_rank_per_process(tiny_run, tmp_path, capfd)
 
 @pytest.mark.slow
 def test_a_rank_that_fails_is_named_in_one_line(tiny_run, tmp_path):
+    from coughreg.config.given import Given
     from coughreg.config.ownership import step_parameter
-    from coughreg.steps.harness import Given, train_step
+    from coughreg.steps.train import train_step
 
     config = _config("training.differential_learning_rate_layers=[no_such_layer]")
     with pytest.raises(CoughPipelineError) as error:

@@ -57,7 +57,7 @@ def _config(args: argparse.Namespace):
 
 
 def _given(args: argparse.Namespace):
-    from coughreg.steps.harness import Given
+    from coughreg.config.given import Given
 
     return Given.command_line(args.config, args.overrides)
 
@@ -105,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_step_ingest(args: argparse.Namespace) -> int:
-    from coughreg.steps.harness import ingest_step
+    from coughreg.steps.ingest import ingest_step
 
     report = ingest_step(args.input, args.out, _given(args), workers=args.workers, **_s3(args))
     print(f"manifest: {args.out} ({report['ok']} ok, {report['rejected']} rejected); data version: {report['source_version']}")
@@ -113,7 +113,7 @@ def cmd_step_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_step_features(args: argparse.Namespace) -> int:
-    from coughreg.steps.harness import features_step
+    from coughreg.steps.features import features_step
 
     report = features_step(args.input, args.out, _given(args), workers=args.workers, **_s3(args))
     print(f"shards: {args.out} ({report['rows']} recordings in {report['shards']} shards, {len(report['failures'])} failed)")
@@ -121,7 +121,7 @@ def cmd_step_features(args: argparse.Namespace) -> int:
 
 
 def cmd_step_train(args: argparse.Namespace) -> int:
-    from coughreg.steps.harness import train_step
+    from coughreg.steps.train import train_step
 
     summary = train_step(args.input, args.out, _given(args), **_s3(args))
     if summary:  # one line from rank 0 when ranks were started by hand (torchrun)
@@ -130,7 +130,7 @@ def cmd_step_train(args: argparse.Namespace) -> int:
 
 
 def cmd_step_evaluate(args: argparse.Namespace) -> int:
-    from coughreg.steps.harness import evaluate_step
+    from coughreg.steps.evaluate import evaluate_step
 
     metrics = evaluate_step(args.model, args.features, args.dataset, args.out, _given(args), **_s3(args))
     _print_summary(metrics, {"report": f"{args.out}/report.html", "metrics": f"{args.out}/metrics.json"})
@@ -139,23 +139,24 @@ def cmd_step_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_step_export(args: argparse.Namespace) -> int:
-    from coughreg.steps.harness import export_step
+    from coughreg.steps.export import export_step
 
     outcome = export_step(args.model, args.evaluation, args.out, _given(args), **_s3(args))
     print(f"scorer: {outcome['scorer']} ({', '.join(outcome['programs'].values()) or 'training.build_scoring_pipelines is false'})")
     return 0
 
 
-def cmd_step_score(args: argparse.Namespace) -> int:
-    from coughreg.steps.harness import score_test_step
+def cmd_step_score_test_table(args: argparse.Namespace) -> int:
+    from coughreg.steps.score_test_table import score_test_table_step
 
-    summary = score_test_step(args.scorer, args.input, args.out, **_s3(args))
+    summary = score_test_table_step(args.scorer, args.input, args.out, **_s3(args))
     print(f"test predictions: {args.out}/test_predictions.parquet ({summary['test_scored']} scored, {summary['test_failed']} failed)")
     return 0
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from coughreg.steps.harness import givens_of, preflight_step
+    from coughreg.config.given import givens_of
+    from coughreg.steps.preflight import preflight_step
 
     outcome = preflight_step(args.data or "", givens_of(_config(args)), s3=_s3(args)["s3"])
     for key, value in outcome.items():
@@ -326,12 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = _step_parser(steps, "export", "evaluated model -> scorer folder",
                           [("--model", "the train output"), ("--evaluation", "the evaluate output of that model")])
     export.set_defaults(func=cmd_step_export)
-    score_step = steps.add_parser("score", help="the test table (dataset.test_dataframe) scored with an exported scorer")
+    score_step = steps.add_parser("score-test-table", aliases=["score"],
+                                  help="step 6: the test table (dataset.test_dataframe) scored with an exported scorer")
     score_step.add_argument("--scorer", type=location, required=True, help="the export output: a folder or an s3:// artifact URI")
     score_step.add_argument("--input", type=location, required=True, help="the ingest output holding the test rows: a folder or an s3:// URI")
     score_step.add_argument("--out", type=location, required=True, help="a folder or an s3:// URI (uploaded when the step succeeds)")
     _add_s3_options(score_step)
-    score_step.set_defaults(func=cmd_step_score)
+    score_step.set_defaults(func=cmd_step_score_test_table)
 
     check = commands.add_parser("preflight", help="the pipeline's first step here: config, data, locations, GPUs, weights")
     check.add_argument("--data", type=location, default=None, help="s3://bucket/key.zip, s3://bucket/prefix/, a zip or a folder")

@@ -461,7 +461,7 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _describe_errors(error: ValidationError, source: str) -> str:
+def describe_errors(error: ValidationError, source: str) -> str:
     known = _known_keys(ExperimentConfig)
     lines = []
     for item in error.errors():
@@ -569,7 +569,7 @@ def config_from_dict(
     try:
         config = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe_errors(exc, source)) from None
+        raise ConfigError(describe_errors(exc, source)) from None
     if overrides:
         info = config.resolved or ResolvedInfo()
         config.resolved = info.model_copy(update={"overrides": [*info.overrides, *overrides]})

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from coughreg.config.experiment import ExperimentConfig, _describe_errors, resolve_config
+from coughreg.config.experiment import ExperimentConfig, describe_errors, resolve_config
 from coughreg.runtime import env
 from coughreg.runtime.errors import ConfigError
 
@@ -257,7 +257,7 @@ def build_step_config(
     try:
         config = ExperimentConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe_errors(exc, where)) from None
+        raise ConfigError(describe_errors(exc, where)) from None
     return resolve_config(config, keys=chain_keys(step))
 
 
@@ -271,7 +271,7 @@ def _check_agreement(step: str, flat: dict, upstream: ExperimentConfig, chain: d
     try:
         asked = ExperimentConfig.model_validate(nest({**chain, **given_upstream}))
     except ValidationError as exc:
-        raise ConfigError(_describe_errors(exc, where)) from None
+        raise ConfigError(describe_errors(exc, where)) from None
     asked_values = config_values(asked, list(given_upstream))
     differences = [
         f"{key}: {made_by} was made with {json.dumps(chain[key])}, {where} says {json.dumps(asked_values[key])}"
