@@ -59,7 +59,9 @@ def _config(args: argparse.Namespace):
 def _given(args: argparse.Namespace):
     from coughreg.config.given import Given
 
-    return Given.command_line(args.config, args.overrides)
+    given = Given.command_line(args.config, args.overrides)
+    log.info("config: %s", given.where)  # which config a step started from, on its first line
+    return given
 
 
 def _s3(args: argparse.Namespace) -> dict:
@@ -83,21 +85,47 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_REFERENCE_PAGE = Path("docs") / "config-reference.md"  # under the project root
+CONFIG_REFERENCE_START = "<!-- config-reference:start -->\n"
+CONFIG_REFERENCE_END = "<!-- config-reference:end -->"
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from coughreg.config.ownership import config_reference
 
-    sys.stdout.write(config_reference())
+    table = config_reference()
+    if not args.write:
+        sys.stdout.write(table)
+        return 0
+    from coughreg.config.experiment import PROJECT_ROOT
+    from coughreg.io.storage import atomic_write_text
+
+    page = PROJECT_ROOT / CONFIG_REFERENCE_PAGE
+    if not page.is_file():
+        raise CoughPipelineError(f"{page}: missing; --write replaces the table in that page (run it in the project's checkout)")
+    text = page.read_text(encoding="utf-8")
+    head, start, rest = text.partition(CONFIG_REFERENCE_START)
+    _, end, tail = rest.partition(CONFIG_REFERENCE_END)
+    if not start or not end:
+        raise CoughPipelineError(f"{page}: no {CONFIG_REFERENCE_START.strip()} ... {CONFIG_REFERENCE_END} section; put those two "
+                                 "lines where the table goes and run it again")
+    written = head + start + table + end + tail
+    if written != text:
+        atomic_write_text(page, written)
+    print(f"{page}: {'written' if written != text else 'already up to date'}", file=sys.stderr)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from coughreg.runtime.resources import available_cpus
     from coughreg.scoring.outputs import output_file
     from coughreg.synth.coughvid import generate_coughvid_zip
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no data/ folder
     output_file(args.out)
 
     report = generate_coughvid_zip(
-        args.out, args.n, seed=args.seed, workers=args.workers, folder=args.folder, with_json=not args.no_json
+        args.out, args.n, seed=args.seed, workers=args.workers or available_cpus(), folder=args.folder, with_json=not args.no_json
     )
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out} ({args.n} recordings); noise floor (best reachable MAE): {report['noise_floor_mae_expected']}")
@@ -294,13 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     reference = commands.add_parser("config-reference", help="every config key with type, default and meaning (Markdown)")
+    reference.add_argument("--write", action="store_true",
+                           help=f"write the table into {CONFIG_REFERENCE_PAGE.as_posix()} between its markers, instead of printing it")
     reference.set_defaults(func=cmd_config_reference)
 
     generate = commands.add_parser("generate", help="write a generated COUGHVID-format zip")
     generate.add_argument("--out", type=Path, required=True, help="the zip to write")
     generate.add_argument("-n", type=int, default=200, help="number of recordings")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--workers", type=int, default=1)
+    generate.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     generate.add_argument("--folder", default="public_dataset", help="folder inside the zip ('' for the root)")
     generate.add_argument("--no-json", action="store_true", help="omit the <uuid>.json files")
     generate.set_defaults(func=cmd_generate)

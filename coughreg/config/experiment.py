@@ -177,7 +177,7 @@ class DatasetConfig(_Section):
     data_sample_choice: list[Literal["Train", "Validation"]] = Field(
         default_factory=lambda: ["Train", "Validation"], description="Which splits data_sample applies to."
     )
-    group_fold_column: str | None = Field(None, description="Rows sharing this value stay in one fold.")
+    group_fold_column: str | None = Field(None, description="Rows sharing this value stay in one fold; none: each recording is a group of its own.")
     group_fold_truncate: Literal["hour", "day", "week", "month"] | None = Field(
         None,
         description="Project key: group on the group column's time truncated to this unit (raw COUGHVID datetimes "

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from coughreg.config.experiment import ExperimentConfig, describe_errors, load_settings, resolve_config
+from coughreg.config.experiment import DEFAULT_CONFIG, ExperimentConfig, describe_errors, load_settings, resolve_config
 from coughreg.config.ownership import (
     RUNTIME,
     STEPS,
@@ -18,8 +18,11 @@ from coughreg.config.ownership import (
     build_step_config,
     check_keys,
     config_values,
+    flatten,
     nest,
+    owner,
     runtime_from_env,
+    runtime_users,
     step_settings,
 )
 from coughreg.runtime.errors import ConfigError
@@ -33,6 +36,7 @@ class Given:
     where: str = "defaults"
     strict: bool = False  # a KFP parameter holds the owner's keys only
     overrides: tuple[str, ...] = ()
+    defaults: dict = field(default_factory=dict)  # the default config file's keys: each step takes those it owns
 
     @classmethod
     def parameter(cls, name: str, text: str, typed: dict[str, Any] | None = None) -> Given:
@@ -52,20 +56,30 @@ class Given:
 
     @classmethod
     def command_line(cls, path: str | Path | None, overrides: list[str] | None = None) -> Given:
-        """A config file (optional) and ``--set`` overrides: only what they say is given."""
-        where = " and ".join(filter(None, [str(path) if path else "", "--set" if overrides else ""])) or "defaults"
-        return cls(load_settings(path, overrides), where, overrides=tuple(overrides or ()))
+        """A config file and ``--set`` overrides: only what they say is given. Without a file, the default config
+        (``DEFAULT_CONFIG``, what ``run-local``, ``compile`` and ``submit`` start from) gives each step the keys
+        it owns, and the keys of earlier steps come from the step's input artifact as always."""
+        defaults = {} if path or not DEFAULT_CONFIG.is_file() else load_settings(DEFAULT_CONFIG)
+        named = str(path) if path else f"{DEFAULT_CONFIG.name} (the default config)" if defaults else ""
+        where = " and ".join(filter(None, [named, "--set" if overrides else ""])) or "defaults"
+        return cls(load_settings(path, overrides), where, overrides=tuple(overrides or ()), defaults=defaults)
 
     def build(self, step: str, upstream: ExperimentConfig | None, made_by: str = "the input artifact") -> ExperimentConfig:
         """The step's config: these keys on top of the upstream keys its input was made with."""
-        return build_step_config(step, self.keys, upstream, self.where, made_by, self.strict, list(self.overrides))
+        keys = self.keys
+        if self.defaults:  # the default config's keys of this step, beneath what was given
+            given = flatten(self.keys)
+            owned = {k: v for k, v in flatten(self.defaults).items()
+                     if k not in given and (owner(k) == step or step in runtime_users(k))}
+            keys = nest({**owned, **given})
+        return build_step_config(step, keys, upstream, self.where, made_by, self.strict, list(self.overrides))
 
     def with_keys(self, keys: dict) -> Given:
         """These keys with more on top (what an earlier task resolved at run time)."""
         merged = {section: dict(values) if isinstance(values, dict) else values for section, values in self.keys.items()}
         for section, values in keys.items():
             merged.setdefault(section, {}).update(values)
-        return Given(merged, self.where, self.strict, self.overrides)
+        return Given(merged, self.where, self.strict, self.overrides, self.defaults)
 
 
 def givens_of(config: ExperimentConfig) -> dict[str, Given]:

@@ -61,15 +61,19 @@ def split_folds(labelled: pd.DataFrame, config: ExperimentConfig, seed: int) -> 
     """Each labelled row's fold, the folds to train, and a sentence naming the scheme.
 
     Rows from a ``validation_dataframe`` (split 'validation') make a custom holdout (fold 0);
-    otherwise group k-fold on ``dataset.group_fold_column`` (optionally truncated in time).
+    otherwise group k-fold on ``dataset.group_fold_column`` (optionally truncated in time), or, without
+    one, on the recordings themselves.
     """
     if config.dataset.validation_strategy == "custom" or (labelled["split"] == "validation").any():
         return np.where(labelled["split"] == "validation", 0, -1), [0], "custom holdout (validation_dataframe)"
-    groups = labelled["group"]
-    grouping = f"'{config.dataset.group_fold_column}'"
-    if config.dataset.group_fold_truncate:
-        groups = truncate_groups(groups, config.dataset.group_fold_truncate)
-        grouping += f" truncated to the {config.dataset.group_fold_truncate}"
+    if config.dataset.group_fold_column:
+        groups = labelled["group"]
+        grouping = f"'{config.dataset.group_fold_column}'"
+        if config.dataset.group_fold_truncate:
+            groups = truncate_groups(groups, config.dataset.group_fold_truncate)
+            grouping += f" truncated to the {config.dataset.group_fold_truncate}"
+    else:  # no group column: every recording is a group of its own
+        groups, grouping = labelled["id"].astype(str), "recording (no dataset.group_fold_column)"
     folds = assign_folds(groups, config.dataset.number_of_folds, seed)
     scheme = f"group k-fold on {grouping} ({config.dataset.number_of_folds} folds, {groups.nunique()} groups)"
     return folds, selected_folds(config), scheme
