@@ -1,4 +1,12 @@
-"""Shared fixtures: a real S3 endpoint on loopback (auth enforced), a fault proxy, generated data."""
+"""Shared fixtures and the lanes.
+
+Fixtures: a real S3 endpoint on loopback (auth enforced), a fault proxy, generated data, and one tiny
+trained, evaluated and exported run per session for every test that only reads it.
+
+Lanes, by folder: ``unit/`` (no server, no training), ``integration/`` (loopback S3, servers, tiny trainings),
+``pipeline/`` (every ``kfp.local`` run), ``faults/`` (bad input and faults, by stage). A test is ``slow`` when it
+is in ``pipeline/``, says so, or uses a fixture that trains; ``make test-fast`` runs the rest.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import pytest
 from coughreg.config.experiment import load_resolved_config
 from coughreg.io.local_s3 import LocalS3
 from coughreg.synth.coughvid import generate_coughvid_zip
-from tests.tcp_proxy import FaultProxy
+from tests.helpers.tcp_proxy import FaultProxy
 
 PROJECT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -148,3 +156,31 @@ def evaluated(tiny_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("evaluation")
     return evaluate(tiny_run["model"], tiny_run["features"], tiny_run["ingest"], out, tiny_run["config"], workers=2)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, evaluated, tmp_path_factory):
+    """The export step on the tiny run, once per session (tests that change it work on a copy)."""
+    from coughreg.export.scorer_folder import export
+
+    out = tmp_path_factory.mktemp("export") / "scorer"
+    return export(tiny_run["model"], evaluated.metrics_path.parent, out, tiny_run["config"])
+
+
+@pytest.fixture(scope="session")
+def scorer_folder(exported) -> Path:
+    return exported.scorer_dir
+
+
+LANES = ("unit", "integration", "pipeline", "faults")
+TRAINS = {"tiny_run", "evaluated", "exported", "scorer_folder"}  # fixtures that train (once per session)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test carries its lane's marker; the pipeline lane and tests that need a trained run are also slow."""
+    for item in items:
+        lane = next((part for part in Path(item.fspath).relative_to(Path(__file__).parent).parts if part in LANES), None)
+        if lane:
+            item.add_marker(getattr(pytest.mark, lane))
+        if lane == "pipeline" or TRAINS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

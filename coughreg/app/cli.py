@@ -91,6 +91,7 @@ CONFIG_REFERENCE_END = "<!-- config-reference:end -->"
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
+    """Print the config reference table, or (``--write``) put it between the markers of docs/config-reference.md."""
     from coughreg.config.ownership import config_reference
 
     table = config_reference()
@@ -102,13 +103,13 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
     page = PROJECT_ROOT / CONFIG_REFERENCE_PAGE
     if not page.is_file():
-        raise CoughPipelineError(f"{page}: missing; --write replaces the table in that page (run it in the project's checkout)")
+        raise CoughPipelineError(f"{page}: missing; --write replaces the table in that page of the project's checkout")
     text = page.read_text(encoding="utf-8")
     head, start, rest = text.partition(CONFIG_REFERENCE_START)
     _, end, tail = rest.partition(CONFIG_REFERENCE_END)
     if not start or not end:
-        raise CoughPipelineError(f"{page}: no {CONFIG_REFERENCE_START.strip()} ... {CONFIG_REFERENCE_END} section; put those two "
-                                 "lines where the table goes and run it again")
+        raise CoughPipelineError(f"{page}: no {CONFIG_REFERENCE_START.strip()} ... {CONFIG_REFERENCE_END} section; "
+                                 "put those two lines where the table goes and run it again")
     written = head + start + table + end + tail
     if written != text:
         atomic_write_text(page, written)
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reference = commands.add_parser("config-reference", help="every config key with type, default and meaning (Markdown)")
     reference.add_argument("--write", action="store_true",
-                           help=f"write the table into {CONFIG_REFERENCE_PAGE.as_posix()} between its markers, instead of printing it")
+                           help=f"write it into {CONFIG_REFERENCE_PAGE.as_posix()} between its markers instead of printing it")
     reference.set_defaults(func=cmd_config_reference)
 
     generate = commands.add_parser("generate", help="write a generated COUGHVID-format zip")

@@ -303,7 +303,7 @@ def _type_name(annotation: Any) -> str:
 
 
 def config_reference() -> str:
-    """Every key of the config model, with type, default, the step it goes to and its meaning, as a Markdown table (for the README)."""
+    """Every key of the config model, with type, default, the step it goes to and its meaning, as a Markdown table (docs/config-reference.md)."""
     def goes_to(key: str) -> str:
         if key in RUNTIME:
             return f"{', '.join(runtime_users(key))} (env)"

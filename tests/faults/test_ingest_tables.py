@@ -188,7 +188,7 @@ def test_an_archive_over_the_size_limit_is_refused_whole(config, tmp_path):
 
 
 def test_utf16_metadata_without_a_byte_order_mark_is_refused_clearly(config, tmp_path):
-    """With a BOM, UTF-16 is read (``tests/test_faults.py``); without one, which of its two byte orders is meant is a guess."""
+    """With a BOM, UTF-16 is read (``tests/faults/test_ingest.py``); without one, which of its two byte orders is meant is a guess."""
     (tmp_path / "r1.webm").write_bytes(encode_audio(_tone(), "webm", "opus"))
     (tmp_path / "metadata_compiled.csv").write_bytes("uuid,datetime,cough_detected\nr1,2020,0.5\n".encode("utf-16-le"))
     with pytest.raises(CoughPipelineError, match="metadata_compiled.csv: the metadata table holds NUL bytes"):

@@ -16,7 +16,7 @@ from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import load_members, train
 from coughreg.training.data import LengthBucketBatchSampler
 from coughreg.training.factories import create_loss, create_optimizer, create_scheduler
-from coughreg.training.folds import assign_folds, selected_folds
+from coughreg.training.folds import assign_folds, selected_folds, split_folds
 from tests.conftest import HT_YAML, REAL_METADATA, TINY
 
 
@@ -30,6 +30,18 @@ def test_group_folds_on_the_real_metadata():
     assert sizes.min() > 0.5 * sizes.max()
     np.testing.assert_array_equal(folds, assign_folds(day, 5, seed=42))
     assert not np.array_equal(folds, assign_folds(day, 5, seed=43))
+
+
+def test_without_a_group_column_each_recording_is_its_own_group():
+    """No ``dataset.group_fold_column``: the ingest writes an empty group for every row, and the folds are over
+    recordings (five folds from 60 recordings, as the documented step-by-step path makes)."""
+    config = load_resolved_config(HT_YAML, [*TINY, "dataset.group_fold_column=null"])
+    labelled = pd.DataFrame({"id": [f"r{i:02d}" for i in range(60)], "split": "train", "group": ""})
+    folds, trained, scheme = split_folds(labelled, config, seed=3)
+    assert sorted(np.bincount(folds)) == [12] * 5 and trained == selected_folds(config)
+    assert scheme.startswith("group k-fold on recording (no dataset.group_fold_column)")
+    with pytest.raises(CoughPipelineError, match="1 distinct groups cannot fill 5 folds"):  # a named column still counts its values
+        split_folds(labelled, load_resolved_config(HT_YAML, [*TINY, "dataset.group_fold_column=day"]), seed=3)
 
 
 def test_too_few_groups_is_a_clear_error():

@@ -9,7 +9,7 @@ import pipeline
 from coughreg.app.submit import Submission, submit
 from coughreg.config.experiment import load_resolved_config
 from tests.conftest import HT_YAML
-from tests.kfp_api import KfpApiRecorder
+from tests.helpers.kfp_api import KfpApiRecorder
 
 
 @pytest.fixture

@@ -73,11 +73,6 @@ def test_the_report_shows_pictures_and_the_verdict(evaluated):
     assert "Quality gate" in page and html.escape(evaluated.gate["message"]) in page
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_run, evaluated, tmp_path_factory):
-    return export(tiny_run["model"], evaluated.metrics_path.parent, tmp_path_factory.mktemp("export") / "scorer", tiny_run["config"])
-
-
 def test_the_scorer_agrees_with_the_model_on_the_shards(exported, tiny_run):
     """Raw audio through the scorer = the trained model on the features step's spectrogram."""
     scorer = Scorer(exported.scorer_dir)

@@ -94,7 +94,7 @@ def test_anonymous_access_to_a_public_bucket_sends_no_signature(public_s3, cough
 
     from coughreg.artifacts import read_manifest
     from coughreg.ingest.manifest import ingest
-    from tests.tcp_proxy import FaultProxy
+    from tests.helpers.tcp_proxy import FaultProxy
 
     owner = boto3.client("s3", endpoint_url=public_s3, region_name="us-east-1",
                          aws_access_key_id="owner", aws_secret_access_key="owner")

@@ -17,7 +17,7 @@ from coughreg.model.weights import hub_id
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import load_members, train
 from tests.conftest import HT_YAML, PROJECT, TINY
-from tests.hub_mirror import HubMirror
+from tests.helpers.hub_mirror import HubMirror
 
 
 def _timm_weights(backbone: str, path):

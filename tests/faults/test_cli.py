@@ -1,0 +1,157 @@
+"""Command-line faults: credentials in URIs never written down, outputs that cannot be written refused first."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coughreg.scoring.filenames import NAME_BYTES, fits, fitting_name
+from tests.conftest import PROJECT, REAL_COUGHS
+
+pytestmark = pytest.mark.faults
+
+
+REAL = sorted(REAL_COUGHS.glob("*.mp3"))
+
+
+LONG_ASCII = "a" * (250 - len(".mp3")) + ".mp3"  # 250 bytes: a legal name whose temporary name was not
+
+
+LONG_ACCENTS = "é" * 130 + ".mp3"  # 264 bytes: more than any file system's name; a zip or S3 holds it
+
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the shape of an AWS secret key: it holds slashes
+
+
+KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+
+
+def _cli(*args, cwd=PROJECT, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipeline.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, check=False)
+
+
+def _last_error(done: subprocess.CompletedProcess) -> str:
+    return done.stderr.strip().splitlines()[-1]
+
+
+def _no_traceback(done: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def _partials(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith((".partial", ".link"))]
+
+
+PLANTED_URIS = [
+    ("--data", f"s3://{KEY_ID}:{SECRET}@bucket/x.zip", "argument --data"),
+    ("--set", f"cluster.checkpoint_uri=s3://{KEY_ID}:{SECRET}@b/c", "'cluster.checkpoint_uri'"),
+    ("--set", f"architecture.pretrained_weights=https://user:{SECRET}@host/w.safetensors", "'architecture.pretrained_weights'"),
+    ("--set", f"cluster.weights_uri=s3://{KEY_ID}@b/weights", "'cluster.weights_uri'"),
+    ("--set", f"dataset.train_dataframe=https://user:{SECRET}@host/train.csv", "'dataset.train_dataframe'"),
+]
+
+
+def _assert_no_secret(done: subprocess.CompletedProcess, folder: Path) -> None:
+    for text in (done.stdout, done.stderr):
+        assert SECRET not in text and KEY_ID not in text
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET.encode() not in data and KEY_ID.encode() not in data, path
+
+
+@pytest.mark.parametrize(("flag", "value", "named"), PLANTED_URIS, ids=[p[2].strip("'") for p in PLANTED_URIS])
+def test_credentials_in_a_uri_never_reach_the_compiled_pipeline(flag, value, named, tmp_path):
+    out = tmp_path / "compiled"
+    out.mkdir()
+    done = _cli("compile", "-o", out / "pipeline.yaml", flag, value)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert named in done.stderr and "credentials in a URI are not accepted" in done.stderr and "***@" in done.stderr
+    assert not (out / "pipeline.yaml").exists()
+    _assert_no_secret(done, tmp_path)
+    _no_traceback(done)
+
+
+def test_credentials_in_a_config_file_are_refused_naming_the_file_and_key(tmp_path):
+    config = tmp_path / "experiment.yaml"
+    config.write_text(f"cluster:\n  checkpoint_uri: s3://{KEY_ID}:{SECRET}@bucket/checkpoints\n")
+    done = _cli("compile", "-o", tmp_path / "pipeline.yaml", "--config", config)
+    assert done.returncode == 2
+    assert f"{config}: invalid experiment config" in done.stderr and "'cluster.checkpoint_uri'" in done.stderr
+    assert not (tmp_path / "pipeline.yaml").exists()
+    config.unlink()
+    _assert_no_secret(done, tmp_path)
+
+
+@pytest.mark.parametrize("args", [
+    ["step", "ingest", "--input", f"s3://{KEY_ID}:{SECRET}@bucket/x.zip", "--out", "{out}"],
+    ["step", "train", "--input", "{out}", "--out", f"s3://{KEY_ID}:{SECRET}@bucket/model/"],
+    ["preflight", "--data", f"s3://{KEY_ID}:{SECRET}@bucket/x.zip"],
+    ["run-local", "--data", f"s3://{KEY_ID}:{SECRET}@bucket/x.zip", "--out", "{out}"],
+    ["submit", "--data", "s3://bucket/x.zip", "--pipeline-root", f"s3://{KEY_ID}:{SECRET}@bucket/root", "--out", "{out}"],
+    ["score", "--scorer", f"s3://{KEY_ID}:{SECRET}@bucket/scorer/", "x.mp3"],
+    ["score", "--scorer", "{out}", f"s3://{KEY_ID}:{SECRET}@bucket/incoming/"],
+    ["serve", "--scorer", "{out}", "--endpoint-url", f"http://{KEY_ID}:{SECRET}@127.0.0.1:9000"],
+], ids=["ingest-input", "train-out", "preflight-data", "run-local-data", "submit-pipeline-root", "score-scorer",
+        "score-input", "endpoint-url"])
+def test_every_command_refuses_credentials_in_a_uri(args, tmp_path):
+    out = tmp_path / "out"
+    done = _cli(*(a.replace("{out}", str(out)) for a in args))
+    assert done.returncode == 2
+    assert "credentials in a URI are not accepted" in done.stderr and "***@" in done.stderr
+    assert not out.exists()
+    _assert_no_secret(done, tmp_path)
+    _no_traceback(done)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["step", "features", "--input", "{ingest}", "--out", "{file}"], "--out {file}: is a file; name a folder"),
+    (["step", "ingest", "--input", "{zip}", "--out", "{file}/sub"], "--out {file}/sub: {file} is a file, not a folder"),
+    (["step", "export", "--model", "{model}", "--evaluation", "{evaluation}", "--out", "{file}"], "--out {file}: is a file"),
+    (["run-local", "--data", "{zip}", "--out", "{file}"], "--out {file}: is a file; name a folder"),
+    (["generate", "--out", "{folder}"], "--out {folder}: is a folder; name a file in it"),
+    (["score", "--scorer", "{scorer}", "{recording}", "--out", "{folder}"], "--out {folder}: is a folder; name a file in it"),
+    (["score", "--scorer", "{scorer}", "{recording}", "--out", "{file}/scores.csv"], "--out {file}/scores.csv: {file} is a file"),
+], ids=["features-out-file", "ingest-out-under-a-file", "export-out-file", "run-local-out-file", "generate-out-folder",
+        "score-out-folder", "score-out-under-a-file"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(args, message, tiny_run, evaluated, scorer_folder,
+                                                                   coughvid_zip, tmp_path):
+    places = {"{file}": str(tmp_path / "a-file"), "{folder}": str(tmp_path / "a-folder"), "{ingest}": str(tiny_run["ingest"]),
+              "{model}": str(tiny_run["model"]), "{evaluation}": str(evaluated.metrics_path.parent), "{zip}": str(coughvid_zip),
+              "{scorer}": str(scorer_folder), "{recording}": str(REAL[0])}
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
+
+    def place(text: str) -> str:
+        for name, value in places.items():
+            text = text.replace(name, value)
+        return text
+
+    done = _cli(*map(place, args))
+    assert done.returncode == 2
+    assert _last_error(done).startswith(f"error: {place(message)}"), done.stderr[-2000:]
+    _no_traceback(done)
+    assert (tmp_path / "a-file").read_text() == "not a folder" and not list((tmp_path / "a-folder").iterdir())
+
+
+def test_a_temporary_name_fits_whatever_the_final_name(tmp_path):
+    from coughreg.io.storage import atomic_write_text
+    from coughreg.scoring.filenames import temporary_file, temporary_folder, temporary_name
+
+    for name in (LONG_ASCII, "é" * 127, "x" * NAME_BYTES):
+        target = tmp_path / name
+        for made in (temporary_file(target), temporary_folder(target), temporary_name(target, ".link")):
+            assert fits(made.name) and made.parent == tmp_path and made.name.startswith(".")
+            if made.is_dir():
+                made.rmdir()
+            elif made.exists():
+                made.unlink()
+        atomic_write_text(target, "whole")
+        assert target.read_text() == "whole"
+    assert not _partials(tmp_path)
+    assert fitting_name(LONG_ACCENTS) != fitting_name("é" * 131 + ".mp3") and fits(fitting_name(LONG_ACCENTS))
