@@ -1,10 +1,11 @@
-# The two commands of the README: `make demo` (the whole pipeline, locally) and `make test`.
+# The two commands of the README: `make demo` (the whole pipeline, locally) and `make test` (every test; CI's);
+# `make test-fast` runs the tests that need no trained run and no kfp.local run (docs/testing.md).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lock clean demo browser
+.PHONY: venv test test-fast lock clean demo browser
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
@@ -23,8 +24,14 @@ browser:
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; } || \
 	  { echo "headless Chromium is needed by the report's tests: sudo apt-get install chromium" >&2; exit 1; }
 
+# Two test processes (pytest-xdist), each module's tests in one of them (its module fixtures are made once).
+TEST_PROCESSES ?= 2
+
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadscope
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" -n $(TEST_PROCESSES) --dist loadscope
 
 # Re-resolve the pins from the top-level package list (needs the registry).
 lock:

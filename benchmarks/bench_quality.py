@@ -1,7 +1,7 @@
 """How well the demo recipe learns on the CPU and how far its scores move with the recording chain, before and
 after the recording-chain recipe, on the same generated data.
 
-    python benchmarks/bench_quality.py [-n 5000] [--config configs/demo.yaml] [--set training.epochs=14]...
+    python benchmarks/bench_quality.py [-n 5000] [--config configs/robust.yaml] [--set training.epochs=14]...
                                        [--recipes before after] [--robustness-recordings 300] [--tag _gem]
 
 Generates N COUGHVID-format recordings (the generator's fixed mapping, whose nuisances are independent of the
@@ -13,7 +13,7 @@ the mean and largest change of the score over the measured validation recordings
 scores under each recipe, as they come out (nothing is tuned on them).
 
 Recipes (``--set`` applies to both):
-    after:  the config as given (``configs/demo.yaml``: per-clip normalisation, recording-chain copies, each clip
+    after:  the config as given (``configs/robust.yaml``: per-clip normalisation, recording-chain copies, each clip
             paired with a copy under a consistency penalty)
     before: the same without recording-chain copies, with data-set normalisation (the recipe before them)
 """
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=77)
-    parser.add_argument("--config", type=Path, default=PROJECT / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=PROJECT / "configs" / "robust.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--recipes", nargs="+", default=["before", "after"], choices=sorted(RECIPES))
     parser.add_argument("--robustness-recordings", type=int, default=300)

@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
 
     demo = commands.add_parser("demo", help="generate data, serve it from a local S3 endpoint, run the whole DAG")
-    demo.add_argument("-n", type=int, default=1200, help="recordings to generate")
+    demo.add_argument("-n", type=int, default=600, help="recordings to generate")
     demo.add_argument("--seed", type=int, default=2021)
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.add_argument("--no-cache", action="store_true", help="run every step (default: reuse unchanged steps of an earlier demo)")

@@ -160,3 +160,14 @@ def test_cli_prints_the_resolved_config_and_names_bad_keys(tmp_path):
     failed = _cli("config", "--config", str(bad))
     assert failed.returncode == 2
     assert "unknown key 'training.learning_rat'" in failed.stderr and str(bad) in failed.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (PROJECT / "configs").glob("*.yaml")))
+def test_every_shipped_config_reads(name):
+    config = load_resolved_config(PROJECT / "configs" / name)
+    if name in ("demo.yaml", "robust.yaml"):  # both train for the recording chain: copies, per-clip normalisation, GeM
+        assert config.augmentation.recording_chain_views > 0
+        assert config.audio.spectrogram_normalization == "Clip"
+        assert config.architecture.pool == "GeM"
+    if name == "robust.yaml":  # the full recipe: every clip paired with one of its copies
+        assert config.augmentation.recording_chain_consistency > 0
