@@ -49,8 +49,8 @@ from components.ingest import ingest
 from components.preflight import preflight
 from components.score_test_table import score_test_table
 from components.train import train
-from coughreg.config.experiment import ExperimentConfig
 from coughreg.config.ownership import STEPS, runtime_env, step_arguments
+from coughreg.config.schema import ExperimentConfig
 from coughreg.evaluation.gate import PASSED
 from coughreg.io.storage import checked_uri
 from coughreg.runtime.env import (

@@ -34,7 +34,7 @@ sys.path.insert(0, str(PROJECT))
 from benchmarks.memory import TreeMemorySampler  # noqa: E402
 from coughreg.audio.feature_spec import feature_parameters  # noqa: E402
 from coughreg.audio.files import decode_audio  # noqa: E402
-from coughreg.config.experiment import load_resolved_config  # noqa: E402
+from coughreg.config.loading import load_resolved_config  # noqa: E402
 from coughreg.features.extract import _write_shard, log_mel_of_file  # noqa: E402
 from coughreg.synth.coughvid import generate_coughvid_zip  # noqa: E402
 

@@ -27,7 +27,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from coughreg.audio.feature_spec import feature_parameters  # noqa: E402
-from coughreg.config.experiment import load_resolved_config  # noqa: E402
+from coughreg.config.loading import load_resolved_config  # noqa: E402
 from coughreg.features.extract import WINDOW_SECONDS  # noqa: E402
 
 VARIANTS = ("imports", "whole", "windowed")

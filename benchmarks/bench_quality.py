@@ -36,7 +36,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from coughreg.audio.recording_chain import STANDARD, slug
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from coughreg.evaluation.evaluate import evaluate
 from coughreg.features.extract import extract_features
 from coughreg.ingest.manifest import ingest

@@ -38,7 +38,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from coughreg.audio.frontend import LogMel  # noqa: E402
-from coughreg.config.experiment import load_resolved_config  # noqa: E402
+from coughreg.config.loading import load_resolved_config  # noqa: E402
 from coughreg.export.scorer_folder import write_scorer  # noqa: E402
 from coughreg.model.network import CoughScorer, create_model  # noqa: E402
 from coughreg.scoring.processes import ProcessPool  # noqa: E402

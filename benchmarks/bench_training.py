@@ -33,7 +33,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from coughreg.artifacts.shards import SpectrogramShardReader, SpectrogramShardWriter  # noqa: E402
-from coughreg.config.experiment import load_resolved_config  # noqa: E402
+from coughreg.config.loading import load_resolved_config  # noqa: E402
 from coughreg.model.network import CoughRegressor  # noqa: E402
 from coughreg.training.data import SpectrogramDataset, create_loader  # noqa: E402
 from coughreg.training.factories import autocast_dtype  # noqa: E402

@@ -22,7 +22,7 @@ os.environ.pop("HF_TOKEN", None)
 
 import pytest
 
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from coughreg.io.local_s3 import LocalS3
 from coughreg.synth.coughvid import generate_coughvid_zip
 from tests.helpers.tcp_proxy import FaultProxy

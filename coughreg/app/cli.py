@@ -51,7 +51,7 @@ def _add_s3_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from coughreg.config.experiment import load_resolved_config
+    from coughreg.config.loading import load_resolved_config
 
     return load_resolved_config(args.config, args.overrides)
 
@@ -74,7 +74,7 @@ def _s3(args: argparse.Namespace) -> dict:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from coughreg.config.experiment import config_to_yaml
+    from coughreg.config.loading import config_to_yaml
     from coughreg.config.ownership import step_arguments
 
     config = _config(args)
@@ -92,13 +92,13 @@ CONFIG_REFERENCE_END = "<!-- config-reference:end -->"
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
     """Print the config reference table, or (``--write``) put it between the markers of docs/config-reference.md."""
-    from coughreg.config.ownership import config_reference
+    from coughreg.config.reference import config_reference
 
     table = config_reference()
     if not args.write:
         sys.stdout.write(table)
         return 0
-    from coughreg.config.experiment import PROJECT_ROOT
+    from coughreg.config.loading import PROJECT_ROOT
     from coughreg.io.storage import atomic_write_text
 
     page = PROJECT_ROOT / CONFIG_REFERENCE_PAGE

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 from coughreg.app.local_run import run_local
-from coughreg.config.experiment import PROJECT_ROOT, load_resolved_config
+from coughreg.config.loading import PROJECT_ROOT, load_resolved_config
 from coughreg.evaluation.robustness import headline
 from coughreg.io.local_s3 import LocalS3
 from coughreg.synth.coughvid import generate_coughvid_zip

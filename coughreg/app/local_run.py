@@ -11,8 +11,8 @@ from pathlib import Path
 from types import ModuleType
 
 from coughreg import artifacts
-from coughreg.config.experiment import ExperimentConfig
 from coughreg.config.ownership import RUNTIME, STEPS, runtime_env
+from coughreg.config.schema import ExperimentConfig
 from coughreg.runtime.env import ERROR_FILE_ENV
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.scoring import readback

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.runtime.names import PIPELINE_NAME
 

@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 
 from coughreg.audio.feature_spec import feature_parameters
-from coughreg.config.experiment import CONFIG_FILE_NAME, ExperimentConfig, load_config
+from coughreg.config.loading import CONFIG_FILE_NAME, load_config
+from coughreg.config.schema import ExperimentConfig
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.scoring import readback
 from coughreg.scoring.folder import SCORER_INFO, sha256_file

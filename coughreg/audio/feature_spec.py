@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Any
 
-from coughreg.config.experiment import AudioConfig
+from coughreg.config.schema import AudioConfig
 
 FRONTEND_VERSION = 1
 AMIN = 1e-10

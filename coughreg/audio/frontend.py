@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from coughreg.audio.feature_spec import AMIN, FLOOR_DB, FRONTEND_VERSION, feature_hash, feature_parameters  # noqa: F401 - one place
-from coughreg.config.experiment import AudioConfig
+from coughreg.config.schema import AudioConfig
 
 
 class LogMel(nn.Module):

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from coughreg.config.experiment import DEFAULT_CONFIG, ExperimentConfig, describe_errors, load_settings, resolve_config
+from coughreg.config.loading import DEFAULT_CONFIG, describe_errors, load_settings, resolve_config
 from coughreg.config.ownership import (
     RUNTIME,
     STEPS,
@@ -25,6 +25,7 @@ from coughreg.config.ownership import (
     runtime_users,
     step_settings,
 )
+from coughreg.config.schema import ExperimentConfig
 from coughreg.runtime.errors import ConfigError
 
 

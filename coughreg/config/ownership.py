@@ -16,12 +16,12 @@ with; a disagreement is an error naming both values, never a silent mix.
 from __future__ import annotations
 
 import json
-from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from coughreg.config.experiment import ExperimentConfig, describe_errors, resolve_config
+from coughreg.config.loading import describe_errors, resolve_config
+from coughreg.config.schema import ExperimentConfig
 from coughreg.runtime import env
 from coughreg.runtime.errors import ConfigError
 
@@ -291,36 +291,3 @@ def with_upstream(config: ExperimentConfig, step: str, upstream: ExperimentConfi
     info = config.resolved
     where = info.source if info and info.source and info.source != "defaults" else f"the {step} step's config"
     return build_step_config(step, step_settings(config, step), upstream, where, overrides=info.overrides if info else None)
-
-
-def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is Annotated:  # a type with a validator (config.Location): shown as its type
-        return _type_name(get_args(annotation)[0])
-    if get_origin(annotation) in (Union, UnionType) and any(get_origin(a) is Annotated for a in get_args(annotation)):
-        return " \\| ".join("None" if a is type(None) else _type_name(a) for a in get_args(annotation))
-    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace("coughreg.config.experiment.", "").replace("|", "\\|")  # a bare | would end the table cell
-
-
-def config_reference() -> str:
-    """Every key of the config model, with type, default, the step it goes to and its meaning, as a Markdown table (docs/config-reference.md)."""
-    def goes_to(key: str) -> str:
-        if key in RUNTIME:
-            return f"{', '.join(runtime_users(key))} (env)"
-        return owner(key) or "cluster"
-
-    lines = ["| key | type | default | step | meaning |", "| --- | --- | --- | --- | --- |"]
-    defaults = ExperimentConfig().model_dump(mode="json")
-    for section, field in ExperimentConfig.model_fields.items():
-        annotation = field.annotation
-        if section == "resolved":
-            continue
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for name, inner in annotation.model_fields.items():
-                default = json.dumps(defaults[section][name])
-                meaning = (inner.description or "").replace("|", "\\|")
-                key = f"{section}.{name}"
-                lines.append(f"| `{key}` | `{_type_name(inner.annotation)}` | `{default}` | {goes_to(key)} | {meaning} |")
-        else:
-            lines.append(f"| `{section}` | `{_type_name(annotation)}` | `{json.dumps(defaults[section])}` | {goes_to(section)} | the run's name |")
-    return "\n".join(lines) + "\n"

@@ -24,8 +24,9 @@ import torch
 from coughreg import artifacts
 from coughreg.artifacts import model_weights_sha256
 from coughreg.audio.frontend import LogMel
-from coughreg.config.experiment import ExperimentConfig, save_config
+from coughreg.config.loading import save_config
 from coughreg.config.ownership import chain_keys, with_upstream
+from coughreg.config.schema import ExperimentConfig
 from coughreg.evaluation import gate, lineage, robustness
 from coughreg.evaluation.intervals import flat_scalars, metrics_with_intervals
 from coughreg.evaluation.report import ReportInputs, build

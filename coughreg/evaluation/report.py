@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from coughreg import artifacts
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.evaluation.robustness_section import robustness_section
 from coughreg.io import html_page as report
 from coughreg.scoring import readback

@@ -26,8 +26,9 @@ import torch
 from coughreg import artifacts
 from coughreg.artifacts import model_weights_sha256
 from coughreg.audio.frontend import LogMel
-from coughreg.config.experiment import ExperimentConfig, save_config
+from coughreg.config.loading import save_config
 from coughreg.config.ownership import chain_keys, with_upstream
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io.storage import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file, staged_folder
 from coughreg.model.network import CoughScorer
 from coughreg.runtime.errors import CoughPipelineError, StorageError

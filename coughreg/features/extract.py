@@ -38,8 +38,9 @@ from coughreg.artifacts import (
 from coughreg.artifacts.shards import SpectrogramShardWriter, read_shard_metadata
 from coughreg.audio.feature_spec import feature_hash
 from coughreg.audio.recording_chain import CHAIN_VERSION
-from coughreg.config.experiment import ExperimentConfig, save_config
+from coughreg.config.loading import save_config
 from coughreg.config.ownership import chain_keys, config_values
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io.storage import atomic_path, atomic_write_text, sha256_file
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.runtime.resources import available_cpus

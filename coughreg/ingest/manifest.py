@@ -37,8 +37,9 @@ import pyarrow.parquet as pq
 
 from coughreg.artifacts import AUDIO_FOLDER, INGEST_REPORT, MANIFEST, QUALITY_HTML
 from coughreg.audio.files import is_audio_name, probe_audio
-from coughreg.config.experiment import ExperimentConfig, save_config
+from coughreg.config.loading import save_config
 from coughreg.config.ownership import chain_keys
+from coughreg.config.schema import ExperimentConfig
 from coughreg.ingest.quality_report import quality_page, quality_summary
 from coughreg.io.sources import DataSource, SourceLimits, is_archive_name, open_source, safe_relative_name
 from coughreg.io.storage import S3Options, atomic_path, atomic_write_text

@@ -16,7 +16,7 @@ from torch import nn
 
 from coughreg.audio.feature_spec import FLOOR_DB
 from coughreg.audio.frontend import LogMel, SpectrogramNormalizer
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.runtime.errors import CoughPipelineError
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io.storage import atomic_write_text, download_s3_object, is_s3_uri, local_path, sha256_file, upload_file
 from coughreg.runtime.errors import CoughPipelineError, StorageError
 from coughreg.scoring import readback

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io.storage import S3Options, is_s3_uri, local_path, parse_s3_uri, s3_client
 from coughreg.runtime.errors import CoughPipelineError
 

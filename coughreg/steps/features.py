@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from coughreg import artifacts
-from coughreg.config.experiment import ExperimentConfig
 from coughreg.config.given import Given
+from coughreg.config.schema import ExperimentConfig
 from coughreg.features.extract import collect_feature_parts, extract_feature_part, extract_features
 from coughreg.io.storage import S3Options
 from coughreg.steps.harness import log_metrics, reports_errors, setup_logging, staged

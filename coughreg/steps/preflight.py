@@ -8,8 +8,8 @@ import logging
 import os
 import time
 
-from coughreg.config.experiment import ExperimentConfig
 from coughreg.config.given import Given, whole_config
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io.data_version import source_identity
 from coughreg.io.storage import S3Options
 from coughreg.preflight.checks import Check, PreflightResult, failure_message, pipeline_root_of, preflight, write_report

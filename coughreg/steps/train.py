@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from coughreg import artifacts
-from coughreg.config.experiment import ExperimentConfig
 from coughreg.config.given import Given
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io.storage import S3Options, is_s3_uri
 from coughreg.model.weights import resolve
 from coughreg.runtime.resources import limit_threads

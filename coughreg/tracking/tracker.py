@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from coughreg import artifacts
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.runtime.errors import ConfigError
 from coughreg.runtime.names import PIPELINE_NAME
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from coughreg.audio.feature_spec import FLOOR_DB
-from coughreg.config.experiment import AudioConfig, AugmentationConfig
+from coughreg.config.schema import AudioConfig, AugmentationConfig
 
 LOWPASS_MIN_HZ = 4000.0
 

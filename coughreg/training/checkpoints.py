@@ -25,8 +25,8 @@ import torch
 
 from coughreg.audio.frontend import NORMALIZER_VERSION
 from coughreg.audio.recording_chain import CHAIN_VERSION
-from coughreg.config.experiment import ExperimentConfig
 from coughreg.config.ownership import chain_keys, config_values
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io.storage import atomic_path
 from coughreg.runtime.errors import CoughPipelineError, StorageError
 from coughreg.scoring import readback

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from coughreg.artifacts.shards import SpectrogramShardReader
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.model.network import PAD_DB
 from coughreg.runtime.resources import available_cpus
 from coughreg.training.distributed import distributed_context

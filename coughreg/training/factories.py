@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.runtime.resources import gpus_requested
 from coughreg.training.distributed import distributed_context

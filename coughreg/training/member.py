@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from coughreg.artifacts.shards import SpectrogramShardReader
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io.storage import atomic_path, atomic_write_text
 from coughreg.model.metrics import baseline_constants, regression_metrics
 from coughreg.model.network import CoughRegressor, create_model

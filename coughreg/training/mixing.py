@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from coughreg.audio.feature_spec import AMIN
-from coughreg.config.experiment import ExperimentConfig
+from coughreg.config.schema import ExperimentConfig
 
 
 def mix_batch(spectrograms, lengths, labels, config: ExperimentConfig, rng: np.random.Generator):

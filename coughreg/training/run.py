@@ -19,8 +19,9 @@ import torch
 
 from coughreg import artifacts
 from coughreg.artifacts.shards import SpectrogramShardReader
-from coughreg.config.experiment import ExperimentConfig, save_config
+from coughreg.config.loading import save_config
 from coughreg.config.ownership import chain_keys
+from coughreg.config.schema import ExperimentConfig
 from coughreg.io import html_page as report
 from coughreg.io.storage import atomic_path, atomic_write_text
 from coughreg.model.network import CoughRegressor, create_model

@@ -20,7 +20,7 @@ import torch
 from coughreg.artifacts import read_manifest
 from coughreg.artifacts.shards import read_shard_metadata
 from coughreg.audio.files import decode_audio
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from tests.conftest import HT_YAML, PROJECT
 
 pytestmark = pytest.mark.faults

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.config.loading import load_resolved_config, save_config
 from coughreg.training import checkpoints
 from tests.conftest import HT_YAML, PROJECT, TINY
 

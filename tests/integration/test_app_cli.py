@@ -50,7 +50,7 @@ def test_a_step_error_is_one_clear_line(tmp_path):
 
 def test_rerun_one_step_from_s3_artifacts(s3_env, bucket, tiny_run, tmp_path):
     """Iterate on training without re-featurizing: features from a previous run's artifact URI, model to S3."""
-    from coughreg.config.experiment import save_config
+    from coughreg.config.loading import save_config
     from coughreg.io.storage import upload_folder
 
     upload_folder(tiny_run["features"], f"s3://{bucket}/run-1/features/spectrograms/")

@@ -7,7 +7,7 @@ import yaml
 
 import pipeline
 from coughreg.app.submit import Submission, submit
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from tests.conftest import HT_YAML
 from tests.helpers.kfp_api import KfpApiRecorder
 

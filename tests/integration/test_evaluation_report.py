@@ -211,7 +211,7 @@ def _synthetic_inputs(tmp_path, rows: int, labels: list[str], folds: int, consta
     """A report's inputs without a training run: several folds and labels, to draw every figure on."""
     import pandas as pd
 
-    from coughreg.config.experiment import load_resolved_config
+    from coughreg.config.loading import load_resolved_config
     from coughreg.evaluation.evaluate import compute_metrics
     from coughreg.evaluation.gate import decide
     from coughreg.evaluation.report import ReportInputs

@@ -14,7 +14,7 @@ from coughreg.artifacts import SHARD_INDEX, read_manifest, shard_paths
 from coughreg.artifacts.shards import SpectrogramShardReader, SpectrogramShardWriter, read_shard_metadata
 from coughreg.audio.files import decode_audio
 from coughreg.audio.frontend import LogMel, feature_parameters
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from coughreg.features.extract import extract_features, log_mel_of_file
 from coughreg.ingest.manifest import ingest
 from coughreg.runtime.errors import CoughPipelineError

@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.config.loading import load_resolved_config, save_config
 from coughreg.model.weights import hub_id
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import load_members, train

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from coughreg.config.experiment import load_resolved_config
 from coughreg.config.given import Given, givens_of
+from coughreg.config.loading import load_resolved_config
 from coughreg.io.local_s3 import Credentials
 from coughreg.preflight.checks import pipeline_root_of
 from coughreg.runtime.errors import CoughPipelineError

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 import pipeline
-from coughreg.config.experiment import load_resolved_config
 from coughreg.config.given import Given
+from coughreg.config.loading import load_resolved_config
 from coughreg.config.ownership import RUNTIME, runtime_env, step_parameter
 from coughreg.evaluation.evaluate import json_ready
 from coughreg.io.local_s3 import free_port

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from coughreg.model.network import create_model
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import load_members, train

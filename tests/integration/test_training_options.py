@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from coughreg.artifacts import shard_paths
 from coughreg.artifacts.shards import SpectrogramShardReader
-from coughreg.config.experiment import load_resolved_config, save_config
+from coughreg.config.loading import load_resolved_config, save_config
 from coughreg.features.extract import extract_features
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.training import checkpoints, load_members, train

@@ -14,7 +14,7 @@ import yaml
 
 import pipeline
 from coughreg.app.local_run import run_local
-from coughreg.config.experiment import load_config, load_resolved_config
+from coughreg.config.loading import load_config, load_resolved_config
 from coughreg.scoring.scorer import Scorer
 from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS, TINY
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 import pipeline
 from coughreg.app.cache_keys import compare, task_materials
 from coughreg.app.local_run import run_local
-from coughreg.config.experiment import load_resolved_config, save_config
 from coughreg.config.given import Given
+from coughreg.config.loading import load_resolved_config, save_config
 from coughreg.config.ownership import UI_PARAMETERS, step_parameter
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.steps.train import train_step

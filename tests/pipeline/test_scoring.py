@@ -25,7 +25,7 @@ import pytest
 
 import pipeline
 from coughreg.app.local_run import run_local
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from coughreg.io.local_s3 import free_port
 from coughreg.scoring.scorer import Scorer
 from coughreg.scoring.server import ScoringService, make_server

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from coughreg.config.experiment import (
+from coughreg.config.loading import (
     CONFIG_FILE_NAME,
     DEFAULT_CONFIG,
     load_config,

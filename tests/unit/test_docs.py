@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from coughreg.config.ownership import config_reference
+from coughreg.config.reference import config_reference
 
 PROJECT = Path(__file__).resolve().parents[2]
 README = PROJECT / "README.md"

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from coughreg.runtime.errors import CoughPipelineError
 from coughreg.runtime.resources import _cgroup_quota, available_cpus, parse_cpu
 from coughreg.training.factories import select_device

@@ -8,7 +8,7 @@ import torch
 import torchaudio
 
 from coughreg.audio.feature_spec import AMIN
-from coughreg.config.experiment import load_resolved_config
+from coughreg.config.loading import load_resolved_config
 from coughreg.runtime.errors import ConfigError
 from coughreg.training.augment import FLOOR_DB, SpectrogramAugmenter, enabled, mel_band_centers
 from tests.conftest import HT_YAML
