@@ -22,7 +22,7 @@ import pandas as pd
 from coughreg import artifacts
 from coughreg.config.schema import ExperimentConfig
 from coughreg.evaluation.robustness_section import robustness_section
-from coughreg.io import html_page as report
+from coughreg.io import html_page
 from coughreg.scoring import readback
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def metrics_section(inputs: ReportInputs) -> str:
     if metrics.get("noise_floor_mae") is not None:
         rows.append(["noise floor (the generator's best reachable)", *(f"{metrics['noise_floor_mae']:.3f}" if n == "mae" else "" for n in names)])
     header = ["", *(METRIC_TITLES.get(n, n) for n in names)]
-    parts = [report.table(rows, header)]
+    parts = [html_page.table(rows, header)]
     intervals = metrics["intervals"]
     parts.append(
         f"<p class='note'>Value [95% interval]: a {html.escape(intervals['method'])}, {intervals['resamples']} resamples, "
@@ -132,14 +132,14 @@ def metrics_section(inputs: ReportInputs) -> str:
     if len(labels) > 1:
         rows = [[label, *(_interval(metrics["model"]["per_label"][label][n]) for n in names),
                  _interval(metrics["baseline_median"]["per_label"][label]["mae"])] for label in labels]
-        parts.append("<h3>Per label</h3>" + report.table(rows, ["label", *(METRIC_TITLES.get(n, n) for n in names), "median baseline MAE"]))
+        parts.append("<h3>Per label</h3>" + html_page.table(rows, ["label", *(METRIC_TITLES.get(n, n) for n in names), "median baseline MAE"]))
     counts = inputs.predictions.groupby("fold").size()
     rows = []
     for fold, per_fold in metrics["model"]["per_fold"].items():
         overall = per_fold["overall"]
         baseline = metrics["baseline_median"]["per_fold"][fold]["overall"]["mae"]
         rows.append([fold, int(counts.get(int(fold), 0)), *(_interval(overall[n]) for n in names), _interval(baseline)])
-    parts.append("<h3>Per fold</h3>" + report.table(rows, ["fold", "recordings", *(METRIC_TITLES.get(n, n) for n in names),
+    parts.append("<h3>Per fold</h3>" + html_page.table(rows, ["fold", "recordings", *(METRIC_TITLES.get(n, n) for n in names),
                                                               "median baseline MAE"]))
     return "".join(parts)
 
@@ -389,13 +389,13 @@ def recordings_section(inputs: ReportInputs) -> tuple[str, int]:
         figure.tight_layout()
         try:
             decoded = decode(artifacts.recording_path(inputs.ingest_dir, audio_of[identifier], identifier), rate, max_seconds=window)
-            player = report.audio_tag(decoded.samples, rate, f"recording {identifier}", max_seconds=window)
+            player = html_page.audio_tag(decoded.samples, rate, f"recording {identifier}", max_seconds=window)
         except Exception as exc:  # noqa: BLE001 - a clip that cannot be played still has its pictures
             player = f"<p class='note'>The recording cannot be played here: {html.escape(str(exc))}</p>"
         parts.append(
             f"<div class='clip'><h3>{html.escape(str(identifier))}: {values} ({why}), fold {inputs.predictions['fold'].iloc[row]}, "
             f"{inputs.predictions['duration_s'].iloc[row]:.1f} s</h3>{player}"
-            f"{report.figure_to_img(figure, f'spectrogram of {identifier}')}</div>"
+            f"{html_page.figure_to_img(figure, f'spectrogram of {identifier}')}</div>"
         )
     return "".join(parts), len(clips)
 
@@ -414,31 +414,31 @@ def lineage_section(lineage: dict) -> str:
     hashes += [[f"features/{n}", h] for n, h in lineage["features"].items() if n != "shard_set"]
     hashes += [[f"model/{n}", h] for n, h in lineage["model"].items() if n not in ("backbone", "seed", "trained_on")]
     return (
-        report.table(rows, ["what", "value"], "left")
-        + "<h3>Content hashes (SHA-256)</h3>" + report.table(hashes, ["file", "SHA-256"], "left")
-        + "<h3>Libraries</h3>" + report.table(code_rows(lineage["libraries"]), ["package", "version"], "left")
-        + report.details("The resolved config the evaluation ran with", report.preformatted(lineage["config"]))
+        html_page.table(rows, ["what", "value"], "left")
+        + "<h3>Content hashes (SHA-256)</h3>" + html_page.table(hashes, ["file", "SHA-256"], "left")
+        + "<h3>Libraries</h3>" + html_page.table(code_rows(lineage["libraries"]), ["package", "version"], "left")
+        + html_page.details("The resolved config the evaluation ran with", html_page.preformatted(lineage["config"]))
     )
 
 
 def build(inputs: ReportInputs) -> str:
     """The whole page."""
-    report.matplotlib_agg()
+    html_page.matplotlib_agg()
     labels = inputs.info["label_columns"]
     sections = [("Quality gate", gate_section(inputs.metrics)), ("Metrics", metrics_section(inputs))]
     for label in labels[:MAX_LABELS_SHOWN]:
         title = "Where the errors are" + (f": {label}" if len(labels) > 1 else "")
-        sections.append((title, report.figure_to_img(error_figures(inputs, label), f"errors of {label}")))
+        sections.append((title, html_page.figure_to_img(error_figures(inputs, label), f"errors of {label}")))
     if len(labels) > MAX_LABELS_SHOWN:
         note = (f"<p class='note'>{len(labels) - MAX_LABELS_SHOWN} more labels are in the metrics tables above; "
                 f"the figures show the first {MAX_LABELS_SHOWN}.</p>")
         sections.append(("Labels not drawn", note))
-    sections.append(("Folds", report.figure_to_img(fold_figure(inputs), "MAE per fold")
-                     + report.figure_to_img(label_distribution_figure(inputs), "label distributions")))
+    sections.append(("Folds", html_page.figure_to_img(fold_figure(inputs), "MAE per fold")
+                     + html_page.figure_to_img(label_distribution_figure(inputs), "label distributions")))
     if inputs.history:
-        figure = report.training_curves(inputs.history, inputs.config.training.loss_function,
+        figure = html_page.training_curves(inputs.history, inputs.config.training.loss_function,
                                         inputs.metrics["baseline_median"]["overall"]["mae"]["value"])
-        sections.append(("Training curves", report.figure_to_img(figure, "training curves")))
+        sections.append(("Training curves", html_page.figure_to_img(figure, "training curves")))
     robust = robustness_section(inputs)
     if robust:
         sections.append(("Robustness to the recording chain", robust))
@@ -446,4 +446,4 @@ def build(inputs: ReportInputs) -> str:
     if count:
         sections.append((f"Recordings ({count}, logging.number_of_audios)", clips))
     sections.append(("Lineage", lineage_section(inputs.lineage)))
-    return report.page(f"{inputs.config.experiment_name}: evaluation", sections, lead=summary_sentence(inputs))
+    return html_page.page(f"{inputs.config.experiment_name}: evaluation", sections, lead=summary_sentence(inputs))

@@ -13,7 +13,7 @@ import pandas as pd
 from coughreg import artifacts
 from coughreg.audio.recording_chain import STANDARD, slug
 from coughreg.evaluation.robustness import clip_rng, most_moved, window_seconds
-from coughreg.io import html_page as report
+from coughreg.io import html_page
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def robustness_section(inputs) -> str:
             rows.append([entry["name"], *([name] if len(labels) > 1 else []), numbers.get("clips", ""), *figures])
     header = ["transform", *(["label"] if len(labels) > 1 else []), "clips", "mean change", "95th percentile", "largest",
               "moved most"]
-    parts.append(report.table(rows, header))
-    parts.append(report.figure_to_img(change_figure(changes, label), f"score changes of {label} per transform"))
+    parts.append(html_page.table(rows, header))
+    parts.append(html_page.figure_to_img(change_figure(changes, label), f"score changes of {label} per transform"))
     parts.append(_moved_clips(inputs, changes, label))
     return f"<div class='robustness'>{''.join(parts)}</div>"
 
@@ -111,10 +111,10 @@ def _moved_clips(inputs, changes: pd.DataFrame, label: str) -> str:
             axis.set(xlabel="seconds", ylabel="mel band", title=title)
         figure.colorbar(shown, ax=axes, label="dB")
         players = "".join(f"<p class='note'>{html.escape(what)}</p>"
-                          + report.audio_tag(x, rate, f"{identifier} {what}", max_seconds=WINDOW_SECONDS)
+                          + html_page.audio_tag(x, rate, f"{identifier} {what}", max_seconds=WINDOW_SECONDS)
                           for x, what in ((samples, "as recorded"), (changed, f"after {transform.name}")))
         parts.append(
             f"<div class='clip moved'><h4>{html.escape(identifier)}: {html.escape(label)} {row['original']:.3f} as recorded, "
             f"{row['transformed']:.3f} after {html.escape(transform.name)} ({change:+.3f})</h4>{players}"
-            f"{report.figure_to_img(figure, f'{identifier} as recorded and after {transform.name}')}</div>")
+            f"{html_page.figure_to_img(figure, f'{identifier} as recorded and after {transform.name}')}</div>")
     return "".join(parts)

@@ -8,7 +8,7 @@ import html
 import numpy as np
 import pandas as pd
 
-from coughreg.io import html_page as report
+from coughreg.io import html_page
 
 
 def _histogram(values: np.ndarray, bins: np.ndarray) -> dict:
@@ -54,16 +54,16 @@ def quality_summary(frame: pd.DataFrame, label_columns: list[str], label_range: 
 def quality_page(summary: dict, header: dict) -> str:
     import matplotlib.pyplot as plt
 
-    report.matplotlib_agg()
+    html_page.matplotlib_agg()
     sections = []
-    overview = report.table(
+    overview = html_page.table(
         [(k, header[k]) for k in ("source", "layout", "rows", "ok", "rejected", "metadata_rows_without_recording",
                                    "unusable_fraction_of_present", "seconds")],
         ["", "value"],
     )
     sections.append(("Overview", overview))
     if summary["by_reason"]:
-        sections.append(("Rejected, by reason", report.table(sorted(summary["by_reason"].items(), key=lambda kv: -kv[1]), ["reason", "rows"])))
+        sections.append(("Rejected, by reason", html_page.table(sorted(summary["by_reason"].items(), key=lambda kv: -kv[1]), ["reason", "rows"])))
     labels = list(summary["labels"].items())
     figure, axes = plt.subplots(1, 1 + len(labels), figsize=(6 * (1 + len(labels)), 3.8), squeeze=False)
     duration = summary["duration_s"]["histogram"]
@@ -73,10 +73,10 @@ def quality_page(summary: dict, header: dict) -> str:
         histogram = values["histogram"]
         axis.stairs(histogram["counts"], histogram["edges"], fill=True, color="tab:orange")
         axis.set(title=f"{label} of accepted recordings", xlabel=label, ylabel="recordings")
-    sections.append(("Distributions", report.figure_to_img(figure, "duration and label histograms")))
+    sections.append(("Distributions", html_page.figure_to_img(figure, "duration and label histograms")))
     formats = "".join(
-        f"<h3>{html.escape(name.replace('_', ' '))}</h3>" + report.table(sorted(summary[name].items()), [name, "recordings"])
+        f"<h3>{html.escape(name.replace('_', ' '))}</h3>" + html_page.table(sorted(summary[name].items()), [name, "recordings"])
         for name in ("sample_rates", "channels", "codecs", "containers")
     )
     sections.append(("Formats seen", formats))
-    return report.page("Ingest: data quality", sections)
+    return html_page.page("Ingest: data quality", sections)

@@ -22,7 +22,7 @@ from coughreg.artifacts.shards import SpectrogramShardReader
 from coughreg.config.loading import save_config
 from coughreg.config.ownership import chain_keys
 from coughreg.config.schema import ExperimentConfig
-from coughreg.io import html_page as report
+from coughreg.io import html_page
 from coughreg.io.storage import atomic_path, atomic_write_text
 from coughreg.model.network import CoughRegressor, create_model
 from coughreg.runtime.errors import CoughPipelineError
@@ -187,7 +187,7 @@ def _train(features_dir: Path, out_dir: Path, config: ExperimentConfig) -> Train
         labelled[["id", "fold"]].reset_index(drop=True).to_parquet(tmp, index=False)
     atomic_write_text(out_dir / artifacts.HISTORY, json.dumps(history, indent=2))
     if history:
-        report.save_png(report.training_curves(history, config.training.loss_function), out_dir / artifacts.CURVES)
+        html_page.save_png(html_page.training_curves(history, config.training.loss_function), out_dir / artifacts.CURVES)
     save_config(config, out_dir, chain_keys("train"))
     info = {
         "backbone": config.architecture.backbone,

@@ -2,49 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from coughreg.scoring.filenames import NAME_BYTES, fits, fitting_name
-from tests.conftest import PROJECT, REAL_COUGHS
+from tests.helpers.faults import LONG_ACCENTS, LONG_ASCII, REAL, cli, last_error, no_traceback, partials
 
 pytestmark = pytest.mark.faults
-
-
-REAL = sorted(REAL_COUGHS.glob("*.mp3"))
-
-
-LONG_ASCII = "a" * (250 - len(".mp3")) + ".mp3"  # 250 bytes: a legal name whose temporary name was not
-
-
-LONG_ACCENTS = "é" * 130 + ".mp3"  # 264 bytes: more than any file system's name; a zip or S3 holds it
 
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the shape of an AWS secret key: it holds slashes
 
 
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"
-
-
-def _cli(*args, cwd=PROJECT, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipeline.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, check=False)
-
-
-def _last_error(done: subprocess.CompletedProcess) -> str:
-    return done.stderr.strip().splitlines()[-1]
-
-
-def _no_traceback(done: subprocess.CompletedProcess) -> None:
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-
-
-def _partials(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith((".partial", ".link"))]
 
 
 PLANTED_URIS = [
@@ -69,18 +41,18 @@ def _assert_no_secret(done: subprocess.CompletedProcess, folder: Path) -> None:
 def test_credentials_in_a_uri_never_reach_the_compiled_pipeline(flag, value, named, tmp_path):
     out = tmp_path / "compiled"
     out.mkdir()
-    done = _cli("compile", "-o", out / "pipeline.yaml", flag, value)
+    done = cli("compile", "-o", out / "pipeline.yaml", flag, value)
     assert done.returncode == 2, done.stderr[-3000:]
     assert named in done.stderr and "credentials in a URI are not accepted" in done.stderr and "***@" in done.stderr
     assert not (out / "pipeline.yaml").exists()
     _assert_no_secret(done, tmp_path)
-    _no_traceback(done)
+    no_traceback(done)
 
 
 def test_credentials_in_a_config_file_are_refused_naming_the_file_and_key(tmp_path):
     config = tmp_path / "experiment.yaml"
     config.write_text(f"cluster:\n  checkpoint_uri: s3://{KEY_ID}:{SECRET}@bucket/checkpoints\n")
-    done = _cli("compile", "-o", tmp_path / "pipeline.yaml", "--config", config)
+    done = cli("compile", "-o", tmp_path / "pipeline.yaml", "--config", config)
     assert done.returncode == 2
     assert f"{config}: invalid experiment config" in done.stderr and "'cluster.checkpoint_uri'" in done.stderr
     assert not (tmp_path / "pipeline.yaml").exists()
@@ -101,12 +73,12 @@ def test_credentials_in_a_config_file_are_refused_naming_the_file_and_key(tmp_pa
         "score-input", "endpoint-url"])
 def test_every_command_refuses_credentials_in_a_uri(args, tmp_path):
     out = tmp_path / "out"
-    done = _cli(*(a.replace("{out}", str(out)) for a in args))
+    done = cli(*(a.replace("{out}", str(out)) for a in args))
     assert done.returncode == 2
     assert "credentials in a URI are not accepted" in done.stderr and "***@" in done.stderr
     assert not out.exists()
     _assert_no_secret(done, tmp_path)
-    _no_traceback(done)
+    no_traceback(done)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -132,10 +104,10 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(args, message,
             text = text.replace(name, value)
         return text
 
-    done = _cli(*map(place, args))
+    done = cli(*map(place, args))
     assert done.returncode == 2
-    assert _last_error(done).startswith(f"error: {place(message)}"), done.stderr[-2000:]
-    _no_traceback(done)
+    assert last_error(done).startswith(f"error: {place(message)}"), done.stderr[-2000:]
+    no_traceback(done)
     assert (tmp_path / "a-file").read_text() == "not a folder" and not list((tmp_path / "a-folder").iterdir())
 
 
@@ -153,5 +125,5 @@ def test_a_temporary_name_fits_whatever_the_final_name(tmp_path):
                 made.unlink()
         atomic_write_text(target, "whole")
         assert target.read_text() == "whole"
-    assert not _partials(tmp_path)
+    assert not partials(tmp_path)
     assert fitting_name(LONG_ACCENTS) != fitting_name("é" * 131 + ".mp3") and fits(fitting_name(LONG_ACCENTS))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,57 +11,26 @@ import threading
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import PROJECT, REAL_COUGHS
+from tests.conftest import PROJECT
+from tests.helpers.faults import REAL, cli, last_error, no_traceback, refusal, small_file_system, tampered_ingest
 
 pytestmark = pytest.mark.faults
 
 
-REAL = sorted(REAL_COUGHS.glob("*.mp3"))
-
-
-def _cli(*args, cwd=PROJECT, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipeline.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, check=False)
-
-
-def _last_error(done: subprocess.CompletedProcess) -> str:
-    return done.stderr.strip().splitlines()[-1]
-
-
-def _no_traceback(done: subprocess.CompletedProcess) -> None:
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-
-
-@contextlib.contextmanager
-def _small_file_system(folder: Path, size: str):
-    """A real tmpfs of ``size``; None when this machine does not allow mounting one (then the caller limits
-    the file size of its subprocess instead: the writer sees EFBIG, the same class of fault)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = shutil.which("mount") is not None and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, check=False).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def test_a_full_disk_during_export_leaves_the_output_folder_untouched(tiny_run, evaluated, tmp_path):
     small = tmp_path / "small"
-    with _small_file_system(small, "1500k") as mounted:  # room for scorer.ts (~1 MB), not for scorer.pt2 (~2.4 MB)
+    with small_file_system(small, "1500k") as mounted:  # room for scorer.ts (~1 MB), not for scorer.pt2 (~2.4 MB)
         if not mounted:
             pytest.skip("mounting a small tmpfs is not allowed here")
         out = small / "scorer"
         out.mkdir()
         (out / "kept.txt").write_text("the user's file")
-        done = _cli("step", "export", "--model", tiny_run["model"], "--evaluation", evaluated.metrics_path.parent, "--out", out)
+        done = cli("step", "export", "--model", tiny_run["model"], "--evaluation", evaluated.metrics_path.parent, "--out", out)
         assert done.returncode == 2, done.stderr[-3000:]
-        assert _last_error(done).startswith(f"error: {out}: no space left on the device (while writing scorer.pt2)")
-        _no_traceback(done)
+        assert last_error(done).startswith(f"error: {out}: no space left on the device (while writing scorer.pt2)")
+        no_traceback(done)
         assert sorted(p.name for p in small.rglob("*")) == ["kept.txt", "scorer"]
 
 
@@ -104,10 +71,10 @@ def test_a_damaged_scorer_folder_is_one_message_naming_the_file(scorer_folder, n
     shutil.copytree(scorer_folder, copy)
     damage(copy / name)
     out = tmp_path / "scores.csv"
-    done = _cli("score", "--scorer", copy, "--program", program, REAL[0], "--out", out)
+    done = cli("score", "--scorer", copy, "--program", program, REAL[0], "--out", out)
     assert done.returncode == 2
-    assert _last_error(done).startswith(f"error: {copy}/") and message in _last_error(done)
-    _no_traceback(done)
+    assert last_error(done).startswith(f"error: {copy}/") and message in last_error(done)
+    no_traceback(done)
     assert not out.exists()
 
 
@@ -116,8 +83,8 @@ def test_the_standalone_scorer_refuses_a_damaged_folder_too(scorer_folder, tmp_p
     shutil.copytree(scorer_folder, copy)
     _truncate(copy / "scorer.ts")
     done = subprocess.run([sys.executable, copy / "score.py", REAL[0]], capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 2 and "scorer.ts: missing or damaged" in _last_error(done)
-    _no_traceback(done)
+    assert done.returncode == 2 and "scorer.ts: missing or damaged" in last_error(done)
+    no_traceback(done)
 
 
 def _without_model_json(model: Path) -> Path:
@@ -137,10 +104,10 @@ def test_exporting_an_unfinished_model_folder_writes_nothing(tiny_run, evaluated
     shutil.copytree(tiny_run["model"], model)
     missing = unfinish(model)
     out = tmp_path / "scorer"
-    done = _cli("step", "export", "--model", model, "--evaluation", evaluated.metrics_path.parent, "--out", out)
+    done = cli("step", "export", "--model", model, "--evaluation", evaluated.metrics_path.parent, "--out", out)
     assert done.returncode == 2
-    assert _last_error(done).startswith(f"error: {missing}: missing; {model} is not a finished train output")
-    _no_traceback(done)
+    assert last_error(done).startswith(f"error: {missing}: missing; {model} is not a finished train output")
+    no_traceback(done)
     assert not out.exists()
 
 
@@ -184,10 +151,10 @@ def test_score_reads_local_files_and_never_a_url(kind, scorer_folder, web_server
     done = subprocess.run([sys.executable, PROJECT / "pipeline.py", "score", "--scorer", scorer_folder, argument, "--out", out],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert web_server.requests == []
-    _no_traceback(done)
+    no_traceback(done)
     if kind == "http-url":
         assert done.returncode == 2
-        assert _last_error(done) == f"error: {argument}: http:// is not read here; score local files, folders or globs"
+        assert last_error(done) == f"error: {argument}: http:// is not read here; score local files, folders or globs"
         assert not out.exists()
     else:
         assert done.returncode == 0, done.stderr[-3000:]
@@ -196,36 +163,11 @@ def test_score_reads_local_files_and_never_a_url(kind, scorer_folder, web_server
         assert scored["duration_s"].iloc[0] == pytest.approx(0.648, abs=0.01)  # the REAL recording (0.65 s), read from disk
 
 
-def _tampered_ingest(tiny_run, tmp_path: Path, how: str, test_rows: int = 0, among: set | None = None) -> tuple[Path, str, str]:
-    """A copy of the tiny run's ingest folder whose manifest sends one accepted row (of ``among``, when given) to a
-    REAL recording outside the folder (reading it would succeed); ``test_rows`` rows (that one first) become test
-    rows. Returns the folder, the row's id and the path written."""
-    ingest = tmp_path / "ingest"
-    shutil.copytree(tiny_run["ingest"], ingest)
-    table = pq.read_table(ingest / "manifest.parquet")
-    frame = table.to_pandas()
-    ok = list(frame.index[(frame["status"] == "ok") & (frame["id"].isin(among) if among else True)])
-    victim = frame.loc[ok[0], "id"]
-    outside = tmp_path / "outside.webm"
-    shutil.copy(ingest / frame.loc[ok[0], "audio_path"], outside)
-    path = {"climbs-out": "audio/../../outside.webm", "absolute": str(outside)}[how]
-    frame.loc[ok[0], "audio_path"] = path
-    frame.loc[ok[:test_rows], "split"] = "test"
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(table.schema.metadata),
-                   ingest / "manifest.parquet")
-    return ingest, victim, path
-
-
-def _refusal(ingest: Path, victim: str, path: str) -> str:
-    return (f"{ingest / 'manifest.parquet'}: the row of {victim!r} names audio_path {path!r}, which is outside "
-            f"{ingest / 'audio'}; that row is refused (the manifest was changed after ingest: run the ingest step again)")
-
-
 def test_test_scoring_refuses_a_manifest_row_outside_the_ingest_folder(tiny_run, scorer_folder, tmp_path):
     from coughreg.export.score_test_table import score_test_table
 
-    ingest, victim, path = _tampered_ingest(tiny_run, tmp_path, "absolute", test_rows=3)
+    ingest, victim, path = tampered_ingest(tiny_run, tmp_path, "absolute", test_rows=3)
     summary = score_test_table(scorer_folder, ingest, tmp_path / "scored", workers=1)
     rows = pd.read_parquet(tmp_path / "scored" / "test_predictions.parquet").set_index("id")
-    assert rows.loc[victim, "status"] == "failed" and rows.loc[victim, "reason"] == _refusal(ingest, victim, path)
+    assert rows.loc[victim, "status"] == "failed" and rows.loc[victim, "reason"] == refusal(ingest, victim, path)
     assert (summary["test_rows"], summary["test_scored"], summary["test_failed"]) == (3, 2, 1)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import resource
-import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -22,39 +16,9 @@ from coughreg.artifacts.shards import read_shard_metadata
 from coughreg.audio.files import decode_audio
 from coughreg.config.loading import load_resolved_config
 from tests.conftest import HT_YAML, PROJECT
+from tests.helpers.faults import cli, last_error, no_traceback, partials, refusal, small_file_system, tampered_ingest
 
 pytestmark = pytest.mark.faults
-
-
-def _cli(*args, cwd=PROJECT, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipeline.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, check=False)
-
-
-def _last_error(done: subprocess.CompletedProcess) -> str:
-    return done.stderr.strip().splitlines()[-1]
-
-
-def _no_traceback(done: subprocess.CompletedProcess) -> None:
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-
-
-def _partials(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith((".partial", ".link"))]
-
-
-@contextlib.contextmanager
-def _small_file_system(folder: Path, size: str):
-    """A real tmpfs of ``size``; None when this machine does not allow mounting one (then the caller limits
-    the file size of its subprocess instead: the writer sees EFBIG, the same class of fault)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = shutil.which("mount") is not None and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, check=False).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def _file_size_limit(limit: int):
@@ -66,53 +30,28 @@ def _file_size_limit(limit: int):
 
 def test_a_full_disk_while_writing_shards_is_one_message_naming_the_folder(tiny_run, tmp_path):
     small = tmp_path / "small"
-    with _small_file_system(small, "200k") as mounted:
+    with small_file_system(small, "200k") as mounted:
         out = small / "features"
-        done = _cli("step", "features", "--input", tiny_run["ingest"], "--out", out, "--set", "features.shard_rows=8",
+        done = cli("step", "features", "--input", tiny_run["ingest"], "--out", out, "--set", "features.shard_rows=8",
                     preexec_fn=None if mounted else _file_size_limit(100_000))
         assert done.returncode == 2, done.stderr[-3000:]
-        error = _last_error(done)
+        error = last_error(done)
         assert error.startswith(f"error: {out / 'shards'}/") and "while writing part-" in error
         assert ("no space left on the device (while writing part-" if mounted else "file size limit") in error
         assert ("free space there" if mounted else "raise the limit") in error
-        _no_traceback(done)
-        assert not (out / "shards.json").exists() and not _partials(small)
+        no_traceback(done)
+        assert not (out / "shards.json").exists() and not partials(small)
         for shard in out.rglob("*.parquet"):  # what is there is whole
             assert read_shard_metadata(shard)["schema_version"] == 1
-
-
-def _tampered_ingest(tiny_run, tmp_path: Path, how: str, test_rows: int = 0, among: set | None = None) -> tuple[Path, str, str]:
-    """A copy of the tiny run's ingest folder whose manifest sends one accepted row (of ``among``, when given) to a
-    REAL recording outside the folder (reading it would succeed); ``test_rows`` rows (that one first) become test
-    rows. Returns the folder, the row's id and the path written."""
-    ingest = tmp_path / "ingest"
-    shutil.copytree(tiny_run["ingest"], ingest)
-    table = pq.read_table(ingest / "manifest.parquet")
-    frame = table.to_pandas()
-    ok = list(frame.index[(frame["status"] == "ok") & (frame["id"].isin(among) if among else True)])
-    victim = frame.loc[ok[0], "id"]
-    outside = tmp_path / "outside.webm"
-    shutil.copy(ingest / frame.loc[ok[0], "audio_path"], outside)
-    path = {"climbs-out": "audio/../../outside.webm", "absolute": str(outside)}[how]
-    frame.loc[ok[0], "audio_path"] = path
-    frame.loc[ok[:test_rows], "split"] = "test"
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(table.schema.metadata),
-                   ingest / "manifest.parquet")
-    return ingest, victim, path
-
-
-def _refusal(ingest: Path, victim: str, path: str) -> str:
-    return (f"{ingest / 'manifest.parquet'}: the row of {victim!r} names audio_path {path!r}, which is outside "
-            f"{ingest / 'audio'}; that row is refused (the manifest was changed after ingest: run the ingest step again)")
 
 
 @pytest.mark.parametrize("how", ["climbs-out", "absolute"])
 def test_features_refuse_a_manifest_row_outside_the_ingest_folder(how, tiny_run, tmp_path):
     from coughreg.features.extract import extract_features
 
-    ingest, victim, path = _tampered_ingest(tiny_run, tmp_path, how)
+    ingest, victim, path = tampered_ingest(tiny_run, tmp_path, how)
     result = extract_features(ingest, tmp_path / "features", tiny_run["config"], workers=1)
-    assert result.failures == [{"id": victim, "audio_path": path, "reason": _refusal(ingest, victim, path)}]
+    assert result.failures == [{"id": victim, "audio_path": path, "reason": refusal(ingest, victim, path)}]
     ok = read_manifest(ingest)[0].query("status == 'ok'")
     assert result.rows == len(ok) - 1  # every other recording featurized
 
@@ -123,7 +62,7 @@ def test_an_ingest_folder_from_its_s3_uri_is_not_outside_itself(s3_env, bucket, 
     from coughreg.io.storage import upload_folder
 
     upload_folder(tiny_run["ingest"], f"s3://{bucket}/run-1/ingest/dataset/")
-    done = _cli("step", "features", "--input", f"s3://{bucket}/run-1/ingest/dataset/", "--out", tmp_path / "features",
+    done = cli("step", "features", "--input", f"s3://{bucket}/run-1/ingest/dataset/", "--out", tmp_path / "features",
                 env={**s3_env.credentials.env(s3_env.endpoint_url), "COUGHREG_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     ok = int((read_manifest(tiny_run["ingest"])[0]["status"] == "ok").sum())

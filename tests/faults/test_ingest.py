@@ -4,11 +4,8 @@ each ends in one message or one rejected recording, never a traceback or a lost 
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import struct
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -23,18 +20,10 @@ from coughreg.audio.files import decode_audio
 from coughreg.ingest.manifest import ingest
 from coughreg.scoring.filenames import fits, fitting_name
 from coughreg.synth.coughvid import encode_audio
-from tests.conftest import HT_YAML, PROJECT, REAL_COUGHS
+from tests.conftest import HT_YAML
+from tests.helpers.faults import LONG_ACCENTS, LONG_ASCII, REAL, cli, last_error, no_traceback, partials
 
 pytestmark = pytest.mark.faults
-
-
-REAL = sorted(REAL_COUGHS.glob("*.mp3"))
-
-
-LONG_ASCII = "a" * (250 - len(".mp3")) + ".mp3"  # 250 bytes: a legal name whose temporary name was not
-
-
-LONG_ACCENTS = "é" * 130 + ".mp3"  # 264 bytes: more than any file system's name; a zip or S3 holds it
 
 
 ACCENTS_ON_DISK = "é" * 120 + ".mp3"  # 244 bytes: the longest run of them a folder on disk can hold
@@ -43,27 +32,10 @@ ACCENTS_ON_DISK = "é" * 120 + ".mp3"  # 244 bytes: the longest run of them a fo
 HT_KEYS = ["dataset.data_folder=data/user/ht/audio/", "dataset.train_dataframe=data/user/ht/audio.csv"]
 
 
-def _cli(*args, cwd=PROJECT, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipeline.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, check=False)
-
-
-def _last_error(done: subprocess.CompletedProcess) -> str:
-    return done.stderr.strip().splitlines()[-1]
-
-
-def _no_traceback(done: subprocess.CompletedProcess) -> None:
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-
-
 def _table(names: list[str]) -> str:
     rows = {"filename": names, "cough_detected": [round(0.1 + 0.05 * k, 2) for k in range(len(names))],
             "datetime": [f"2020-04-{k + 1:02d}" for k in range(len(names))]}
     return pd.DataFrame(rows).to_csv(index=False)
-
-
-def _partials(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith((".partial", ".link"))]
 
 
 def _check_every_recording_kept(out: Path, expected: dict[str, bytes]) -> None:
@@ -76,7 +48,7 @@ def _check_every_recording_kept(out: Path, expected: dict[str, bytes]) -> None:
         stored = out / ok.loc[name, "audio_path"]
         assert stored.read_bytes() == data and all(fits(part) for part in stored.relative_to(out).parts)
     assert ok.loc[LONG_ACCENTS if LONG_ACCENTS in expected else LONG_ASCII, "audio_path"].startswith("audio/audio/")
-    assert not _partials(out)
+    assert not partials(out)
 
 
 def test_long_file_names_in_a_zip_keep_every_recording(tmp_path):
@@ -89,7 +61,7 @@ def test_long_file_names_in_a_zip_keep_every_recording(tmp_path):
         for name, data in recordings.items():
             handle.writestr(f"audio/{name}", data)
         handle.writestr("audio.csv", _table(names))
-    done = _cli("step", "ingest", "--input", archive, "--out", tmp_path / "ingest", "--config", HT_YAML,
+    done = cli("step", "ingest", "--input", archive, "--out", tmp_path / "ingest", "--config", HT_YAML,
                 *(f"--set={key}" for key in ["environment.seed=1", *HT_KEYS]))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "6 ok, 0 rejected" in done.stdout
@@ -122,7 +94,7 @@ def test_long_object_names_under_an_s3_prefix_keep_every_recording(s3_env, bucke
     config.dataset.data_folder, config.dataset.train_dataframe = "data/user/ht/audio/", "data/user/ht/audio.csv"
     ingest(f"s3://{bucket}/set/", tmp_path / "ingest", config, cache_dir=tmp_path / "cache")
     _check_every_recording_kept(tmp_path / "ingest", recordings)
-    assert not _partials(tmp_path / "cache")
+    assert not partials(tmp_path / "cache")
 
 
 def test_a_recording_that_cannot_be_stored_is_rejected_alone(config, tmp_path):
@@ -142,7 +114,7 @@ def test_a_recording_that_cannot_be_stored_is_rejected_alone(config, tmp_path):
     assert len(rejected) == 1 and rejected["id"].iloc[0] in ("a.mp3", "a.mp3/b.mp3")
     assert rejected["reason"].iloc[0].startswith(f"cannot be stored as audio/audio/{rejected['id'].iloc[0]}: ")
     assert set(manifest.loc[manifest["status"] == "ok", "id"]) == set(names) - {rejected["id"].iloc[0]}
-    assert not _partials(tmp_path / "ingest")
+    assert not partials(tmp_path / "ingest")
 
 
 def _good_recordings(root: Path, count: int = 4) -> list[dict]:
@@ -195,11 +167,11 @@ def test_a_damaged_zip_is_named_damaged(damage, coughvid_zip, tmp_path):
     archive = tmp_path / "coughvid.zip"
     shutil.copy(coughvid_zip, archive)
     damage(archive)
-    done = _cli("step", "ingest", "--input", archive, "--out", tmp_path / "ingest")
+    done = cli("step", "ingest", "--input", archive, "--out", tmp_path / "ingest")
     assert done.returncode == 2, done.stderr[-3000:]
-    assert _last_error(done).startswith(f"error: {archive}: a damaged zip archive (")
-    assert _last_error(done).endswith("copy or download the archive again")
-    _no_traceback(done)
+    assert last_error(done).startswith(f"error: {archive}: a damaged zip archive (")
+    assert last_error(done).endswith("copy or download the archive again")
+    no_traceback(done)
     assert not (tmp_path / "ingest" / "manifest.parquet").exists()
 
 
@@ -207,12 +179,12 @@ def test_a_zip_holding_only_a_zip_names_the_inner_archive(coughvid_zip, tmp_path
     archive = tmp_path / "outer.zip"
     with zipfile.ZipFile(archive, "w") as handle:
         handle.write(coughvid_zip, "download/coughvid_small.zip")
-    done = _cli("step", "ingest", "--input", archive, "--out", tmp_path / "ingest")
+    done = cli("step", "ingest", "--input", archive, "--out", tmp_path / "ingest")
     assert done.returncode == 2, done.stderr[-3000:]
-    assert _last_error(done) == (f"error: {archive}: no known layout, and it holds the archive download/coughvid_small.zip: "
+    assert last_error(done) == (f"error: {archive}: no known layout, and it holds the archive download/coughvid_small.zip: "
                                  "archives inside a data set are not unpacked; unpack it and ingest its contents "
                                  "(a folder, or a zip of them)")
-    _no_traceback(done)
+    no_traceback(done)
 
 
 def _tone(seconds: float, rate: int = 48000, channels: int = 1) -> np.ndarray:
@@ -352,10 +324,10 @@ def test_metadata_tables_from_spreadsheets(name, tmp_path):
     rows = _good_recordings(root, 5)
     table = root / "metadata_compiled.csv"
     table.write_bytes(make(rows))
-    done = _cli("step", "ingest", "--input", root, "--out", tmp_path / "ingest", "--set", "ingest.max_invalid_fraction=0.5")
-    _no_traceback(done)
+    done = cli("step", "ingest", "--input", root, "--out", tmp_path / "ingest", "--set", "ingest.max_invalid_fraction=0.5")
+    no_traceback(done)
     if outcome.startswith("error: "):
-        assert done.returncode == 2 and _last_error(done) == outcome.format(table=table)
+        assert done.returncode == 2 and last_error(done) == outcome.format(table=table)
         assert not (tmp_path / "ingest" / "manifest.parquet").exists()
         return
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,12 +8,9 @@ from pathlib import Path
 import pytest
 
 from coughreg.ingest.manifest import ingest
+from tests.helpers.faults import partials
 
 pytestmark = pytest.mark.faults
-
-
-def _partials(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith((".partial", ".link"))]
 
 
 def _ingest_through(fault_proxy, bucket: str, config, tmp_path: Path, budget: float, out: str = "ingest"):
@@ -72,4 +69,4 @@ def test_an_s3_outage_longer_than_the_budget_fails_naming_the_uri_and_keeps_the_
     result = _ingest_through(fault_proxy, bucket, config, tmp_path, budget=2, out="again")
     assert result.counts == {"ok": 24}
     assert fault_proxy.bytes_down - before < size * 0.75  # the half before the outage was kept
-    assert not _partials(tmp_path / "cache")
+    assert not partials(tmp_path / "cache")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +9,10 @@ import torch
 
 from coughreg.config.loading import load_resolved_config, save_config
 from coughreg.training import checkpoints
-from tests.conftest import HT_YAML, PROJECT, TINY
+from tests.conftest import HT_YAML, TINY
+from tests.helpers.faults import cli, no_traceback
 
 pytestmark = pytest.mark.faults
-
-
-def _cli(*args, cwd=PROJECT, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipeline.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, check=False)
-
-
-def _no_traceback(done: subprocess.CompletedProcess) -> None:
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 class _Planted:
@@ -54,7 +43,7 @@ def test_a_planted_checkpoint_in_the_member_folder_never_runs(tiny_run, tmp_path
     save_config(config, tmp_path)
     planted, marker = tmp_path / "model" / "fold0_seed0" / checkpoints.CHECKPOINT, tmp_path / "code-ran"
     _plant(planted, marker)
-    done = _cli(*_train_command(tiny_run["features"], tmp_path / "model", tmp_path / "config.yaml", tmp_path / "cache"))
+    done = cli(*_train_command(tiny_run["features"], tmp_path / "model", tmp_path / "config.yaml", tmp_path / "cache"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert not marker.exists()
     assert f"{planted}: not a file of tensors and plain values" in done.stderr
@@ -68,14 +57,14 @@ def test_a_planted_checkpoint_under_the_checkpoint_uri_never_runs(s3_env, bucket
     config = load_resolved_config(HT_YAML, [*TINY, "training.epochs=1", f"cluster.checkpoint_uri=s3://{bucket}/shared"])
     save_config(config, tmp_path)
     command = _train_command(tiny_run["features"], tmp_path / "first", tmp_path / "config.yaml", tmp_path / "cache")
-    assert _cli(*command).returncode == 0
+    assert cli(*command).returncode == 0
     client = s3_env.client()
     (key,) = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="shared/")["Contents"]]  # where pods resume
     marker = tmp_path / "code-ran"
     _plant(tmp_path / "planted.pt", marker)
     client.upload_file(str(tmp_path / "planted.pt"), bucket, key)
 
-    done = _cli(*_train_command(tiny_run["features"], tmp_path / "second", tmp_path / "config.yaml", tmp_path / "cache"))
+    done = cli(*_train_command(tiny_run["features"], tmp_path / "second", tmp_path / "config.yaml", tmp_path / "cache"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert not marker.exists()
     assert f"(fetched from s3://{bucket}/{key}); this member starts afresh" in done.stderr
@@ -95,9 +84,9 @@ def test_a_config_that_would_train_nothing_is_refused_when_read(text, override, 
     config = tmp_path / "experiment.yaml"
     config.write_text(text)
     out = tmp_path / "model"
-    done = _cli("step", "train", "--input", tiny_run["features"], "--out", out, "--config", config,
+    done = cli("step", "train", "--input", tiny_run["features"], "--out", out, "--config", config,
                 *(["--set", override] if override else []))
     assert done.returncode == 2, done.stderr[-3000:]
     assert message.format(config=config) in done.stderr and str(config) in done.stderr
-    _no_traceback(done)
+    no_traceback(done)
     assert not out.exists()
