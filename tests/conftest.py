@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 # No test reaches the Hugging Face hub: huggingface_hub reads this once, when it is first imported. A test
@@ -23,7 +28,7 @@ os.environ.pop("HF_TOKEN", None)
 import pytest
 
 from coughreg.config.loading import load_resolved_config
-from coughreg.io.local_s3 import LocalS3
+from coughreg.io.local_s3 import LocalS3, free_port
 from coughreg.synth.coughvid import generate_coughvid_zip
 from tests.helpers.tcp_proxy import FaultProxy
 
@@ -68,13 +73,6 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def public_s3():
     """A second S3 endpoint, in its own process, that serves anyone: a public bucket's view."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from coughreg.io.local_s3 import free_port
-
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -170,6 +168,50 @@ def exported(tiny_run, evaluated, tmp_path_factory):
 @pytest.fixture(scope="session")
 def scorer_folder(exported) -> Path:
     return exported.scorer_dir
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` in its own process group: a SQLite backend store, artifacts it serves itself."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(root / "server.log", "wb") as server_log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+            cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+            pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "root": root}
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def mlflow_env(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return mlflow_server
 
 
 LANES = ("unit", "integration", "pipeline", "faults")

@@ -60,7 +60,7 @@ def _given(args: argparse.Namespace):
     from coughreg.config.given import Given
 
     given = Given.command_line(args.config, args.overrides)
-    log.info("config: %s", given.where)  # which config a step started from, on its first line
+    log.info("config: %s", given.described)  # which config a step started from, on its first line
     return given
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -79,7 +81,7 @@ def run_local(pipeline: ModuleType, source_uri: str, config: ExperimentConfig, o
     error_file = out_dir / "last-error.json"
     error_file.unlink(missing_ok=True)
     settings = {k: v for step in (*STEPS, "preflight") for k, v in runtime_env(config, step).items()}
-    with _environment({**settings, ERROR_FILE_ENV: str(error_file)}):
+    with _environment({**settings, ERROR_FILE_ENV: str(error_file)}), _print_restored():
         try:
             run = pipeline.build_pipeline(config, source_uri, feature_parts, local=True)()
         except RuntimeError as exc:  # kfp.local's "Task ... finished with status FAILURE": the step's own words instead
@@ -97,3 +99,15 @@ def run_local(pipeline: ModuleType, source_uri: str, config: ExperimentConfig, o
         html_copy if html_copy.exists() else report, metrics_file, Path(run.outputs["model"].path),
         Path(scorer) if scorer else None, compiled, values, time.perf_counter() - started,
     )
+
+
+@contextlib.contextmanager
+def _print_restored() -> Iterator[None]:
+    """``builtins.print`` as it was before the run. kfp.local indents a task's output by swapping ``print`` for
+    the task's time (``logging_utils.indented_print``); tasks that run at once in its threads (the feature parts)
+    restore each other's swap, and one is left in place for the rest of the process."""
+    kept = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = kept

@@ -60,10 +60,15 @@ class Given:
         """A config file and ``--set`` overrides: only what they say is given. Without a file, the default config
         (``DEFAULT_CONFIG``, what ``run-local``, ``compile`` and ``submit`` start from) gives each step the keys
         it owns, and the keys of earlier steps come from the step's input artifact as always."""
+        where = " and ".join(filter(None, [str(path) if path else "", "--set" if overrides else ""])) or "defaults"
         defaults = {} if path or not DEFAULT_CONFIG.is_file() else load_settings(DEFAULT_CONFIG)
-        named = str(path) if path else f"{DEFAULT_CONFIG.name} (the default config)" if defaults else ""
-        where = " and ".join(filter(None, [named, "--set" if overrides else ""])) or "defaults"
         return cls(load_settings(path, overrides), where, overrides=tuple(overrides or ()), defaults=defaults)
+
+    @property
+    def described(self) -> str:
+        """Which config a step starts from, in words (what the command line prints first)."""
+        parts = [f"{DEFAULT_CONFIG.name} (the default config)" if self.defaults else "", "" if self.where == "defaults" else self.where]
+        return " and ".join(filter(None, parts)) or self.where
 
     def build(self, step: str, upstream: ExperimentConfig | None, made_by: str = "the input artifact") -> ExperimentConfig:
         """The step's config: these keys on top of the upstream keys its input was made with."""

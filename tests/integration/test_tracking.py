@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -203,50 +201,6 @@ def test_the_compiled_pipeline_gives_the_tracking_secret_to_preflight_evaluate_a
 # ---------------------------------------------------------------- MLflow: a real server on 127.0.0.1
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """``mlflow server`` in its own process group: a SQLite backend store, artifacts it serves itself."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(root / "server.log", "wb") as server_log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-            cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
-            pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield {"url": url, "root": root}
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
-@pytest.fixture
-def mlflow_env(mlflow_server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    return mlflow_server
-
-
 def _mlflow_config(experiment: str):
     return _config("logging.logger=MLflow", f"logging.mlflow_experiment={experiment}")
 
@@ -372,26 +326,6 @@ def test_the_evaluate_and_export_steps_log_into_one_tracker_run(mlflow_env, tiny
                          Given.parameter("evaluate_config", step_parameter(config, "evaluate")), workers=2)
     assert json_ready(kept) == json_ready(values)  # the same evaluation (undefined figures are NaN in memory)
     assert (again / "metrics.json").exists() and (again / "report.html").exists()
-
-
-@pytest.mark.slow
-def test_a_local_pipeline_run_logs_into_one_tracker_run(mlflow_env, coughvid_zip, tmp_path):
-    """The whole DAG through kfp.local: the tracker setting reaches the step subprocesses, and the evaluate and
-    export tasks' artifact URIs name one run."""
-    from coughreg.app.local_run import run_local
-
-    experiment = f"local-{uuid.uuid4().hex[:8]}"
-    config = load_resolved_config(HT_YAML, [*TINY, "prediction.max_mae_to_median_baseline=100", "logging.logger=MLflow",
-                                            f"logging.mlflow_experiment={experiment}"])
-    result = run_local(pipeline, str(coughvid_zip), config, tmp_path / "out")
-    assert result.gate["verdict"] == "passed" and result.scorer is not None
-    client, runs = _runs(mlflow_env["url"], experiment)
-    (logged,) = runs
-    run_folder = result.scorer.parent.parent  # <root>/cough-regression-<timestamp>/export/scorer
-    assert logged.info.run_name == run_folder.name and logged.data.tags[tracking.RUN_KEY_TAG] == str(run_folder)
-    assert logged.data.metrics["validation_mae"] == pytest.approx(result.values["validation_mae"])
-    assert {"report.html", "metrics.json", "scorer"} <= {f.path for f in client.list_artifacts(logged.info.run_id)}
-    assert len(client.get_metric_history(logged.info.run_id, "training/fold0/seed1234/validation_mae")) == 2
 
 
 # ---------------------------------------------------------------- Neptune, offline

@@ -4,6 +4,7 @@ case's layout (a COUGHVID zip) and with the default config every command starts 
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -31,9 +32,11 @@ def test_the_documented_step_by_step_path_runs_as_printed(tmp_path):
     for command in commands:
         done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{shlex.join(command[2:])}\n{done.stderr[-3000:]}"
-        if command[2] == "step":
+        if command[2] == "step" and command[3] != "score-test-table":  # every step that takes config keys says which
             assert "config: coughvid_ht.yaml (the default config)" in done.stderr.splitlines()[0], done.stderr[:500]
     manifest = pd.read_parquet(tmp_path / "out" / "ingest" / "manifest.parquet")
     assert (manifest["status"] == "ok").sum() >= 50  # the use case's layout, read by the default config
     metrics = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
-    assert metrics["quality_gate"]["passed"] and (tmp_path / "out" / "scorer" / "scorer.json").is_file()
+    assert math.isfinite(metrics["validation_mae"]) and metrics["quality_gate"]["verdict"] in ("passed", "failed")
+    assert (tmp_path / "out" / "scorer" / "scorer.json").is_file()  # 48 training recordings need not beat the median
+    assert (tmp_path / "out" / "test-predictions" / "test_predictions.parquet").is_file()

@@ -3,10 +3,12 @@
 No `from __future__ import annotations` here: KFP reads real annotations.
 """
 
+import builtins
 import json
 import re
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -172,10 +174,29 @@ def test_no_gpus_means_no_request(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_whole_dag_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, tmp_path):
+def test_the_whole_dag_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, mlflow_env, tmp_path):
+    """From S3, with the experiment tracker on: the tracker setting reaches the step subprocesses, and the
+    evaluate and export tasks' artifact URIs name one tracker run."""
+    from mlflow import MlflowClient
+
+    from coughreg.tracking import tracker as tracking
+
     s3_env.client().upload_file(str(coughvid_zip), bucket, "ht/covid19-cough-audio-classification.zip")
-    config = load_resolved_config(HT_YAML, [*TINY, "prediction.max_mae_to_median_baseline=50"])  # this tiny model ships
+    experiment = f"local-{uuid.uuid4().hex[:8]}"
+    config = load_resolved_config(HT_YAML, [*TINY, "prediction.max_mae_to_median_baseline=50",  # this tiny model ships
+                                            "logging.logger=MLflow", f"logging.mlflow_experiment={experiment}"])
+    printing = builtins.print
     result = run_local(pipeline, f"s3://{bucket}/ht/covid19-cough-audio-classification.zip", config, tmp_path / "run")
+    assert builtins.print is printing  # kfp.local's parallel tasks leave none of their indenting prints behind
+
+    assert result.gate["verdict"] == "passed" and result.scorer is not None
+    client = MlflowClient(tracking_uri=mlflow_env["url"])
+    (logged,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    run_folder = result.scorer.parent.parent  # <root>/cough-regression-<timestamp>/export/scorer
+    assert logged.info.run_name == run_folder.name and logged.data.tags[tracking.RUN_KEY_TAG] == str(run_folder)
+    assert logged.data.metrics["validation_mae"] == pytest.approx(result.values["validation_mae"])
+    assert {"report.html", "metrics.json", "scorer"} <= {f.path for f in client.list_artifacts(logged.info.run_id)}
+    assert len(client.get_metric_history(logged.info.run_id, "training/fold0/seed1234/validation_mae")) == 2
 
     metrics = json.loads(result.metrics.read_text())
     assert metrics["validation_rows"] >= 4 and np.isfinite(metrics["validation_mae"])
@@ -195,7 +216,8 @@ def test_the_whole_dag_through_kfp_local_from_s3(s3_env, bucket, coughvid_zip, t
     assert saved.environment.seed == 1234
 
     # The same run with a gate no model passes: only evaluate reruns, nothing ships, the run still succeeds.
-    strict = load_resolved_config(HT_YAML, [*TINY, "prediction.max_mae_to_median_baseline=0.01"])
+    strict = load_resolved_config(HT_YAML, [*TINY, "prediction.max_mae_to_median_baseline=0.01", "logging.logger=MLflow",
+                                            f"logging.mlflow_experiment={experiment}"])
     failed = run_local(pipeline, f"s3://{bucket}/ht/covid19-cough-audio-classification.zip", strict, tmp_path / "run")
     assert failed.scorer is None and failed.model == result.model  # train came from the cache
     assert failed.values["quality_gate"]["verdict"] == "failed" and failed.values["quality_gate_passed"] == 0
@@ -240,7 +262,8 @@ def test_images_are_immutable_and_install_nothing_at_start(compiled, tmp_path):
         else:
             shutil.copy(source, target)
     assert source_digest(tmp_path) == digest
-    (tmp_path / "coughreg" / "features.py").write_text((tmp_path / "coughreg" / "features.py").read_text() + "\n")
+    changed = tmp_path / "coughreg" / "features" / "extract.py"
+    changed.write_text(changed.read_text() + "\n")
     assert source_digest(tmp_path) != digest
 
 
