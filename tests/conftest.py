@@ -11,7 +11,9 @@ is in ``pipeline/``, says so, or uses a fixture that trains; ``make test-fast`` 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +134,24 @@ def tiny_config():
     return load_resolved_config(HT_YAML, TINY)
 
 
+def _made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder made once per test session, across pytest-xdist's processes too: the first process to ask makes it
+    in the run's shared temporary folder under a file lock; the others wait for it, then read what it left."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each process's own
+    folder, finished = root / name, root / f"{name}.finished"
+    with FileLock(str(root / f"{name}.lock")):
+        if not finished.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            finished.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_run(coughvid_zip, tmp_path_factory):
     """ingest -> features -> train on the generated fixture, once per session (plain Python, no KFP)."""
@@ -139,30 +159,44 @@ def tiny_run(coughvid_zip, tmp_path_factory):
     from coughreg.ingest.manifest import ingest
     from coughreg.training import train
 
-    root = tmp_path_factory.mktemp("tiny_run")
     config = load_resolved_config(HT_YAML, TINY)
-    ingest(str(coughvid_zip), root / "ingest", config)
-    extract_features(root / "ingest", root / "features", config, workers=2)
-    train(root / "features", root / "model", config)
+
+    def make(root: Path) -> None:
+        ingest(str(coughvid_zip), root / "ingest", config)
+        extract_features(root / "ingest", root / "features", config, workers=2)
+        train(root / "features", root / "model", config)
+
+    root = _made_once(tmp_path_factory, "tiny_run", make)
     return {"root": root, "config": config, "ingest": root / "ingest", "features": root / "features", "model": root / "model"}
 
 
 @pytest.fixture(scope="session")
 def evaluated(tiny_run, tmp_path_factory):
     """The evaluation step on the tiny run, once per session."""
-    from coughreg.evaluation.evaluate import evaluate
+    from coughreg import artifacts
+    from coughreg.evaluation.evaluate import EvaluationResult, evaluate
 
-    out = tmp_path_factory.mktemp("evaluation")
-    return evaluate(tiny_run["model"], tiny_run["features"], tiny_run["ingest"], out, tiny_run["config"], workers=2)
+    def make(out: Path) -> None:
+        evaluate(tiny_run["model"], tiny_run["features"], tiny_run["ingest"], out, tiny_run["config"], workers=2)
+
+    out = _made_once(tmp_path_factory, "evaluation", make)
+    metrics_path = out / artifacts.METRICS
+    return EvaluationResult(json.loads(metrics_path.read_text()), metrics_path, out / artifacts.REPORT,
+                            out / artifacts.PREDICTIONS)
 
 
 @pytest.fixture(scope="session")
 def exported(tiny_run, evaluated, tmp_path_factory):
     """The export step on the tiny run, once per session (tests that change it work on a copy)."""
-    from coughreg.export.scorer_folder import export
+    from coughreg import artifacts
+    from coughreg.export.scorer_folder import ExportResult, export
 
-    out = tmp_path_factory.mktemp("export") / "scorer"
-    return export(tiny_run["model"], evaluated.metrics_path.parent, out, tiny_run["config"])
+    def make(out: Path) -> None:
+        export(tiny_run["model"], evaluated.metrics_path.parent, out / "scorer", tiny_run["config"])
+
+    scorer = _made_once(tmp_path_factory, "export", make) / "scorer"
+    programs = json.loads((scorer / artifacts.SCORER_INFO).read_text())["programs"]
+    return ExportResult(scorer, scorer / artifacts.PROVENANCE, programs)
 
 
 @pytest.fixture(scope="session")
@@ -219,7 +253,12 @@ TRAINS = {"tiny_run", "evaluated", "exported", "scorer_folder"}  # fixtures that
 
 
 def pytest_collection_modifyitems(config, items):
-    """Each test carries its lane's marker; the pipeline lane and tests that need a trained run are also slow."""
+    """Each test carries its lane's marker; the pipeline lane and tests that need a trained run are also slow.
+
+    The longest lanes come first, so that two processes (``make test``) finish together rather than one
+    waiting on the other's last whole-DAG run."""
+    order = {"pipeline": 0, "integration": 1, "faults": 2, "unit": 3}
+    items.sort(key=lambda item: next((order[p] for p in Path(item.fspath).parts if p in order), len(order)))
     for item in items:
         lane = next((part for part in Path(item.fspath).relative_to(Path(__file__).parent).parts if part in LANES), None)
         if lane:
