@@ -8,6 +8,7 @@ code imports ``pipeline.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -33,7 +34,7 @@ def location(text: str) -> str:
 
 def _add_config_options(parser: argparse.ArgumentParser, step: bool = False) -> None:
     default = (
-        "the keys the input artifact was made with, and defaults for this step's own keys" if step
+        "the keys the input artifact was made with, and configs/coughvid_ht.yaml's for this step's own keys" if step
         else "configs/coughvid_ht.yaml"
     )
     parser.add_argument("--config", type=Path, default=None, help=f"experiment YAML (default: {default})")
@@ -122,7 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from coughreg.scoring.outputs import output_file
     from coughreg.synth.coughvid import generate_coughvid_zip
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no data/ folder
+    with contextlib.suppress(OSError):  # a fresh clone has no data/ folder; a file in the way is named just below
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     output_file(args.out)
 
     report = generate_coughvid_zip(

@@ -78,7 +78,8 @@ class Given:
             owned = {k: v for k, v in flatten(self.defaults).items()
                      if k not in given and (owner(k) == step or step in runtime_users(k))}
             keys = nest({**owned, **given})
-        return build_step_config(step, keys, upstream, self.where, made_by, self.strict, list(self.overrides))
+        source = " and ".join([str(DEFAULT_CONFIG), *(["--set"] if self.overrides else [])]) if self.defaults else None
+        return build_step_config(step, keys, upstream, self.where, made_by, self.strict, list(self.overrides), source)
 
     def with_keys(self, keys: dict) -> Given:
         """These keys with more on top (what an earlier task resolved at run time)."""

@@ -71,7 +71,7 @@ KEY_OWNER = {
 TRACKING = ("evaluate", "export")
 RUNTIME = {
     "features.workers": ("features", env.FEATURE_WORKERS_ENV),
-    "ingest.retry_budget_seconds": ("ingest", "COUGHREG_S3_RETRY_BUDGET"),
+    "ingest.retry_budget_seconds": ("ingest", env.S3_RETRY_BUDGET_ENV),
     "environment.number_of_workers": ("train", env.LOADER_WORKERS_ENV),
     "cluster.checkpoint_uri": ("train", env.CHECKPOINT_URI_ENV),
     "cluster.weights_uri": ("preflight", env.WEIGHTS_URI_ENV),
@@ -229,6 +229,7 @@ def build_step_config(
     made_by: str = "the input artifact",
     strict: bool = False,
     overrides: list[str] | None = None,
+    source: str | None = None,
 ) -> ExperimentConfig:
     """The config a step runs with: upstream keys from its input artifact, then its own keys.
 
@@ -241,6 +242,7 @@ def build_step_config(
         made_by: names the input artifact in messages.
         strict: refuse keys the step does not own (a parameter holds the owner's keys only).
         overrides: the ``--set`` overrides among ``given``, recorded with ``where`` under ``resolved``.
+        source: where the keys came from, recorded and named in errors of their values (default: ``where``).
 
     Raises:
         ConfigError: a key is unknown or invalid, or a key an upstream step owns disagrees with
@@ -253,11 +255,11 @@ def build_step_config(
         chain = config_values(upstream, [k for k in all_keys() if owner(k) in UPSTREAM[step]])
         _check_agreement(step, flat, upstream, chain, where, made_by)
     merged = nest({**chain, **own})
-    merged["resolved"] = {"source": where, "overrides": list(overrides or [])}
+    merged["resolved"] = {"source": source or where, "overrides": list(overrides or [])}
     try:
         config = ExperimentConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, where)) from None
+        raise ConfigError(describe_errors(exc, source or where)) from None
     return resolve_config(config, keys=chain_keys(step))
 
 

@@ -16,6 +16,7 @@ CACHE_ENV = "COUGHREG_CACHE"  # the download cache (ingest's is on its scratch v
 ERROR_FILE_ENV = "COUGHREG_ERROR_FILE"  # where a failing step writes its message (run-local reads it back)
 
 # Runtime settings of the config (``coughreg.config.ownership.RUNTIME``): never part of a cache key.
+S3_RETRY_BUDGET_ENV = "COUGHREG_S3_RETRY_BUDGET"
 FEATURE_WORKERS_ENV = "COUGHREG_FEATURE_WORKERS"
 LOADER_WORKERS_ENV = "COUGHREG_LOADER_WORKERS"
 CHECKPOINT_URI_ENV = "COUGHREG_CHECKPOINT_URI"

@@ -87,10 +87,11 @@ def test_every_command_refuses_credentials_in_a_uri(args, tmp_path):
     (["step", "export", "--model", "{model}", "--evaluation", "{evaluation}", "--out", "{file}"], "--out {file}: is a file"),
     (["run-local", "--data", "{zip}", "--out", "{file}"], "--out {file}: is a file; name a folder"),
     (["generate", "--out", "{folder}"], "--out {folder}: is a folder; name a file in it"),
+    (["generate", "--out", "{file}/data.zip"], "--out {file}/data.zip: {file} is a file"),
     (["score", "--scorer", "{scorer}", "{recording}", "--out", "{folder}"], "--out {folder}: is a folder; name a file in it"),
     (["score", "--scorer", "{scorer}", "{recording}", "--out", "{file}/scores.csv"], "--out {file}/scores.csv: {file} is a file"),
 ], ids=["features-out-file", "ingest-out-under-a-file", "export-out-file", "run-local-out-file", "generate-out-folder",
-        "score-out-folder", "score-out-under-a-file"])
+        "generate-out-under-a-file", "score-out-folder", "score-out-under-a-file"])
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(args, message, tiny_run, evaluated, scorer_folder,
                                                                    coughvid_zip, tmp_path):
     places = {"{file}": str(tmp_path / "a-file"), "{folder}": str(tmp_path / "a-folder"), "{ingest}": str(tiny_run["ingest"]),

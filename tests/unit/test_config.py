@@ -171,3 +171,25 @@ def test_every_shipped_config_reads(name):
         assert config.architecture.pool == "GeM"
     if name == "robust.yaml":  # the full recipe: every clip paired with one of its copies
         assert config.augmentation.recording_chain_consistency > 0
+
+
+def test_a_step_without_a_config_file_takes_the_default_configs_keys_it_owns():
+    """``pipeline.py step X`` with no ``--config`` starts where run-local, compile and submit start: each step takes
+    the default config's keys it owns; the keys of earlier steps still come from its input artifact."""
+    from coughreg.config.given import Given
+    from coughreg.config.loading import DEFAULT_CONFIG
+
+    given = Given.command_line(None, ["training.epochs=3"])
+    assert given.described == "coughvid_ht.yaml (the default config) and --set"
+    ingest = given.build("ingest", None)
+    assert ingest.dataset.group_fold_column == "datetime"  # the use case's, not the schema's default (none)
+    assert ingest.resolved.source == f"{DEFAULT_CONFIG} and --set"
+    upstream = load_resolved_config(DEFAULT_CONFIG, ["audio.hop_size=256"])  # features made with another hop
+    train = given.build("train", upstream)  # the default's hop (512) is not the train step's to give: no disagreement
+    assert train.audio.hop_size == 256 and train.training.epochs == 3
+    assert train.architecture.backbone == load_resolved_config(DEFAULT_CONFIG).architecture.backbone
+    with pytest.raises(ConfigError, match="--set says 512"):  # a key given by the user is still checked against it
+        Given.command_line(None, ["audio.hop_size=512"]).build("train", upstream)
+    assert not Given.command_line(HT_YAML, []).defaults  # a file of the user's replaces the default
+    assert not Given.parameter("train_config", "{}").defaults  # a pipeline task takes its parameter only
+    assert Given.command_line(None).with_keys({"training": {"epochs": 5}}).build("train", upstream).training.epochs == 5
