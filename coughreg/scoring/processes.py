@@ -59,10 +59,12 @@ class ProcessPool:
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
+        started = time.perf_counter()
         pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_load,
                                    initargs=(self.make, self.folder, self.program))
-        started = time.perf_counter()
-        self.pids = set(pool.map(_ready, range(self.workers)))  # every worker has loaded the scorer
+        self.pids, deadline = set(), started + 300
+        while len(self.pids) < self.workers and time.perf_counter() < deadline:  # every worker has loaded the scorer:
+            self.pids |= set(pool.map(_ready, range(self.workers)))  # on a busy machine one may answer for two
         log.info("%d scoring process(es) ready in %.1f s", len(self.pids), time.perf_counter() - started)
         return pool
 
