@@ -253,12 +253,7 @@ TRAINS = {"tiny_run", "evaluated", "exported", "scorer_folder"}  # fixtures that
 
 
 def pytest_collection_modifyitems(config, items):
-    """Each test carries its lane's marker; the pipeline lane and tests that need a trained run are also slow.
-
-    The longest lanes come first, so that two processes (``make test``) finish together rather than one
-    waiting on the other's last whole-DAG run."""
-    order = {"pipeline": 0, "integration": 1, "faults": 2, "unit": 3}
-    items.sort(key=lambda item: next((order[p] for p in Path(item.fspath).parts if p in order), len(order)))
+    """Each test carries its lane's marker; the pipeline lane and tests that need a trained run are also slow."""
     for item in items:
         lane = next((part for part in Path(item.fspath).relative_to(Path(__file__).parent).parts if part in LANES), None)
         if lane:
