@@ -5,13 +5,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast lock clean demo browser
+.PHONY: venv test test-fast lock clean demo browser bytecode
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -r requirements-dev.txt  # bytecode is written as modules are first imported
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -27,10 +27,15 @@ browser:
 # Two test processes (pytest-xdist), each module's tests in one of them (its module fixtures are made once).
 TEST_PROCESSES ?= 2
 
-test: $(STAMP) browser
+# The product's own bytecode, once: with PYTHONDONTWRITEBYTECODE set (as here and in many CI images) every step
+# subprocess would compile it again; a .pyc older than its source is never used.
+bytecode:
+	@$(PY) -m compileall -q coughreg components pipeline.py
+
+test: $(STAMP) browser bytecode
 	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadscope
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) bytecode
 	$(PY) -m pytest -m "not slow" -n $(TEST_PROCESSES) --dist loadscope
 
 # Re-resolve the pins from the top-level package list (needs the registry).
@@ -48,7 +53,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 .PHONY: demo
-demo: $(STAMP)
+demo: $(STAMP) bytecode
 	$(PY) pipeline.py demo
 
 # Container images: names and immutable tags (the version and a digest of the sources) come from
